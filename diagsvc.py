@@ -1,0 +1,1575 @@
+#!/usr/bin/env python3
+"""diagsvc: the classic Internet diagnostic services in one file.
+
+Serves, over TCP and UDP, IPv4 and IPv6, from a single ``selectors`` event
+loop on non-blocking sockets:
+
+    service   port  RFC   TCP                              UDP (one reply a datagram)
+    echo         7  862   every byte back, until EOF       the same payload back
+    discard      9  863   reads and drops, never sends     no reply
+    daytime     13  867   one ctime() line, then closes    one line
+    qotd        17  865   one quote, then closes           one quote
+    chargen     19  864   the 72-column ring, forever      0-512 ring characters
+    time        37  868   4 bytes, then closes             4 bytes
+
+Run it (standard library only, CPython 3.6 to 3.13, any OS):
+
+    python3 diagsvc.py                      # all services, standard ports (root)
+    python3 diagsvc.py --port-offset 10000  # 10007, 10009, ... without root
+    python3 diagsvc.py echo chargen --tcp   # a subset
+    python3 diagsvc.py probe HOST           # the other end: is the path open?
+    python3 diagsvc.py measure HOST         # the other end: how fast?
+
+Import it, for example to get an echo server inside a test suite:
+
+    import diagsvc
+    with diagsvc.Server(["echo"], bind=["127.0.0.1"], port_offset=None) as server:
+        server.start()                      # background thread, sockets bound
+        host, port = server.addresses["echo", "tcp"][0]
+
+Safety: the server is meant to be left running on exposed hosts.  Every TCP
+connection costs bounded memory (at most ``max_output`` bytes owed to it) and
+is closed after ``idle_timeout`` seconds with no byte moving; connections are
+limited in total and per source address; UDP replies are never sent to the
+diagnostic ports or to broadcast or multicast addresses (the echo-chargen loop,
+CVE-1999-0103) and are rate-limited per source for the services whose reply
+can be larger than the request; ``allow``/``deny`` lists filter both
+transports; started as root, the command line drops to ``nobody`` once every
+socket is bound.  The README lists each default and the reason for it.
+
+This file is self-contained and may be copied into a project as it is.
+MIT licence; see LICENSE.
+"""
+
+__version__ = "1.0.0"
+__all__ = [
+    "SERVICES", "Server", "ServerError", "QuoteFileError",
+    "chargen_line", "chargen_stream", "daytime_text", "time_bytes",
+    "parse_quotes", "load_quotes", "probe", "measure", "main",
+]
+
+import errno
+import os
+import selectors
+import socket
+import struct
+import sys
+import time
+
+# --- Compatibility: computed once, by feature detection ---------------------
+
+
+def _selector_classes():
+    """Selector classes that work here, best first.
+
+    DefaultSelector is the platform's best (epoll, kqueue, devpoll); poll and
+    select are the fallbacks for a kernel or sandbox where it cannot be
+    created (an epoll-less container, say).
+    """
+    found = []
+    for name in ("DefaultSelector", "PollSelector", "SelectSelector"):
+        cls = getattr(selectors, name, None)
+        if cls is None or cls in found:
+            continue
+        try:
+            cls().close()
+        except (OSError, ValueError):
+            continue
+        found.append(cls)
+    return found
+
+
+SELECTORS = _selector_classes()
+
+EVENT_READ = selectors.EVENT_READ
+EVENT_WRITE = selectors.EVENT_WRITE
+
+_ON_LINUX = sys.platform.startswith("linux")
+_ON_WINDOWS = sys.platform == "win32"
+
+# Answering a UDP datagram from the address it was sent to needs recvmsg and
+# sendmsg with IP_PKTINFO / IPV6_PKTINFO.  Python before 3.9 lacks the
+# IP_PKTINFO constant even where the kernel has it: use Linux's number there.
+_HAS_MSG = hasattr(socket.socket, "recvmsg") and hasattr(socket.socket, "sendmsg")
+IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8 if _ON_LINUX else None)
+IPV6_RECVPKTINFO = getattr(socket, "IPV6_RECVPKTINFO", 49 if _ON_LINUX else None)
+IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", 50 if _ON_LINUX else None)
+_PKTINFO_ANCILLARY_SIZE = socket.CMSG_SPACE(20) if _HAS_MSG else 0
+
+# Sending without a mode switch on a socket that accept() made blocking.
+_MSG_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
+
+try:
+    import resource
+except ImportError:         # Windows
+    resource = None
+
+
+def _ipv6_available():
+    if not socket.has_ipv6:
+        return False
+    try:
+        probe_socket = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    except OSError:
+        return False
+    try:
+        probe_socket.bind(("::1", 0))
+    except OSError:
+        return False
+    finally:
+        probe_socket.close()
+    return True
+
+
+# The errors that mean "the peer went away or misbehaved": close that socket.
+_PEER_ERRORS = (ConnectionError, TimeoutError)
+# accept() errors that mean "out of descriptors or memory": pause accepting.
+_RESOURCE_ERRNOS = frozenset(
+    getattr(errno, name) for name in ("EMFILE", "ENFILE", "ENOBUFS", "ENOMEM")
+    if hasattr(errno, name))
+
+
+# --- Pure content: no I/O, easy to test byte for byte -----------------------
+
+# RFC 864: the 95 printable ASCII characters, 72 to a line, each line starting
+# one character further along the ring; 95 lines make one full period.
+CHARGEN_RING = bytes(range(32, 127))
+CHARGEN_LINE_LENGTH = 72
+CHARGEN_LINE_COUNT = len(CHARGEN_RING)
+
+
+def chargen_line(number):
+    """Line ``number`` (1-based) of the RFC 864 stream, CRLF included."""
+    start = (number - 1) % CHARGEN_LINE_COUNT
+    doubled = CHARGEN_RING + CHARGEN_RING
+    return doubled[start:start + CHARGEN_LINE_LENGTH] + b"\r\n"
+
+
+def chargen_stream(size, first_line=1):
+    """The first ``size`` bytes of the stream that starts at ``first_line``."""
+    period = b"".join(chargen_line(first_line + i)
+                      for i in range(CHARGEN_LINE_COUNT))
+    copies = size // len(period) + 1
+    return (period * copies)[:size]
+
+
+CHARGEN_PERIOD = chargen_stream(CHARGEN_LINE_COUNT * (CHARGEN_LINE_LENGTH + 2))
+CHARGEN_PERIOD_SIZE = len(CHARGEN_PERIOD)           # 7030 bytes
+CHARGEN_LINE_SIZE = CHARGEN_LINE_LENGTH + 2         # 74 bytes
+# One send hands the kernel up to this much; the precomputed buffer holds a
+# whole chunk after any offset in the period, so every send is one slice.
+CHARGEN_CHUNK = 256 * 1024
+_CHARGEN_BUFFER = CHARGEN_PERIOD * (CHARGEN_CHUNK // CHARGEN_PERIOD_SIZE + 2)
+CHARGEN_VIEW = memoryview(_CHARGEN_BUFFER)
+UDP_CHARGEN_MAX = 512                               # RFC 864: 0 to 512
+
+_DAY_NAMES = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTH_NAMES = ("Jan", "Feb", "Mar", "Apr", "May", "Jun",
+                "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def daytime_text(now=None):
+    """RFC 867 daytime in the BSD inetd form, ctime(3) in local time.
+
+    ``Mon Jan 19 17:43:18 2009\\r\\n``: English names whatever the locale,
+    as inetd's daytime_stream sends ctime() output.
+    """
+    t = time.localtime(time.time() if now is None else now)
+    return ("%s %s %2d %02d:%02d:%02d %d\r\n" % (
+        _DAY_NAMES[t.tm_wday], _MONTH_NAMES[t.tm_mon - 1], t.tm_mday,
+        t.tm_hour, t.tm_min, t.tm_sec, t.tm_year)).encode("ascii")
+
+
+# RFC 868: seconds since 1900-01-01 00:00 UTC.  Taken modulo 2**32, which is
+# what keeps it working past 2036-02-07 (the era wraps; clients that know the
+# approximate date, as RFC 868 clients do, resolve it).
+TIME_EPOCH_OFFSET = 2208988800
+
+
+def time_bytes(now=None):
+    """RFC 868 time: 4 bytes, big-endian, seconds since 1900 modulo 2**32."""
+    seconds = int(time.time() if now is None else now) + TIME_EPOCH_OFFSET
+    return struct.pack("!I", seconds % (1 << 32))
+
+
+# RFC 865: a quote should be limited to the ASCII printing characters, space,
+# CR and LF, and be under 512 characters.
+QOTD_MAX = 511
+
+BUILTIN_QUOTES = (
+    "Be conservative in what you do, be liberal in what you accept from "
+    "others.\n    -- Jon Postel, RFC 793",
+    "No matter how hard you push and no matter what the priority, you can't "
+    "increase the speed of light.\n    -- RFC 1925, The Twelve Networking "
+    "Truths",
+    "With sufficient thrust, pigs fly just fine.\n    -- RFC 1925, The "
+    "Twelve Networking Truths",
+    "It is more complicated than you think.\n    -- RFC 1925, The Twelve "
+    "Networking Truths",
+    "It is always possible to add another level of indirection.\n    -- "
+    "RFC 1925, The Twelve Networking Truths",
+    "We reject kings, presidents and voting. We believe in rough consensus "
+    "and running code.\n    -- David D. Clark, IETF, 1992",
+    "A distributed system is one in which the failure of a computer you "
+    "didn't even know existed can render your own computer unusable.\n    "
+    "-- Leslie Lamport",
+)
+
+
+class QuoteFileError(ValueError):
+    """A quote file that RFC 865 does not allow; the message names the line."""
+
+
+def parse_quotes(text, name="<quotes>"):
+    """Quotes in ``fortune`` format (separated by lines holding only ``%``).
+
+    Returns a tuple of quotes as bytes with CRLF line ends.  Tabs are
+    expanded to spaces (fortune files use them; RFC 865 allows only
+    printing characters).  Raises QuoteFileError naming the first line
+    that breaks RFC 865, or the quote that is too long.
+    """
+    quotes = []
+    lines = []
+    first_line = 1
+    for number, line in enumerate(text.splitlines() + ["%"], 1):
+        if line.strip() == "%":
+            body = "\r\n".join(lines).rstrip() + "\r\n" if lines else ""
+            if body.strip():
+                if len(body) > QOTD_MAX:
+                    raise QuoteFileError(
+                        "%s: the quote at lines %d-%d is %d characters; "
+                        "RFC 865 wants fewer than 512" % (
+                            name, first_line, number - 1, len(body)))
+                quotes.append(body.encode("ascii"))
+            lines = []
+            first_line = number + 1
+            continue
+        line = line.expandtabs(8).rstrip()
+        for character in line:
+            if not " " <= character <= "~":
+                raise QuoteFileError(
+                    "%s: line %d holds %r, which is not printable ASCII "
+                    "(RFC 865)" % (name, number, character))
+        lines.append(line)
+    if not quotes:
+        raise QuoteFileError("%s: no quotes found (fortune format: quotes "
+                             "separated by lines holding only %%)" % name)
+    return tuple(quotes)
+
+
+def load_quotes(path):
+    """Quotes from a fortune-format file; QuoteFileError says what is wrong."""
+    try:
+        with open(path, "rb") as quote_file:
+            raw = quote_file.read()
+    except OSError as error:
+        raise QuoteFileError("cannot read quote file %s: %s" % (
+            path, error.strerror or error))
+    try:
+        text = raw.decode("ascii")
+    except UnicodeDecodeError as error:
+        number = raw.count(b"\n", 0, error.start) + 1
+        raise QuoteFileError(
+            "%s: line %d holds byte 0x%02x, which is not printable ASCII "
+            "(RFC 865)" % (path, number, raw[error.start]))
+    return parse_quotes(text, path)
+
+
+def _random_below(limit):
+    """A random integer in [0, limit); os.urandom avoids importing random."""
+    return int.from_bytes(os.urandom(4), "big") % limit
+
+
+# --- The services ------------------------------------------------------------
+#
+# Each service says, in one class, what it does with a UDP datagram and on a
+# TCP connection.  One-shot services (daytime, qotd, time) answer on accept
+# and close without the connection ever entering the event loop; streaming
+# services (echo, discard, chargen) name a Stream subclass that does.
+
+
+class Stream(object):
+    """One TCP connection in the event loop.
+
+    The server owns it; the subclass's on_event() is called with the ready
+    events.  No buffer is held unless output is owed: ``owed`` is None or a
+    memoryview of what the socket has not taken yet.
+    """
+
+    __slots__ = ("server", "sock", "source", "counters", "events",
+                 "last_active", "owed")
+
+    initial_events = EVENT_READ
+
+    def __init__(self, server, sock, source, counters):
+        self.server = server
+        self.sock = sock
+        self.source = source
+        self.counters = counters
+        self.events = self.initial_events
+        self.last_active = server.now
+        self.owed = None
+
+    def set_events(self, events):
+        if events != self.events:
+            self.events = events
+            self.server.selector.modify(self.sock, events, self)
+
+    def send_owed(self):
+        """Send what is owed; True once nothing is."""
+        try:
+            sent = self.sock.send(self.owed)
+        except BlockingIOError:
+            return False
+        self.counters.bytes_out += sent
+        self.last_active = self.server.now
+        if sent == len(self.owed):
+            self.owed = None
+            return True
+        self.owed = self.owed[sent:]
+        return False
+
+    def close(self):
+        self.server.close_stream(self)
+
+
+class EchoStream(Stream):
+    """RFC 862 over TCP: every byte back, in order, until EOF.
+
+    Reads into the server's shared buffer and sends at once; only what the
+    socket did not take is kept, and while anything is owed the client is
+    not read, so a client that never reads costs at most max_output bytes.
+    """
+
+    __slots__ = ()
+
+    def on_event(self, events):
+        if self.owed is not None:
+            if self.send_owed():
+                self.set_events(EVENT_READ)
+            return
+        server = self.server
+        buffer = server.stream_buffer
+        count = self.sock.recv_into(buffer, server.max_output)
+        if not count:
+            # EOF: nothing is owed (we read only when nothing is), so the
+            # whole echo has been sent: close.
+            self.close()
+            return
+        self.counters.bytes_in += count
+        self.last_active = server.now
+        try:
+            sent = self.sock.send(buffer[:count])
+        except BlockingIOError:
+            sent = 0
+        self.counters.bytes_out += sent
+        if sent < count:
+            self.owed = memoryview(bytes(buffer[sent:count]))
+            self.set_events(EVENT_WRITE)
+
+
+class DiscardStream(Stream):
+    """RFC 863 over TCP: read and drop until EOF; never send."""
+
+    __slots__ = ()
+
+    def on_event(self, events):
+        count = self.sock.recv_into(self.server.stream_buffer)
+        if not count:
+            self.close()
+            return
+        self.counters.bytes_in += count
+        self.last_active = self.server.now
+
+
+class ChargenStream(Stream):
+    """RFC 864 over TCP: the ring, from line 1, until the client closes.
+
+    Sends slices of the precomputed ring: per connection only an offset.
+    Input is read and thrown away.  A client's half-close does not stop the
+    stream (RFC 864: until the user terminates the connection; inetd's
+    chargen_stream does not read at all): reading simply stops.
+    """
+
+    __slots__ = ("offset",)
+
+    initial_events = EVENT_READ | EVENT_WRITE
+
+    def __init__(self, server, sock, source, counters):
+        Stream.__init__(self, server, sock, source, counters)
+        self.offset = 0
+
+    def on_event(self, events):
+        if events & EVENT_READ:
+            count = self.sock.recv_into(self.server.stream_buffer)
+            if count:
+                self.counters.bytes_in += count
+                self.last_active = self.server.now
+            else:
+                self.set_events(EVENT_WRITE)
+        if events & EVENT_WRITE:
+            offset = self.offset
+            try:
+                sent = self.sock.send(CHARGEN_VIEW[offset:offset + CHARGEN_CHUNK])
+            except BlockingIOError:
+                return
+            self.offset = (offset + sent) % CHARGEN_PERIOD_SIZE
+            self.counters.bytes_out += sent
+            self.last_active = self.server.now
+
+
+class OwedStream(Stream):
+    """A one-shot reply that the socket did not take at once: finish, close."""
+
+    __slots__ = ()
+
+    initial_events = EVENT_WRITE
+
+    def on_event(self, events):
+        if self.send_owed():
+            self.close()
+
+
+class Service(object):
+    """What one service does.  Subclasses override what applies.
+
+    name, port           the service and its standard port
+    stream_class         a Stream subclass for services that keep the
+                         connection (echo, discard, chargen), else None
+    amplifies            True if a UDP reply can be larger than the request:
+                         those replies are rate-limited per source
+    tcp_reply(server)    one-shot services: the whole reply
+    datagram_reply(server, payload, endpoint)
+                         bytes-like to send back, or None for no reply
+    """
+
+    name = None
+    port = None
+    stream_class = None
+    amplifies = False
+
+    def tcp_reply(self, server):
+        raise NotImplementedError
+
+    def datagram_reply(self, server, payload, endpoint):
+        raise NotImplementedError
+
+
+class Echo(Service):
+    name, port, stream_class = "echo", 7, EchoStream
+
+    def datagram_reply(self, server, payload, endpoint):
+        return payload
+
+
+class Discard(Service):
+    name, port, stream_class = "discard", 9, DiscardStream
+
+    def datagram_reply(self, server, payload, endpoint):
+        return None
+
+
+class Daytime(Service):
+    name, port, amplifies = "daytime", 13, True
+
+    def tcp_reply(self, server):
+        return daytime_text()
+
+    def datagram_reply(self, server, payload, endpoint):
+        return daytime_text()
+
+
+class Qotd(Service):
+    name, port, amplifies = "qotd", 17, True
+
+    def tcp_reply(self, server):
+        quotes = server.quotes
+        return quotes[_random_below(len(quotes))]
+
+    def datagram_reply(self, server, payload, endpoint):
+        return self.tcp_reply(server)
+
+
+class Chargen(Service):
+    """UDP: a random number of ring characters, 0 to 512 (RFC 864).
+
+    Each reply starts at the next line of the ring, as BSD inetd's
+    chargen_dg turns its ring one step a datagram.
+    """
+
+    name, port, stream_class, amplifies = "chargen", 19, ChargenStream, True
+
+    def datagram_reply(self, server, payload, endpoint):
+        line = endpoint.chargen_line
+        endpoint.chargen_line = (line + 1) % CHARGEN_LINE_COUNT
+        start = line * CHARGEN_LINE_SIZE
+        return CHARGEN_VIEW[start:start + _random_below(UDP_CHARGEN_MAX + 1)]
+
+
+class Time(Service):
+    name, port, amplifies = "time", 37, True
+
+    def tcp_reply(self, server):
+        return time_bytes()
+
+    def datagram_reply(self, server, payload, endpoint):
+        return time_bytes()
+
+
+SERVICES = dict((cls.name, cls()) for cls in (Echo, Discard, Daytime, Qotd,
+                                              Chargen, Time))
+SERVICE_NAMES = tuple(SERVICES)
+STANDARD_PORTS = frozenset(service.port for service in SERVICES.values())
+TRANSPORTS = ("tcp", "udp")
+
+
+# --- The event loop and the server ------------------------------------------
+
+# Defaults; the README's "Safety" section gives the reason for each.
+DEFAULT_MAX_PER_SOURCE = 256        # TCP connections from one address
+DEFAULT_IDLE_TIMEOUT = 300.0        # seconds with no byte moving
+DEFAULT_MAX_OUTPUT = 64 * 1024      # bytes owed to one connection, at most
+DEFAULT_UDP_RATE = 10.0             # replies a second per source (amplifiers)
+DEFAULT_UDP_BURST = 50              # ... after a burst of this many
+DESCRIPTOR_RESERVE = 32             # kept free for listeners, logs, files
+SELECT_LIMIT = 500 if _ON_WINDOWS else 1000     # select()'s FD_SETSIZE, less room
+LISTEN_BACKLOG = 4096               # the kernel caps it at its somaxconn
+ACCEPT_BATCH = 64                   # accepts per readiness event
+DATAGRAM_BATCH = 64                 # datagrams per readiness event
+ACCEPT_PAUSE = 0.25                 # seconds without accepting after EMFILE
+REFUSAL_LOG_INTERVAL = 60.0         # one log line per source and reason
+RATE_TABLE_MAX = 65536              # sources tracked by the UDP rate limit
+MAX_TIMER_WAIT = 1.0                # the loop wakes at least this often
+STREAM_BUFFER_SIZE = 256 * 1024     # shared by every TCP read
+DATAGRAM_BUFFER_SIZE = 65536        # the largest UDP payload, IPv4 or IPv6
+
+
+class ServerError(Exception):
+    """A problem the user can fix (a taken port, a missing permission...).
+
+    str() is one line that says what and how to fix it.
+    """
+
+
+class Counters(object):
+    """What one service did on one transport.  Read them with as_dict()."""
+
+    __slots__ = ("connections", "datagrams", "bytes_in", "bytes_out",
+                 "refusals")
+
+    def __init__(self):
+        self.connections = 0
+        self.datagrams = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.refusals = {}
+
+    def refuse(self, reason):
+        self.refusals[reason] = self.refusals.get(reason, 0) + 1
+
+    def as_dict(self):
+        return {"connections": self.connections, "datagrams": self.datagrams,
+                "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
+                "refusals": dict(self.refusals)}
+
+
+class AccessList(object):
+    """--allow / --deny: addresses or CIDR networks, IPv4 and IPv6.
+
+    A source is refused if it matches a deny entry, or if there are allow
+    entries and it matches none (ncat's --allow/--deny).  Decisions are
+    cached per address, so a flood costs a dict look-up a packet.
+    """
+
+    CACHE_MAX = 4096
+
+    def __init__(self, allow=(), deny=()):
+        import ipaddress                # only paid for when lists are given
+        self._ip_address = ipaddress.ip_address
+        self.allow = [self._network(ipaddress, entry) for entry in allow]
+        self.deny = [self._network(ipaddress, entry) for entry in deny]
+        self._cache = {}
+
+    @staticmethod
+    def _network(ipaddress, entry):
+        try:
+            return ipaddress.ip_network(entry, strict=False)
+        except ValueError:
+            raise ServerError(
+                "%r is not an IP address or network; give e.g. 192.0.2.7, "
+                "192.0.2.0/24 or 2001:db8::/32" % (entry,))
+
+    def permits(self, host):
+        decision = self._cache.get(host)
+        if decision is None:
+            address = self._ip_address(host.split("%", 1)[0])
+            decision = not any(address in network for network in self.deny)
+            if decision and self.allow:
+                decision = any(address in network for network in self.allow)
+            if len(self._cache) >= self.CACHE_MAX:
+                self._cache.clear()
+            self._cache[host] = decision
+        return decision
+
+
+def _is_group_address(host):
+    """Broadcast or multicast, as text (a datagram's source address)."""
+    if ":" in host:
+        return host[:2].lower() == "ff"
+    first = host.split(".", 1)[0]
+    return host == "255.255.255.255" or (first.isdigit() and int(first) >= 224)
+
+
+def _is_group_destination(packed):
+    """Broadcast or multicast, packed (a datagram's destination, pktinfo)."""
+    if len(packed) == 16:
+        return packed[0] == 0xFF
+    return packed[0] >= 224 or packed == b"\xff\xff\xff\xff"
+
+
+class Listener(object):
+    """A listening TCP socket: accepts in bounded batches."""
+
+    __slots__ = ("server", "sock", "service", "counters", "address")
+
+    def __init__(self, server, sock, service, counters):
+        self.server = server
+        self.sock = sock
+        self.service = service
+        self.counters = counters
+        self.address = sock.getsockname()[:2]
+
+    def on_event(self, events):
+        accept = self.sock.accept
+        admit = self.server.admit
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, address = accept()
+            except BlockingIOError:
+                return
+            except OSError as error:
+                if error.errno in _RESOURCE_ERRNOS:
+                    self.server.pause_accepting(error)
+                    return
+                # ECONNABORTED, EPROTO, ...: that one client's problem.
+                continue
+            admit(self, sock, address)
+
+
+class DatagramEndpoint(object):
+    """A UDP socket: drains in bounded batches, answers each datagram."""
+
+    __slots__ = ("server", "sock", "service", "counters", "address",
+                 "pktinfo", "chargen_line")
+
+    def __init__(self, server, sock, service, counters, pktinfo):
+        self.server = server
+        self.sock = sock
+        self.service = service
+        self.counters = counters
+        self.address = sock.getsockname()[:2]
+        self.pktinfo = pktinfo          # 0, or 4 / 6: reply from the dst
+        self.chargen_line = 0
+
+    def on_event(self, events):
+        server = self.server
+        sock = self.sock
+        buffer = server.datagram_buffer
+        counters = self.counters
+        service = self.service
+        pktinfo = self.pktinfo
+        for _ in range(DATAGRAM_BATCH):
+            try:
+                if pktinfo:
+                    count, ancillary, _, address = sock.recvmsg_into(
+                        [buffer], _PKTINFO_ANCILLARY_SIZE)
+                else:
+                    count, address = sock.recvfrom_into(buffer)
+            except BlockingIOError:
+                return
+            except ConnectionResetError:
+                # Windows reports an earlier reply's ICMP port unreachable
+                # on the next receive; the datagram is gone, go on.
+                continue
+            counters.datagrams += 1
+            counters.bytes_in += count
+            reply_info = None
+            destination = None
+            if pktinfo:
+                for level, kind, data in ancillary:
+                    if pktinfo == 4 and kind == IP_PKTINFO:
+                        destination = data[8:12]        # in_pktinfo.ipi_addr
+                        # Linux sendmsg: ipi_spec_dst is the source to use.
+                        reply_info = [(socket.IPPROTO_IP, IP_PKTINFO,
+                                       b"\0\0\0\0" + destination + b"\0\0\0\0")]
+                    elif pktinfo == 6 and kind == IPV6_PKTINFO:
+                        destination = data[:16]         # in6_pktinfo, as is
+                        reply_info = [(socket.IPPROTO_IPV6, IPV6_PKTINFO, data)]
+            refusal = server.datagram_refusal(self, address, destination)
+            if refusal is not None:
+                server.refuse(counters, refusal, address[0], "udp", service)
+                continue
+            reply = service.datagram_reply(server, buffer[:count], self)
+            if reply is None:
+                continue
+            try:
+                if reply_info is not None:
+                    sock.sendmsg([reply], reply_info, 0, address)
+                else:
+                    sock.sendto(reply, address)
+            except OSError:
+                # Full buffer or unreachable: UDP may lose it anyway, and a
+                # queue would let one source grow the server: drop it.
+                counters.refuse("send-failed")
+                continue
+            counters.bytes_out += len(reply)
+            if server.verbosity > 1:
+                server.log("%s/udp from %s port %d: %d bytes in, %d out" % (
+                    service.name, address[0], address[1], count, len(reply)))
+
+
+class _Waker(object):
+    """The read end of a socketpair: shutdown() from any thread writes one
+    byte, and the loop wakes at once (no polling)."""
+
+    def __init__(self):
+        self.reader, self.writer = socket.socketpair()
+        self.reader.setblocking(False)
+        self.writer.setblocking(False)
+        self.sock = self.reader
+
+    def wake(self):
+        try:
+            self.writer.send(b"\0")
+        except OSError:         # full (already woken) or closed: fine
+            pass
+
+    def on_event(self, events):
+        try:
+            self.reader.recv(4096)
+        except OSError:
+            pass
+
+    def close(self):
+        self.reader.close()
+        self.writer.close()
+
+
+def default_max_connections(selector_class=None):
+    """The total TCP connection limit: the open-file limit less a reserve."""
+    limit = 1 << 20
+    if resource is not None:
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if soft != resource.RLIM_INFINITY:
+            limit = soft
+    elif _ON_WINDOWS:
+        limit = 16384
+    if selector_class is getattr(selectors, "SelectSelector", None):
+        limit = min(limit, SELECT_LIMIT)
+    return max(1, limit - DESCRIPTOR_RESERVE)
+
+
+def raise_open_file_limit():
+    """Raise the soft RLIMIT_NOFILE to the hard one (Unix); return it."""
+    if resource is None:
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        # macOS refuses RLIM_INFINITY for the soft limit; OPEN_MAX is safe.
+        hard = max(soft, 1 << 20) if _ON_LINUX else max(soft, 10240)
+    if soft != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (OSError, ValueError):
+            pass
+    return soft
+
+
+def _resolve_bind(hosts):
+    """(family, host) for each bind address; names give all their addresses."""
+    found = []
+    for host in hosts:
+        try:
+            infos = socket.getaddrinfo(host, None, socket.AF_UNSPEC,
+                                       socket.SOCK_STREAM, 0,
+                                       socket.AI_PASSIVE)
+        except socket.gaierror as error:
+            raise ServerError("cannot resolve --bind %s: %s" % (
+                host, error.strerror or error))
+        for family, _, _, _, sockaddr in infos:
+            if family not in (socket.AF_INET, socket.AF_INET6):
+                continue
+            entry = (family, sockaddr[0])
+            if entry not in found:
+                found.append(entry)
+    return found
+
+
+def _bind_error(service, transport, host, port, error):
+    where = "%s/%s on %s port %d" % (service, transport, host, port)
+    if error.errno in (errno.EACCES, errno.EPERM):
+        return ("cannot bind %s: permission denied (ports below 1024 need "
+                "root); run as root or add --port-offset 10000" % where)
+    if error.errno == errno.EADDRINUSE:
+        return ("cannot bind %s: the port is in use by another program; "
+                "stop it, or choose another port with --port %s=PORT or "
+                "--port-offset N" % (where, service))
+    if error.errno == errno.EADDRNOTAVAIL:
+        return ("cannot bind %s: no such address on this host; check "
+                "--bind" % where)
+    return "cannot bind %s: %s" % (where, error.strerror or error)
+
+
+class Server(object):
+    """The diagnostic services on one selectors event loop.
+
+    Constructing it binds every socket (so ``addresses`` is known, port 0
+    included) or raises ServerError, closing whatever it had bound.
+
+    Methods for the caller:
+
+    serve_forever()   run the loop in this thread until shutdown()
+    start()           run it in a daemon thread; returns at once, the
+                      sockets being bound already (installs no signals)
+    shutdown()        stop the loop, from any thread or a signal handler
+    close()           shutdown(), join the thread, close every socket
+    addresses         {(service, transport): [(host, port), ...]}
+    counters          {(service, transport): Counters}
+    stats()           the counters as plain dicts
+    log_counters()    write the counters to the log
+
+    Arguments (all optional; the command line has the same):
+
+    services          names from SERVICES (default: all six)
+    bind              addresses or names (default: every IPv4 and IPv6
+                      address: 0.0.0.0 and ::, IPv6 only where it exists)
+    port_offset       added to each standard port; None: any free port
+    ports             {service: port} overrides; 0 is any free port
+    transports        ("tcp", "udp") or one of them
+    quotes            qotd quotes, bytes with CRLF (see load_quotes())
+    selector          a selectors class (default: the best one here)
+    max_connections   TCP connections at once (default: from RLIMIT_NOFILE)
+    max_per_source    TCP connections from one address; 0: no limit
+    idle_timeout      close a TCP connection idle this long; 0: never
+    max_output        bytes owed to one TCP connection, at most
+    udp_guard         refuse datagrams that could start a loop or a flood
+    udp_rate, udp_burst   replies a second per source for the services
+                      whose reply outgrows the request; rate 0: no limit
+    allow, deny       addresses or CIDR networks
+    verbosity         0 errors, 1 notices, 2 every connection and datagram
+    log_file          where the log goes (default: sys.stderr)
+    """
+
+    def __init__(self, services=None, bind=None, port_offset=0, ports=None,
+                 transports=TRANSPORTS, quotes=None, selector=None,
+                 max_connections=None,
+                 max_per_source=DEFAULT_MAX_PER_SOURCE,
+                 idle_timeout=DEFAULT_IDLE_TIMEOUT,
+                 max_output=DEFAULT_MAX_OUTPUT, udp_guard=True,
+                 udp_rate=DEFAULT_UDP_RATE, udp_burst=DEFAULT_UDP_BURST,
+                 allow=(), deny=(), verbosity=0, log_file=None):
+        services = list(services or SERVICE_NAMES)
+        for name in list(services) + list(ports or ()):
+            if name not in SERVICES:
+                raise ServerError("unknown service %r; choose from %s" % (
+                    name, ", ".join(SERVICE_NAMES)))
+        for transport in transports:
+            if transport not in TRANSPORTS:
+                raise ServerError("unknown transport %r" % (transport,))
+        self.services = [name for name in SERVICE_NAMES if name in services]
+        self.transports = [t for t in TRANSPORTS if t in transports]
+        self.quotes = tuple(quotes) if quotes else tuple(
+            parse_quotes("\n%\n".join(BUILTIN_QUOTES)))
+        self.selector_class = selector or SELECTORS[0]
+        self.max_connections = (max_connections if max_connections
+                                else default_max_connections(self.selector_class))
+        self.max_per_source = max_per_source
+        self.idle_timeout = idle_timeout
+        self.max_output = max(1, min(max_output, STREAM_BUFFER_SIZE))
+        self.udp_guard = udp_guard
+        self.udp_rate = udp_rate
+        self.udp_burst = max(1, udp_burst)
+        self.access = AccessList(allow, deny) if (allow or deny) else None
+        self.verbosity = verbosity
+        self.log_file = log_file
+        self.notes = []                 # things the user should know
+
+        self.now = time.monotonic()
+        self.stream_buffer = memoryview(bytearray(STREAM_BUFFER_SIZE))
+        self.datagram_buffer = memoryview(bytearray(DATAGRAM_BUFFER_SIZE))
+        self.streams = set()
+        self.per_source = {}
+        self.counters = dict(((name, transport), Counters())
+                             for name in self.services
+                             for transport in self.transports)
+        self.addresses = dict((key, []) for key in self.counters)
+        self.listeners = []
+        self.endpoints = []
+        self._rate_buckets = {}
+        self._refusals_logged = {}
+        self._accept_paused_until = None
+        self._next_sweep = self.now + self._sweep_interval()
+        self._stop_requested = False
+        self._running = False
+        self._closed = False
+        self._thread = None
+
+        self.selector = self.selector_class()
+        self._waker = _Waker()
+        self.selector.register(self._waker.sock, EVENT_READ, self._waker)
+        try:
+            self._open_sockets(bind, port_offset, ports or {})
+        except BaseException:
+            self.close()
+            raise
+        self.guarded_ports = frozenset(
+            STANDARD_PORTS | set([0]) |
+            set(port for bound in self.addresses.values() for _, port in bound))
+
+    # -- Binding --
+
+    def _open_sockets(self, bind, port_offset, ports):
+        if bind:
+            targets = _resolve_bind(bind)
+        else:
+            targets = [(socket.AF_INET, "0.0.0.0")]
+            if _ipv6_available():
+                targets.append((socket.AF_INET6, "::"))
+            else:
+                self.notes.append("no IPv6 on this host: serving IPv4 only")
+        wildcard_udp_without_pktinfo = False
+        for name in self.services:
+            service = SERVICES[name]
+            if name in ports:
+                port = ports[name]
+            elif port_offset is None:
+                port = 0
+            else:
+                port = service.port + port_offset
+            if not 0 <= port <= 65535:
+                raise ServerError("%s would be on port %d, outside 0-65535; "
+                                  "check --port-offset and --port" % (name, port))
+            chosen = port
+            for transport in self.transports:
+                for family, host in targets:
+                    sock = self._bind(name, transport, family, host, chosen)
+                    if chosen == 0:
+                        chosen = sock.getsockname()[1]
+                    counters = self.counters[name, transport]
+                    if transport == "tcp":
+                        handler = Listener(self, sock, service, counters)
+                        self.listeners.append(handler)
+                    else:
+                        pktinfo = self._enable_pktinfo(sock, family, host)
+                        if host in ("0.0.0.0", "::") and not pktinfo:
+                            wildcard_udp_without_pktinfo = True
+                        handler = DatagramEndpoint(self, sock, service,
+                                                   counters, pktinfo)
+                        self.endpoints.append(handler)
+                    self.selector.register(sock, EVENT_READ, handler)
+                    self.addresses[name, transport].append(handler.address)
+        if wildcard_udp_without_pktinfo:
+            self.notes.append(
+                "this platform has no IP_PKTINFO: UDP replies on a wildcard "
+                "address leave from the kernel's choice of source address; "
+                "on a multi-homed host use --bind for each address")
+
+    def _bind(self, name, transport, family, host, port):
+        kind = socket.SOCK_STREAM if transport == "tcp" else socket.SOCK_DGRAM
+        try:
+            sock = socket.socket(family, kind)
+        except OSError as error:
+            raise ServerError("cannot create a %s socket for %s: %s" % (
+                transport, host, error.strerror or error))
+        try:
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if kind == socket.SOCK_STREAM:
+                if _ON_WINDOWS:
+                    # SO_REUSEADDR on Windows lets another program steal
+                    # the port; exclusive use is the safe equivalent.
+                    option = getattr(socket, "SO_EXCLUSIVEADDRUSE", None)
+                    if option is not None:
+                        sock.setsockopt(socket.SOL_SOCKET, option, 1)
+                else:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((host, port))
+            except OSError as error:
+                raise ServerError(_bind_error(name, transport, host, port,
+                                              error))
+            if kind == socket.SOCK_STREAM:
+                sock.listen(LISTEN_BACKLOG)
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    @staticmethod
+    def _enable_pktinfo(sock, family, host):
+        """Ask for each datagram's destination, to answer from it (NetBSD
+        inetd does this); only needed where the socket is a wildcard."""
+        if not _HAS_MSG or host not in ("0.0.0.0", "::"):
+            return 0
+        try:
+            if family == socket.AF_INET and IP_PKTINFO is not None:
+                sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+                return 4
+            if family == socket.AF_INET6 and IPV6_RECVPKTINFO is not None:
+                sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVPKTINFO, 1)
+                return 6
+        except OSError:
+            pass
+        return 0
+
+    # -- Logging and refusals --
+
+    def log(self, message):
+        stream = self.log_file or sys.stderr
+        try:
+            stream.write("%s diagsvc: %s\n" % (
+                time.strftime("%Y-%m-%dT%H:%M:%S"), message))
+            stream.flush()
+        except (OSError, ValueError):   # a closed or full stderr stops nothing
+            pass
+
+    def refuse(self, counters, reason, source, transport, service):
+        """Count a refusal; log it once per source, reason and interval."""
+        counters.refuse(reason)
+        if self.verbosity < 1:
+            return
+        key = (reason, source)
+        last = self._refusals_logged.get(key)
+        if last is not None and self.now - last < REFUSAL_LOG_INTERVAL:
+            return
+        if len(self._refusals_logged) >= 4096:
+            self._refusals_logged.clear()
+        self._refusals_logged[key] = self.now
+        self.log("refused %s/%s from %s: %s (logged once a %d s for this "
+                 "source)" % (service.name, transport, source, reason,
+                              REFUSAL_LOG_INTERVAL))
+
+    # -- TCP --
+
+    def admit(self, listener, sock, address):
+        """A connection was accepted: refuse it, answer it, or keep it."""
+        source = address[0]
+        counters = listener.counters
+        service = listener.service
+        reason = None
+        if self.access is not None and not self.access.permits(source):
+            reason = "denied"
+        elif len(self.streams) >= self.max_connections:
+            reason = "max-connections"
+        elif (self.max_per_source and
+              self.per_source.get(source, 0) >= self.max_per_source):
+            reason = "max-per-source"
+        if reason is not None:
+            # Accept and close at once: the client learns now, and the
+            # listen backlog does not fill up with clients we will not serve.
+            sock.close()
+            self.refuse(counters, reason, source, "tcp", service)
+            return
+        counters.connections += 1
+        if self.verbosity > 1:
+            self.log("%s/tcp connection from %s port %d" % (
+                service.name, source, address[1]))
+        if service.stream_class is None:
+            self._answer_once(sock, source, service, counters)
+            return
+        sock.setblocking(False)
+        if service.stream_class is EchoStream:
+            # Echo replies must not wait for Nagle on small writes.
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        self._add_stream(service.stream_class(self, sock, source, counters))
+
+    def _answer_once(self, sock, source, service, counters):
+        """daytime, qotd, time: send and close, never entering the loop."""
+        reply = service.tcp_reply(self)
+        try:
+            if _MSG_DONTWAIT:
+                sent = sock.send(reply, _MSG_DONTWAIT)
+            else:
+                sock.setblocking(False)
+                sent = sock.send(reply)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            sock.close()
+            return
+        counters.bytes_out += sent
+        if sent == len(reply):
+            sock.close()
+            return
+        sock.setblocking(False)
+        stream = OwedStream(self, sock, source, counters)
+        stream.owed = memoryview(reply)[sent:]
+        self._add_stream(stream)
+
+    def _add_stream(self, stream):
+        try:
+            self.selector.register(stream.sock, stream.events, stream)
+        except (OSError, ValueError) as error:
+            # select() cannot watch a descriptor above FD_SETSIZE, say.
+            stream.sock.close()
+            self.log("cannot watch a new connection: %s" % (error,))
+            return
+        self.streams.add(stream)
+        source = stream.source
+        self.per_source[source] = self.per_source.get(source, 0) + 1
+
+    def close_stream(self, stream):
+        if stream not in self.streams:
+            return                      # closed earlier in this same pass
+        self.streams.discard(stream)
+        source = stream.source
+        remaining = self.per_source[source] - 1
+        if remaining:
+            self.per_source[source] = remaining
+        else:
+            del self.per_source[source]
+        try:
+            self.selector.unregister(stream.sock)
+        except (KeyError, ValueError, OSError):
+            pass
+        stream.sock.close()
+
+    def pause_accepting(self, error):
+        """Out of descriptors: stop watching the listeners for a while,
+        rather than spin on a listener that stays readable."""
+        if self._accept_paused_until is not None:
+            return
+        self._accept_paused_until = self.now + ACCEPT_PAUSE
+        for listener in self.listeners:
+            self.selector.unregister(listener.sock)
+        self.log("cannot accept: %s; pausing accepts for %.2f s (%d "
+                 "connections open; raise the open-file limit, or lower "
+                 "--max-connections)" % (
+                     error.strerror or error, ACCEPT_PAUSE, len(self.streams)))
+
+    def _resume_accepting(self):
+        self._accept_paused_until = None
+        for listener in self.listeners:
+            self.selector.register(listener.sock, EVENT_READ, listener)
+
+    # -- UDP --
+
+    def datagram_refusal(self, endpoint, address, destination):
+        """None if the datagram may be answered, else the reason not to."""
+        source = address[0]
+        if self.udp_guard:
+            if address[1] in self.guarded_ports:
+                return "loop-guard"
+            if _is_group_address(source):
+                return "group-source"
+            if destination is not None and _is_group_destination(destination):
+                return "group-destination"
+        if self.access is not None and not self.access.permits(source):
+            return "denied"
+        if self.udp_rate and endpoint.service.amplifies:
+            return self._rate_limited(source)
+        return None
+
+    def _rate_limited(self, source):
+        """A token bucket per source: udp_burst replies, then udp_rate/s."""
+        now = self.now
+        bucket = self._rate_buckets.get(source)
+        if bucket is None:
+            if len(self._rate_buckets) >= RATE_TABLE_MAX:
+                self._prune_rate_buckets()
+                if len(self._rate_buckets) >= RATE_TABLE_MAX:
+                    return "rate-table-full"
+            bucket = self._rate_buckets[source] = [float(self.udp_burst), now]
+        tokens = min(float(self.udp_burst),
+                     bucket[0] + (now - bucket[1]) * self.udp_rate)
+        bucket[1] = now
+        if tokens < 1.0:
+            bucket[0] = tokens
+            return "rate-limit"
+        bucket[0] = tokens - 1.0
+        return None
+
+    def _prune_rate_buckets(self):
+        now, burst, rate = self.now, self.udp_burst, self.udp_rate
+        full = [source for source, (tokens, stamp)
+                in self._rate_buckets.items()
+                if tokens + (now - stamp) * rate >= burst]
+        for source in full:
+            del self._rate_buckets[source]
+
+    # -- Timers: checked once a loop pass, nothing per byte --
+
+    def _sweep_interval(self):
+        if self.idle_timeout:
+            return max(0.05, min(MAX_TIMER_WAIT, self.idle_timeout / 4.0))
+        return MAX_TIMER_WAIT
+
+    def _run_timers(self):
+        now = self.now
+        if (self._accept_paused_until is not None and
+                now >= self._accept_paused_until):
+            self._resume_accepting()
+        if now >= self._next_sweep:
+            self._next_sweep = now + self._sweep_interval()
+            if self.idle_timeout:
+                deadline = now - self.idle_timeout
+                for stream in [s for s in self.streams
+                               if s.last_active < deadline]:
+                    stream.counters.refuse("idle-timeout")
+                    if self.verbosity > 1:
+                        self.log("closing idle connection from %s" %
+                                 stream.source)
+                    self.close_stream(stream)
+            if self._rate_buckets:
+                self._prune_rate_buckets()
+
+    def _timer_wait(self):
+        wake = self._next_sweep
+        if self._accept_paused_until is not None:
+            wake = min(wake, self._accept_paused_until)
+        return max(0.0, min(MAX_TIMER_WAIT, wake - time.monotonic()))
+
+    # -- The loop --
+
+    def serve_forever(self):
+        """Run until shutdown().  Errors of one socket close that socket."""
+        if self._running:
+            raise RuntimeError("serve_forever() is already running")
+        self._running = True
+        select = self.selector.select
+        monotonic = time.monotonic
+        try:
+            while not self._stop_requested:
+                ready = select(self._timer_wait())
+                self.now = monotonic()
+                for key, events in ready:
+                    handler = key.data
+                    try:
+                        handler.on_event(events)
+                    except Exception as error:
+                        self._handler_failed(handler, error)
+                if self.now >= self._next_sweep or (
+                        self._accept_paused_until is not None):
+                    self._run_timers()
+        finally:
+            self._running = False
+
+    def _handler_failed(self, handler, error):
+        if isinstance(handler, Stream):
+            self.close_stream(handler)
+            if isinstance(error, (OSError, ValueError)):
+                if self.verbosity > 1:  # resets, broken pipes: routine
+                    self.log("connection from %s closed: %s" % (
+                        handler.source, error))
+                return
+        elif isinstance(error, OSError):
+            self.log("%s/%s: %s" % (getattr(handler, "service", None) and
+                                    handler.service.name, "udp", error))
+            return
+        import traceback
+        self.log("unexpected error, the server carries on:\n" + "".join(
+            traceback.format_exception(type(error), error,
+                                       error.__traceback__)).rstrip())
+
+    def start(self):
+        """serve_forever() in a daemon thread; return the server."""
+        import threading
+        if self._thread is not None:
+            raise RuntimeError("start() was called already")
+        self._thread = threading.Thread(target=self.serve_forever,
+                                        name="diagsvc")
+        self._thread.daemon = True
+        self._thread.start()
+        return self
+
+    def shutdown(self):
+        """Stop serve_forever() at once; safe from any thread or signal."""
+        self._stop_requested = True
+        if not self._closed:
+            self._waker.wake()
+
+    def close(self):
+        """Stop, join the thread, and close every socket.  Idempotent."""
+        self.shutdown()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._closed:
+            return
+        self._closed = True
+        for stream in list(self.streams):
+            self.close_stream(stream)
+        for handler in self.listeners + self.endpoints:
+            handler.sock.close()
+        self.listeners = []
+        self.endpoints = []
+        self._waker.close()
+        self.selector.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    # -- Visibility --
+
+    def stats(self):
+        """{(service, transport): {connections, datagrams, bytes_in,
+        bytes_out, refusals: {reason: count}}}"""
+        return dict((key, counters.as_dict())
+                    for key, counters in self.counters.items())
+
+    def log_counters(self):
+        for (name, transport), counters in sorted(self.counters.items()):
+            refusals = ", ".join("%s %d" % item for item in
+                                 sorted(counters.refusals.items()))
+            self.log("%s/%s: %d %s, %d bytes in, %d bytes out%s" % (
+                name, transport,
+                counters.connections if transport == "tcp" else
+                counters.datagrams,
+                "connections" if transport == "tcp" else "datagrams",
+                counters.bytes_in, counters.bytes_out,
+                "; refused: " + refusals if refusals else ""))
+
+
+# --- Privileges ----------------------------------------------------------------
+
+
+def drop_privileges(user):
+    """Become ``user`` with no supplementary groups, if running as root.
+
+    Returns a description of who the process runs as now.  Raises
+    ServerError when the user does not exist.  Where the platform has no
+    such calls (Windows), says so and changes nothing.
+    """
+    if not hasattr(os, "geteuid"):
+        return "the account that started it (this platform cannot drop privileges)"
+    import pwd
+    if os.geteuid() != 0 or user == "root":
+        name = pwd.getpwuid(os.geteuid()).pw_name if os.geteuid() != 0 else "root"
+        return "user %s (uid %d)" % (name, os.geteuid())
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        raise ServerError("no user %r on this host to drop privileges to; "
+                          "name one with --user NAME (or --user root to "
+                          "keep root)" % (user,))
+    os.setgroups([])
+    os.setgid(entry.pw_gid)
+    os.setuid(entry.pw_uid)
+    return "user %s (uid %d)" % (user, entry.pw_uid)
+
+
+# --- The client side --------------------------------------------------------
+
+def _client_main(argv):
+    sys.stderr.write("diagsvc: %s is not built yet\n" % argv[0])
+    return 2
+
+
+# --- The command line --------------------------------------------------------
+
+
+def _port_assignment(text):
+    name, separator, port = text.partition("=")
+    if not separator or name not in SERVICES or not port.isdigit() or \
+            int(port) > 65535:
+        import argparse
+        raise argparse.ArgumentTypeError(
+            "%r: give SERVICE=PORT, e.g. echo=7007 (0 for any free port); "
+            "services: %s" % (text, ", ".join(SERVICE_NAMES)))
+    return name, int(port)
+
+
+def _non_negative(kind):
+    def convert(text):
+        import argparse
+        try:
+            value = kind(text)
+        except ValueError:
+            value = -1
+        if value < 0:
+            raise argparse.ArgumentTypeError("%r is not a number >= 0" % text)
+        return value
+    return convert
+
+
+def _build_parser():
+    import argparse
+    parser = argparse.ArgumentParser(
+        prog="diagsvc",
+        description="Serve echo (RFC 862), discard (863), chargen (864), "
+                    "qotd (865), daytime (867) and time (868) over TCP and "
+                    "UDP, IPv4 and IPv6.  'diagsvc probe HOST' and "
+                    "'diagsvc measure HOST' are the client side.",
+        epilog="Start lines on stdout: 'diagsvc: serving SERVICE/TRANSPORT "
+               "on HOST port PORT'.  Log on stderr.")
+    parser.add_argument("services", nargs="*", metavar="SERVICE",
+                        help="services to serve (default: all): " +
+                        ", ".join(SERVICE_NAMES))
+    where = parser.add_argument_group("where")
+    where.add_argument("--port-offset", type=_non_negative(int), default=0,
+                       metavar="N", help="add N to every standard port "
+                       "(10000 gives 10007, 10009, ...; no root needed)")
+    where.add_argument("--port", action="append", type=_port_assignment,
+                       default=[], metavar="SERVICE=PORT",
+                       help="one service's port; 0 for any free port "
+                       "(repeatable)")
+    where.add_argument("--bind", action="append", default=[], metavar="ADDR",
+                       help="an address or name to listen on (repeatable; "
+                       "default: all IPv4 and IPv6 addresses)")
+    transport = where.add_mutually_exclusive_group()
+    transport.add_argument("--tcp", action="store_true", help="TCP only")
+    transport.add_argument("--udp", action="store_true", help="UDP only")
+    where.add_argument("--qotd-file", metavar="FILE",
+                       help="quotes in fortune format (separated by lines "
+                       "holding only %%)")
+
+    limits = parser.add_argument_group("limits (see the README's Safety section)")
+    limits.add_argument("--max-connections", type=_non_negative(int),
+                        default=0, metavar="N", help="TCP connections at "
+                        "once (default: the open-file limit less %d)" %
+                        DESCRIPTOR_RESERVE)
+    limits.add_argument("--max-per-source", type=_non_negative(int),
+                        default=DEFAULT_MAX_PER_SOURCE, metavar="N",
+                        help="TCP connections from one address (default "
+                        "%(default)s; 0: no limit)")
+    limits.add_argument("--idle-timeout", type=_non_negative(float),
+                        default=DEFAULT_IDLE_TIMEOUT, metavar="SECONDS",
+                        help="close a connection on which nothing moved "
+                        "for this long (default %(default)s; 0: never)")
+    limits.add_argument("--max-output", type=_non_negative(int),
+                        default=DEFAULT_MAX_OUTPUT, metavar="BYTES",
+                        help="bytes owed to one connection at most "
+                        "(default %(default)s)")
+    limits.add_argument("--udp-rate", type=_non_negative(float),
+                        default=DEFAULT_UDP_RATE, metavar="PER_SECOND",
+                        help="UDP replies a second per source for chargen, "
+                        "qotd, daytime, time (default %(default)s; 0: no "
+                        "limit)")
+    limits.add_argument("--udp-burst", type=_non_negative(int),
+                        default=DEFAULT_UDP_BURST, metavar="N",
+                        help="... after a burst of N (default %(default)s)")
+    limits.add_argument("--no-udp-guard", dest="udp_guard",
+                        action="store_false", help="answer datagrams from "
+                        "the diagnostic ports and group addresses too (lab "
+                        "use: this is how reflection loops start)")
+
+    access = parser.add_argument_group("access and privileges")
+    access.add_argument("--allow", action="append", default=[],
+                        metavar="ADDR[/BITS]", help="serve only these "
+                        "addresses or networks (repeatable)")
+    access.add_argument("--deny", action="append", default=[],
+                        metavar="ADDR[/BITS]", help="refuse these "
+                        "(repeatable; deny wins over allow)")
+    access.add_argument("--user", default="nobody", metavar="NAME",
+                        help="started as root, become NAME once the sockets "
+                        "are bound (default %(default)s; root keeps root)")
+
+    other = parser.add_argument_group("other")
+    other.add_argument("--selector", choices=[cls.__name__ for cls in SELECTORS],
+                       help="the event loop's selector (default: %s)" %
+                       SELECTORS[0].__name__)
+    other.add_argument("-q", "--quiet", action="count", default=0,
+                       help="errors only")
+    other.add_argument("-v", "--verbose", action="count", default=0,
+                       help="log every connection and datagram")
+    other.add_argument("--version", action="version",
+                       version="diagsvc " + __version__)
+    return parser
+
+
+def _serve_main(argv):
+    parser = _build_parser()
+    options = parser.parse_args(argv)
+    for name in options.services:
+        if name not in SERVICES:
+            parser.error("unknown service %r (choose from %s)" % (
+                name, ", ".join(SERVICE_NAMES)))
+    prog = "diagsvc"
+    try:
+        quotes = load_quotes(options.qotd_file) if options.qotd_file else None
+        raise_open_file_limit()
+        selector = None
+        if options.selector:
+            selector = getattr(selectors, options.selector)
+        server = Server(
+            options.services, bind=options.bind,
+            port_offset=options.port_offset, ports=dict(options.port),
+            transports=("tcp",) if options.tcp else ("udp",) if options.udp
+            else TRANSPORTS,
+            quotes=quotes, selector=selector,
+            max_connections=options.max_connections,
+            max_per_source=options.max_per_source,
+            idle_timeout=options.idle_timeout,
+            max_output=options.max_output, udp_guard=options.udp_guard,
+            udp_rate=options.udp_rate, udp_burst=options.udp_burst,
+            allow=options.allow, deny=options.deny,
+            verbosity=max(0, 1 + options.verbose - options.quiet))
+    except (ServerError, QuoteFileError) as error:
+        sys.stderr.write("%s: error: %s\n" % (prog, error))
+        return 2
+    with server:
+        # Everything imported on demand must be imported before the drop:
+        # the unprivileged user may not be able to read the interpreter's
+        # own library (a pyenv under /root, say).
+        import traceback  # noqa: F401  (used by _handler_failed)
+        _install_signal_handlers(server)
+        try:
+            who = drop_privileges(options.user)
+        except ServerError as error:
+            sys.stderr.write("%s: error: %s\n" % (prog, error))
+            return 2
+        except OSError as error:
+            sys.stderr.write("%s: error: cannot drop privileges to %s: %s\n"
+                             % (prog, options.user, error))
+            return 2
+        for note in server.notes:
+            sys.stderr.write("%s: note: %s\n" % (prog, note))
+        lines = []
+        for name in server.services:
+            for transport in server.transports:
+                for host, port in server.addresses[name, transport]:
+                    lines.append("%s: serving %s/%s on %s port %d\n" % (
+                        prog, name, transport, host, port))
+        lines.append("%s: running as %s, pid %d\n" % (prog, who, os.getpid()))
+        sys.stdout.write("".join(lines))
+        sys.stdout.flush()
+        server.serve_forever()
+        if server.verbosity:
+            server.log_counters()
+    return 0
+
+
+def _install_signal_handlers(server):
+    import signal
+
+    def stop(signum, frame):
+        server.shutdown()
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    if hasattr(signal, "SIGUSR1"):
+        signal.signal(signal.SIGUSR1, lambda signum, frame: server.log_counters())
+
+
+def main(argv=None):
+    """The command line; returns the exit status (2 for usage errors)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        if argv and argv[0] in ("probe", "measure"):
+            return _client_main(argv)
+        return _serve_main(argv)
+    except SystemExit as exit:          # argparse: --help, --version, errors
+        return exit.code if isinstance(exit.code, int) else 0 if \
+            exit.code is None else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,628 @@
+"""Tests for diagsvc: real servers on port 0, real sockets, exact bytes.
+
+Run: python3 -m unittest -v test_diagsvc   (pytest works too)
+"""
+
+import errno
+import gc
+import io
+import json
+import os
+import re
+import select
+import selectors
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+import warnings
+
+import diagsvc
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SCRIPT = os.path.join(HERE, "diagsvc.py")
+HAVE_IPV6 = diagsvc._ipv6_available()
+FAMILIES = [("127.0.0.1", socket.AF_INET)]
+if HAVE_IPV6:
+    FAMILIES.append(("::1", socket.AF_INET6))
+TIMEOUT = 10.0                  # a bound for any one wait, never a sleep
+START_LINE = re.compile(
+    r"^diagsvc: serving (\w+)/(tcp|udp) on (\S+) port (\d+)$")
+DAYTIME = re.compile(
+    rb"^(Mon|Tue|Wed|Thu|Fri|Sat|Sun) (Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|"
+    rb"Oct|Nov|Dec) ([ 1-3]\d) (\d\d):(\d\d):(\d\d) (\d{4})\r\n$")
+MONTHS = [b"Jan", b"Feb", b"Mar", b"Apr", b"May", b"Jun", b"Jul", b"Aug",
+          b"Sep", b"Oct", b"Nov", b"Dec"]
+
+
+def expected_chargen(line_count, first_line=1):
+    """The RFC 864 stream, built independently of diagsvc."""
+    lines = []
+    for index in range(first_line - 1, first_line - 1 + line_count):
+        start = index % 95
+        lines.append(bytes(32 + (start + column) % 95 for column in range(72))
+                     + b"\r\n")
+    return b"".join(lines)
+
+
+def wait_until(predicate, timeout=TIMEOUT, message="condition"):
+    """Poll with a deadline: for state that another thread changes."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting for " + message)
+        time.sleep(0.005)
+
+
+def recv_exactly(sock, size):
+    chunks = []
+    while size:
+        chunk = sock.recv(min(size, 1 << 20))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size -= len(chunk)
+    return b"".join(chunks)
+
+
+def recv_to_eof(sock, limit=1 << 26):
+    chunks = []
+    total = 0
+    while total <= limit:
+        chunk = sock.recv(1 << 16)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+    return b"".join(chunks)
+
+
+class ServerTestCase(unittest.TestCase):
+    """Start servers on port 0 on one loopback address; close them after."""
+
+    selector = None
+
+    def start_server(self, services=None, host="127.0.0.1", **options):
+        options.setdefault("selector", self.selector)
+        server = diagsvc.Server(services, bind=[host], port_offset=None,
+                                **options)
+        self.addCleanup(server.close)
+        server.start()
+        return server
+
+    def connect(self, server, service, host="127.0.0.1"):
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        port = server.addresses[service, "tcp"][0][1]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        self.addCleanup(sock.close)
+        sock.settimeout(TIMEOUT)
+        sock.connect((host, port))
+        return sock
+
+    def udp_socket(self, host="127.0.0.1", timeout=TIMEOUT):
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        self.addCleanup(sock.close)
+        sock.settimeout(timeout)
+        return sock
+
+    def udp_exchange(self, server, service, payload, host="127.0.0.1"):
+        sock = self.udp_socket(host)
+        port = server.addresses[service, "udp"][0][1]
+        sock.sendto(payload, (host, port))
+        reply, source = sock.recvfrom(1 << 17)
+        self.assertEqual(source[1], port)
+        return reply
+
+    def assert_no_reply(self, sock, server, host):
+        """The datagram was handled and nothing came back.
+
+        One loop thread handles datagrams in turn: once an echo sent after
+        it has come back, any reply to the first is already queued here.
+        """
+        probe = self.udp_socket(host)
+        probe.sendto(b"marker", (host, server.addresses["echo", "udp"][0][1]))
+        self.assertEqual(probe.recv(100), b"marker")
+        sock.setblocking(False)
+        with self.assertRaises(BlockingIOError):
+            sock.recv(70000)
+
+
+# --- Pure content ---------------------------------------------------------
+
+
+class ContentTest(unittest.TestCase):
+
+    def test_chargen_lines_follow_rfc_864(self):
+        self.assertEqual(diagsvc.chargen_line(1),
+                         bytes(range(32, 104)) + b"\r\n")
+        self.assertEqual(diagsvc.chargen_line(2)[:1], b"!")
+        self.assertEqual(diagsvc.chargen_line(95)[:2], b"~ ")
+        self.assertEqual(diagsvc.chargen_line(96), diagsvc.chargen_line(1))
+        self.assertEqual(diagsvc.chargen_stream(200 * 74),
+                         expected_chargen(200))
+        self.assertEqual(len(diagsvc.CHARGEN_PERIOD), 95 * 74)
+
+    def test_daytime_is_ctime_in_english(self):
+        moment = 1232412198          # 2009-01-20 00:43:18 UTC
+        text = diagsvc.daytime_text(moment)
+        local = time.localtime(moment)
+        match = DAYTIME.match(text)
+        self.assertIsNotNone(match, text)
+        self.assertEqual(int(match.group(3)), local.tm_mday)
+        self.assertEqual(MONTHS.index(match.group(2)) + 1, local.tm_mon)
+        self.assertEqual(match.group(4, 5, 6), tuple(
+            b"%02d" % field for field in local[3:6]))
+        self.assertEqual(text[-2:], b"\r\n")
+        self.assertEqual(len(text), 26)
+
+    def test_time_is_rfc_868_with_era_wrap(self):
+        self.assertEqual(diagsvc.time_bytes(0), struct.pack("!I", 2208988800))
+        # 2036-02-07 06:28:16 UTC: the 32-bit count wraps to 0, and goes on.
+        wrap = (1 << 32) - 2208988800
+        self.assertEqual(diagsvc.time_bytes(wrap), b"\0\0\0\0")
+        self.assertEqual(diagsvc.time_bytes(wrap + 5), b"\0\0\0\x05")
+
+    def test_quotes_parse_from_fortune_format(self):
+        quotes = diagsvc.parse_quotes("one\n\tindented\n%\n%\ntwo\n%\n")
+        self.assertEqual(quotes, (b"one\r\n        indented\r\n", b"two\r\n"))
+
+    def test_quote_errors_name_the_line(self):
+        with self.assertRaisesRegex(diagsvc.QuoteFileError, "line 3"):
+            diagsvc.parse_quotes("fine\n%\nbell \x07 here\n")
+        with self.assertRaisesRegex(diagsvc.QuoteFileError, "lines 3-10 is 576 characters"):
+            diagsvc.parse_quotes("ok\n%\n" + ("x" * 70 + "\n") * 8 + "%\n")
+        with self.assertRaisesRegex(diagsvc.QuoteFileError, "no quotes"):
+            diagsvc.parse_quotes("%\n%\n")
+
+    def test_quote_file_errors(self):
+        with tempfile.TemporaryDirectory() as folder:
+            path = os.path.join(folder, "quotes")
+            with self.assertRaisesRegex(diagsvc.QuoteFileError,
+                                        "cannot read quote file"):
+                diagsvc.load_quotes(path)
+            with open(path, "wb") as quote_file:
+                quote_file.write(b"fine\n%\nna\xefve\n")
+            with self.assertRaisesRegex(diagsvc.QuoteFileError,
+                                        "line 3 holds byte 0xef"):
+                diagsvc.load_quotes(path)
+
+    def test_builtin_quotes_are_rfc_865(self):
+        server = diagsvc.Server(["qotd"], bind=["127.0.0.1"], port_offset=None)
+        server.close()
+        for quote in server.quotes:
+            self.assertLess(len(quote), 512)
+            self.assertTrue(quote.endswith(b"\r\n"))
+            self.assertTrue(all(32 <= byte < 127 or byte in b"\r\n"
+                                for byte in quote))
+
+
+# --- The services, over each transport and address family ------------------
+
+
+class ServiceTest(ServerTestCase):
+    """Every service x transport x address family, byte for byte."""
+
+    def each_family(self):
+        for host, family in FAMILIES:
+            with self.subTest(host=host):
+                yield host, self.start_server(host=host)
+
+    def test_echo_tcp_one_mebibyte_with_half_close(self):
+        payload = os.urandom(1 << 20)
+        for host, server in self.each_family():
+            sock = self.connect(server, "echo", host)
+
+            def send():
+                sock.sendall(payload)
+                sock.shutdown(socket.SHUT_WR)
+            sender = threading.Thread(target=send)
+            sender.start()
+            received = recv_to_eof(sock)
+            sender.join()
+            self.assertEqual(len(received), len(payload))
+            self.assertTrue(received == payload)
+
+    def test_discard_tcp_reads_ten_mebibytes_and_sends_nothing(self):
+        block = b"\xa5" * (1 << 20)
+        for host, server in self.each_family():
+            sock = self.connect(server, "discard", host)
+            for _ in range(10):
+                sock.sendall(block)
+            sock.shutdown(socket.SHUT_WR)
+            self.assertEqual(recv_to_eof(sock), b"")
+            counters = server.counters["discard", "tcp"]
+            self.assertEqual(counters.bytes_in, 10 << 20)
+            self.assertEqual(counters.bytes_out, 0)
+
+    def test_chargen_tcp_first_200_lines_exact(self):
+        for host, server in self.each_family():
+            sock = self.connect(server, "chargen", host)
+            sock.sendall(b"input is read and thrown away\r\n")
+            self.assertEqual(recv_exactly(sock, 200 * 74),
+                             expected_chargen(200))
+
+    def test_chargen_tcp_streams_are_independent(self):
+        server = self.start_server(["chargen"])
+        first = self.connect(server, "chargen")
+        self.assertEqual(recv_exactly(first, 74 * 3), expected_chargen(3))
+        second = self.connect(server, "chargen")
+        self.assertEqual(recv_exactly(second, 74 * 3), expected_chargen(3))
+
+    def test_daytime_tcp_and_udp(self):
+        for host, server in self.each_family():
+            for text in (recv_to_eof(self.connect(server, "daytime", host)),
+                         self.udp_exchange(server, "daytime", b"", host)):
+                match = DAYTIME.match(text)
+                self.assertIsNotNone(match, text)
+                day, month, mday, hh, mm, ss, year = match.groups()
+                stamp = time.mktime((int(year), MONTHS.index(month) + 1,
+                                     int(mday), int(hh), int(mm), int(ss),
+                                     0, 0, -1))
+                self.assertLess(abs(stamp - time.time()), 2.0)
+
+    def test_qotd_tcp_and_udp(self):
+        for host, server in self.each_family():
+            for quote in (recv_to_eof(self.connect(server, "qotd", host)),
+                          self.udp_exchange(server, "qotd", b"x", host)):
+                self.assertIn(quote, server.quotes)
+                self.assertLess(len(quote), 512)
+
+    def test_time_tcp_and_udp(self):
+        for host, server in self.each_family():
+            for reply in (recv_to_eof(self.connect(server, "time", host)),
+                          self.udp_exchange(server, "time", b"", host)):
+                self.assertEqual(len(reply), 4)
+                now = (int(time.time()) + 2208988800) % (1 << 32)
+                self.assertLess(abs(struct.unpack("!I", reply)[0] - now), 2)
+
+    def test_echo_udp_sizes_including_empty_and_largest(self):
+        for host, server in self.each_family():
+            largest = 65507 if ":" not in host else 65527
+            for size in (0, 1, 1472, largest):
+                payload = os.urandom(size)
+                self.assertEqual(
+                    self.udp_exchange(server, "echo", payload, host), payload)
+
+    def test_chargen_udp_sizes_and_pattern(self):
+        for host, server in self.each_family():
+            sock = self.udp_socket(host)
+            port = server.addresses["chargen", "udp"][0][1]
+            sizes = []
+            ring = expected_chargen(95 * 2)
+            for _ in range(40):
+                sock.sendto(b"", (host, port))
+                reply = sock.recv(2048)
+                sizes.append(len(reply))
+                self.assertLessEqual(len(reply), 512)
+                # Each reply is the stream from the start of some line.
+                starts = [line * 74 for line in range(95)
+                          if ring[line * 74:line * 74 + len(reply)] == reply]
+                self.assertTrue(starts, reply)
+            self.assertGreater(len(set(sizes)), 5)
+
+    def test_discard_udp_sends_nothing(self):
+        for host, server in self.each_family():
+            sock = self.udp_socket(host)
+            sock.sendto(b"drop me", (host, server.addresses["discard",
+                                                            "udp"][0][1]))
+            wait_until(lambda: server.counters["discard", "udp"].datagrams,
+                       message="the discard datagram")
+            self.assert_no_reply(sock, server, host)
+
+    @unittest.skipUnless(sys.platform.startswith("linux"),
+                         "127.0.0.2 is a local address on Linux's loopback")
+    def test_udp_reply_leaves_from_the_address_it_was_sent_to(self):
+        server = self.start_server(["echo"], host="0.0.0.0")
+        port = server.addresses["echo", "udp"][0][1]
+        sock = self.udp_socket()
+        sock.connect(("127.0.0.2", port))   # drops replies from elsewhere
+        sock.send(b"via 127.0.0.2")
+        self.assertEqual(sock.recv(100), b"via 127.0.0.2")
+
+
+class SelectorTest(ServerTestCase):
+    """The same services under every selector available here, so that the
+    poll and select paths of other platforms run on this one too."""
+
+    def test_services_under_each_selector(self):
+        payload = os.urandom(300000)
+        for selector_class in diagsvc.SELECTORS:
+            with self.subTest(selector=selector_class.__name__):
+                self.selector = selector_class
+                server = self.start_server()
+                self.assertIsInstance(server.selector, selector_class)
+                sock = self.connect(server, "echo")
+                sender = threading.Thread(target=lambda: (
+                    sock.sendall(payload), sock.shutdown(socket.SHUT_WR)))
+                sender.start()
+                self.assertTrue(recv_to_eof(sock) == payload)
+                sender.join()
+                self.assertEqual(
+                    recv_exactly(self.connect(server, "chargen"), 74 * 100),
+                    expected_chargen(100))
+                self.assertEqual(len(recv_to_eof(self.connect(server, "time"))), 4)
+                self.assertEqual(self.udp_exchange(server, "echo", b"ping"),
+                                 b"ping")
+                server.close()
+
+
+# --- The event loop's bounds ------------------------------------------------
+
+
+class BoundsTest(ServerTestCase):
+
+    def test_echo_client_that_never_reads_costs_bounded_memory(self):
+        server = self.start_server(["echo"], max_output=32768)
+        sock = self.connect(server, "echo")
+        sock.setblocking(False)
+        sent = 0
+        block = b"z" * 65536
+        deadline = time.monotonic() + TIMEOUT
+        # Send until the server stops reading (its buffers and ours fill).
+        while time.monotonic() < deadline:
+            try:
+                sent += sock.send(block)
+            except BlockingIOError:
+                ready = select.select([], [sock], [], 0.2)[1]
+                if not ready:
+                    break
+        self.assertGreater(sent, 1 << 20)
+        wait_until(lambda: server.streams and all(
+            stream.events == diagsvc.EVENT_WRITE for stream in server.streams),
+            message="echo to stop reading")
+        (stream,) = server.streams
+        self.assertLessEqual(len(stream.owed), 32768)
+        # What was read is what was sent back or is still owed.
+        counters = server.counters["echo", "tcp"]
+        self.assertEqual(counters.bytes_in - counters.bytes_out,
+                         len(stream.owed))
+
+    def test_a_peer_error_closes_that_connection_only(self):
+        server = self.start_server(["echo", "chargen"])
+        victim = self.connect(server, "chargen")
+        recv_exactly(victim, 1000)
+        victim.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                          struct.pack("ii", 1, 0))
+        victim.close()                  # RST while the server is sending
+        wait_until(lambda: not any(isinstance(s, diagsvc.ChargenStream)
+                                   for s in server.streams),
+                   message="the reset chargen connection to close")
+        sock = self.connect(server, "echo")
+        sock.sendall(b"still here")
+        self.assertEqual(recv_exactly(sock, 10), b"still here")
+
+
+# --- Lifecycle ----------------------------------------------------------------
+
+
+class LifecycleTest(unittest.TestCase):
+
+    def test_shutdown_from_another_thread_is_prompt_and_leaves_nothing(self):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ResourceWarning)
+            server = diagsvc.Server(bind=["127.0.0.1"], port_offset=None)
+            loop = threading.Thread(target=server.serve_forever)
+            loop.start()
+            client = socket.create_connection(
+                server.addresses["chargen", "tcp"][0], timeout=TIMEOUT)
+            client.recv(100)
+            started = time.monotonic()
+            stopper = threading.Thread(target=server.shutdown)
+            stopper.start()
+            loop.join(TIMEOUT)
+            stopper.join()
+            self.assertFalse(loop.is_alive())
+            self.assertLess(time.monotonic() - started, 1.0)
+            sockets = [h.sock for h in server.listeners + server.endpoints]
+            streams = list(server.streams)
+            server.close()
+            client.close()
+            self.assertTrue(sockets and streams)
+            for sock in sockets + [s.sock for s in streams]:
+                self.assertEqual(sock.fileno(), -1)
+            del server, sockets, streams
+            gc.collect()
+        self.assertEqual([w for w in caught
+                          if issubclass(w.category, ResourceWarning)], [])
+
+    def test_context_manager_and_start(self):
+        with diagsvc.Server(["echo"], bind=["127.0.0.1"],
+                            port_offset=None) as server:
+            self.assertIs(server.start(), server)
+            self.assertEqual(set(server.addresses),
+                             {("echo", "tcp"), ("echo", "udp")})
+            with socket.create_connection(server.addresses["echo", "tcp"][0],
+                                          timeout=TIMEOUT) as sock:
+                sock.sendall(b"x")
+                self.assertEqual(sock.recv(1), b"x")
+        self.assertFalse(server._running)
+
+    def test_port_zero_gives_one_port_per_service_where_it_can(self):
+        with diagsvc.Server(["echo"], bind=["127.0.0.1"],
+                            ports={"echo": 0}) as server:
+            ports = set(port for key in server.addresses
+                        for _, port in server.addresses[key])
+            self.assertEqual(len(ports), 1)
+            self.assertNotEqual(ports, {0})
+
+    def test_a_taken_port_raises_server_error_and_closes_what_was_bound(self):
+        with diagsvc.Server(["echo"], bind=["127.0.0.1"], transports=["tcp"],
+                            port_offset=None) as first:
+            port = first.addresses["echo", "tcp"][0][1]
+            with self.assertRaisesRegex(diagsvc.ServerError,
+                                        "echo/tcp on 127.0.0.1 port %d: the "
+                                        "port is in use" % port):
+                diagsvc.Server(["discard", "echo"], bind=["127.0.0.1"],
+                               transports=["tcp"], ports={"echo": port},
+                               port_offset=None)
+
+    def test_bind_error_messages(self):
+        denied = OSError(errno.EACCES, "Permission denied")
+        self.assertEqual(
+            diagsvc._bind_error("echo", "tcp", "0.0.0.0", 7, denied),
+            "cannot bind echo/tcp on 0.0.0.0 port 7: permission denied "
+            "(ports below 1024 need root); run as root or add "
+            "--port-offset 10000")
+
+
+# --- The command line ---------------------------------------------------------
+
+
+def run_command(*args, **options):
+    return subprocess.run(
+        [sys.executable, SCRIPT] + list(args), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, universal_newlines=True, timeout=60, **options)
+
+
+class ServerProcess(object):
+    """diagsvc.py in a subprocess; start lines parsed into addresses."""
+
+    def __init__(self, *args):
+        self.process = subprocess.Popen(
+            [sys.executable, SCRIPT] + list(args), stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, universal_newlines=True)
+        self.addresses = {}
+        self.lines = []
+        while True:
+            line = self.process.stdout.readline()
+            if not line:
+                raise AssertionError("server exited: " +
+                                     self.process.stderr.read())
+            self.lines.append(line.rstrip("\n"))
+            match = START_LINE.match(line.rstrip("\n"))
+            if match:
+                service, transport, host, port = match.groups()
+                self.addresses.setdefault((service, transport), []).append(
+                    (host, int(port)))
+            elif line.startswith("diagsvc: running as"):
+                break
+
+    def stop(self, signum=None):
+        import signal
+        self.process.send_signal(signum or signal.SIGTERM)
+        try:
+            return self.process.wait(TIMEOUT)
+        finally:
+            self.process.stdout.close()
+            self.process.stderr.close()
+
+    def kill(self):
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+            self.process.stdout.close()
+            self.process.stderr.close()
+
+
+class CommandLineTest(unittest.TestCase):
+
+    def start(self, *args):
+        server = ServerProcess(*args)
+        self.addCleanup(server.kill)
+        return server
+
+    @unittest.skipIf(sys.platform == "win32", "signals")
+    def test_serves_and_stops_on_sigterm_and_sigint(self):
+        import signal
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            with self.subTest(signal=signum):
+                server = self.start("--bind", "127.0.0.1", "--port", "echo=0",
+                                    "--port", "time=0", "echo", "time", "-q")
+                self.assertEqual(sorted(server.addresses), [
+                    ("echo", "tcp"), ("echo", "udp"), ("time", "tcp"),
+                    ("time", "udp")])
+                (host, port), = server.addresses["echo", "tcp"]
+                with socket.create_connection((host, port), TIMEOUT) as sock:
+                    sock.sendall(b"hello")
+                    self.assertEqual(recv_exactly(sock, 5), b"hello")
+                started = time.monotonic()
+                self.assertEqual(server.stop(signum), 0)
+                self.assertLess(time.monotonic() - started, 1.0)
+
+    def test_transport_choice_and_all_services(self):
+        server = self.start("--bind", "127.0.0.1", "--port-offset", "0",
+                            "--tcp", *["--port=%s=0" % name
+                                       for name in diagsvc.SERVICE_NAMES])
+        self.assertEqual(sorted(server.addresses), sorted(
+            (name, "tcp") for name in diagsvc.SERVICE_NAMES))
+        server.stop()
+
+    def test_taken_port_exits_2_with_one_line(self):
+        holder = socket.socket()
+        self.addCleanup(holder.close)
+        holder.bind(("127.0.0.1", 0))
+        holder.listen(1)
+        port = holder.getsockname()[1]
+        result = run_command("echo", "--tcp", "--bind", "127.0.0.1",
+                             "--port", "echo=%d" % port)
+        self.assertEqual(result.returncode, 2)
+        self.assertEqual(result.stderr, (
+            "diagsvc: error: cannot bind echo/tcp on 127.0.0.1 port %d: the "
+            "port is in use by another program; stop it, or choose another "
+            "port with --port echo=PORT or --port-offset N\n" % port))
+
+    def test_usage_errors_exit_2(self):
+        for args, text in ((["nosuch"], "unknown service 'nosuch'"),
+                           (["--port", "echo=x"], "give SERVICE=PORT"),
+                           (["--port-offset", "-5"], "not a number >= 0"),
+                           (["--port-offset", "65530", "--bind", "127.0.0.1"],
+                            "outside 0-65535"),
+                           (["--tcp", "--udp"], "not allowed with"),
+                           (["--allow", "10.0.0.300"], "not an IP address"),
+                           (["--qotd-file", "/nonexistent/quotes"],
+                            "cannot read quote file /nonexistent/quotes")):
+            with self.subTest(args=args):
+                result = run_command(*args)
+                self.assertEqual(result.returncode, 2)
+                self.assertIn(text, result.stderr)
+                self.assertNotIn("Traceback", result.stderr)
+                self.assertEqual(result.stdout, "")
+
+    def test_bad_quote_file_names_the_line(self):
+        with tempfile.NamedTemporaryFile("wb", suffix=".txt",
+                                         delete=False) as quote_file:
+            quote_file.write(b"good\n%\nbad \x1b[31m\n")
+        self.addCleanup(os.unlink, quote_file.name)
+        result = run_command("--qotd-file", quote_file.name)
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("line 3 holds '\\x1b'", result.stderr)
+
+    def test_quote_file_is_served(self):
+        with tempfile.NamedTemporaryFile("w", suffix=".txt",
+                                         delete=False) as quote_file:
+            quote_file.write("The only quote.\n")
+        self.addCleanup(os.unlink, quote_file.name)
+        server = self.start("qotd", "--tcp", "--bind", "127.0.0.1",
+                            "--port", "qotd=0", "--qotd-file", quote_file.name)
+        with socket.create_connection(server.addresses["qotd", "tcp"][0],
+                                      TIMEOUT) as sock:
+            self.assertEqual(recv_to_eof(sock), b"The only quote.\r\n")
+        server.stop()
+
+    def test_main_in_process(self):
+        stderr = io.StringIO()
+        stdout = io.StringIO()
+        real = sys.stderr, sys.stdout
+        sys.stderr, sys.stdout = stderr, stdout
+        try:
+            self.assertEqual(diagsvc.main(["--version"]), 0)
+            self.assertEqual(diagsvc.main(["--bogus-flag"]), 2)
+        finally:
+            sys.stderr, sys.stdout = real
+        self.assertIn("diagsvc " + diagsvc.__version__, stdout.getvalue())
+        self.assertIn("unrecognized arguments: --bogus-flag", stderr.getvalue())
+
+    def test_runs_as_a_module(self):
+        result = subprocess.run(
+            [sys.executable, "-m", "diagsvc", "--version"], cwd=HERE,
+            stdout=subprocess.PIPE, universal_newlines=True, timeout=60)
+        self.assertEqual(result.stdout.strip(), "diagsvc " + diagsvc.__version__)
+
+
+if __name__ == "__main__":
+    unittest.main()
