@@ -909,6 +909,7 @@ class Server(object):
         self._rate_buckets = {}
         self._refusals_logged = {}
         self._accept_paused_until = None
+        self.accept_pauses = 0          # times EMFILE/ENFILE paused accepts
         self._next_sweep = self.now + self._sweep_interval()
         self._stop_requested = False
         self._running = False
@@ -1069,8 +1070,9 @@ class Server(object):
         if reason is not None:
             # Accept and close at once: the client learns now, and the
             # listen backlog does not fill up with clients we will not serve.
-            sock.close()
+            # Counted first, so the count is right by the time it sees EOF.
             self.refuse(counters, reason, source, "tcp", service)
+            sock.close()
             return
         counters.connections += 1
         if self.verbosity > 1:
@@ -1144,13 +1146,18 @@ class Server(object):
         rather than spin on a listener that stays readable."""
         if self._accept_paused_until is not None:
             return
+        self.accept_pauses += 1
         self._accept_paused_until = self.now + ACCEPT_PAUSE
         for listener in self.listeners:
             self.selector.unregister(listener.sock)
-        self.log("cannot accept: %s; pausing accepts for %.2f s (%d "
-                 "connections open; raise the open-file limit, or lower "
-                 "--max-connections)" % (
-                     error.strerror or error, ACCEPT_PAUSE, len(self.streams)))
+        last = self._refusals_logged.get("accept-pause")
+        if last is None or self.now - last >= REFUSAL_LOG_INTERVAL:
+            self._refusals_logged["accept-pause"] = self.now
+            self.log("cannot accept: %s; pausing accepts for %.2f s at a "
+                     "time (%d connections open; raise the open-file limit "
+                     "or lower --max-connections; logged once a %d s)" % (
+                         error.strerror or error, ACCEPT_PAUSE,
+                         len(self.streams), REFUSAL_LOG_INTERVAL))
 
     def _resume_accepting(self):
         self._accept_paused_until = None

@@ -397,6 +397,321 @@ class BoundsTest(ServerTestCase):
         self.assertEqual(recv_exactly(sock, 10), b"still here")
 
 
+# --- Safety: limits, timeouts, guards, access (issue 3) ---------------------
+
+ON_LINUX = sys.platform.startswith("linux")
+needs_linux = unittest.skipUnless(
+    ON_LINUX, "needs Linux (127.0.0.2 on loopback, /proc)")
+
+
+def sock_from(host, port=0, kind=socket.SOCK_STREAM):
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, kind)
+    sock.settimeout(TIMEOUT)
+    sock.bind((host, port))
+    return sock
+
+
+class SafetyTest(ServerTestCase):
+
+    def assert_echoes(self, sock, data=b"ping"):
+        sock.sendall(data)
+        self.assertEqual(recv_exactly(sock, len(data)), data)
+
+    def assert_closed_at_once(self, sock):
+        self.assertEqual(sock.recv(100), b"")
+
+    def test_per_source_limit(self):
+        server = self.start_server(["echo"], max_per_source=2)
+        first = self.connect(server, "echo")
+        second = self.connect(server, "echo")
+        self.assert_echoes(first)
+        self.assert_echoes(second)
+        self.assert_closed_at_once(self.connect(server, "echo"))
+        self.assertEqual(server.counters["echo", "tcp"].refusals,
+                         {"max-per-source": 1})
+        self.assert_echoes(first)
+        self.assert_echoes(second)
+        if ON_LINUX:                    # another source still gets in
+            other = sock_from("127.0.0.2")
+            self.addCleanup(other.close)
+            other.connect(server.addresses["echo", "tcp"][0])
+            self.assert_echoes(other)
+        second.close()
+        wait_until(lambda: len(server.streams) == 1 + ON_LINUX,
+                   message="the closed connection to be dropped")
+        self.assert_echoes(self.connect(server, "echo"))
+
+    def test_total_limit(self):
+        server = self.start_server(["echo", "chargen"], max_connections=2,
+                                   max_per_source=0)
+        first = self.connect(server, "echo")
+        second = self.connect(server, "chargen")
+        self.assert_echoes(first)
+        self.assert_closed_at_once(self.connect(server, "echo"))
+        self.assertEqual(server.counters["echo", "tcp"].refusals,
+                         {"max-connections": 1})
+        self.assert_echoes(first)
+        self.assertEqual(recv_exactly(second, 74), expected_chargen(1))
+
+    def test_idle_timeout_closes_silent_echo_and_stalled_chargen(self):
+        server = self.start_server(["echo", "chargen"], idle_timeout=0.5)
+        talker = self.connect(server, "echo")
+        started = time.monotonic()
+        silent = self.connect(server, "echo")
+        stalled = self.connect(server, "chargen")     # never reads
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        # The talker keeps a byte moving every 0.1 s and must survive.
+        while time.monotonic() - started < 1.2:
+            self.assert_echoes(talker, b"t")
+            time.sleep(0.1)         # the pace of a live client, not a sync
+        self.assertEqual(silent.recv(10), b"")
+        self.assertLess(time.monotonic() - started, 0.5 + 1.0 + 1.0)
+        wait_until(lambda: len(server.streams) == 1,
+                   message="the stalled chargen to be closed")
+        self.assertEqual(server.counters["echo", "tcp"].refusals,
+                         {"idle-timeout": 1})
+        self.assertEqual(server.counters["chargen", "tcp"].refusals,
+                         {"idle-timeout": 1})
+        self.assert_echoes(talker)
+
+    @needs_linux
+    def test_udp_loop_guard(self):
+        server = self.start_server(["echo", "chargen"])
+        echo_port = server.addresses["echo", "udp"][0][1]
+        chargen_port = server.addresses["chargen", "udp"][0][1]
+        target = ("127.0.0.1", echo_port)
+        # From a port this server itself listens on (on another address).
+        for port in (echo_port, chargen_port):
+            guarded = sock_from("127.0.0.2", port, socket.SOCK_DGRAM)
+            self.addCleanup(guarded.close)
+            guarded.sendto(b"loop?", target)
+            self.assert_no_reply(guarded, server, "127.0.0.1")
+        if os.geteuid() == 0:           # the standard chargen port itself
+            guarded = sock_from("127.0.0.3", 19, socket.SOCK_DGRAM)
+            self.addCleanup(guarded.close)
+            guarded.sendto(b"loop?", target)
+            self.assert_no_reply(guarded, server, "127.0.0.1")
+        refused = 3 if os.geteuid() == 0 else 2
+        self.assertEqual(server.counters["echo", "udp"].refusals,
+                         {"loop-guard": refused})
+        # The same datagram from an ordinary port is answered.
+        ordinary = sock_from("127.0.0.2", 0, socket.SOCK_DGRAM)
+        self.addCleanup(ordinary.close)
+        ordinary.sendto(b"loop?", target)
+        self.assertEqual(ordinary.recv(100), b"loop?")
+
+    @needs_linux
+    def test_udp_guard_can_be_turned_off(self):
+        server = self.start_server(["echo"], udp_guard=False)
+        port = server.addresses["echo", "udp"][0][1]
+        guarded = sock_from("127.0.0.2", port, socket.SOCK_DGRAM)
+        self.addCleanup(guarded.close)
+        guarded.sendto(b"lab", ("127.0.0.1", port))
+        self.assertEqual(guarded.recv(100), b"lab")
+
+    def test_group_addresses(self):
+        self.assertTrue(diagsvc._is_group_address("255.255.255.255"))
+        self.assertTrue(diagsvc._is_group_address("224.0.0.1"))
+        self.assertTrue(diagsvc._is_group_address("ff02::1"))
+        self.assertFalse(diagsvc._is_group_address("223.255.255.255"))
+        self.assertFalse(diagsvc._is_group_address("fe80::1"))
+        self.assertTrue(diagsvc._is_group_destination(b"\xef\0\0\1"))
+        self.assertTrue(diagsvc._is_group_destination(b"\xff" * 4))
+        self.assertFalse(diagsvc._is_group_destination(b"\x7f\0\0\1"))
+        self.assertTrue(diagsvc._is_group_destination(b"\xff\x02" + b"\0" * 14))
+
+    def test_udp_rate_limit_spares_echo(self):
+        server = self.start_server(["echo", "daytime"], udp_rate=4.0,
+                                   udp_burst=3)
+        sock = self.udp_socket()
+        daytime = server.addresses["daytime", "udp"][0]
+        for _ in range(3):
+            sock.sendto(b"", daytime)
+            self.assertTrue(DAYTIME.match(sock.recv(100)))
+        sock.sendto(b"", daytime)
+        sock.sendto(b"", daytime)
+        wait_until(lambda: server.counters["daytime", "udp"].datagrams == 5,
+                   message="five daytime datagrams")
+        self.assert_no_reply(sock, server, "127.0.0.1")
+        self.assertEqual(server.counters["daytime", "udp"].refusals,
+                         {"rate-limit": 2})
+        # echo is 1:1 and not limited.
+        for number in range(20):
+            self.assertEqual(self.udp_exchange(server, "echo", b"%d" % number),
+                             b"%d" % number)
+        # After the window (one token a 0.25 s) replies resume.
+        time.sleep(0.3)             # waiting out the window is the point
+        sock.setblocking(True)
+        sock.sendto(b"", daytime)
+        self.assertTrue(DAYTIME.match(sock.recv(100)))
+
+    @needs_linux
+    def test_allow_and_deny_ipv4(self):
+        server = self.start_server(["echo"], allow=["127.0.0.0/8"],
+                                   deny=["127.0.0.2"])
+        self.assert_echoes(self.connect(server, "echo"))
+        denied = sock_from("127.0.0.2")
+        self.addCleanup(denied.close)
+        denied.connect(server.addresses["echo", "tcp"][0])
+        self.assert_closed_at_once(denied)
+        udp = sock_from("127.0.0.2", 0, socket.SOCK_DGRAM)
+        self.addCleanup(udp.close)
+        udp.sendto(b"x", server.addresses["echo", "udp"][0])
+        self.assert_no_reply(udp, server, "127.0.0.1")
+        self.assertEqual(server.counters["echo", "tcp"].refusals,
+                         {"denied": 1})
+        self.assertEqual(server.counters["echo", "udp"].refusals,
+                         {"denied": 1})
+
+    @unittest.skipUnless(HAVE_IPV6, "no IPv6")
+    def test_allow_and_deny_ipv6(self):
+        server = self.start_server(["echo"], host="::1", deny=["::1/128"])
+        self.assert_closed_at_once(self.connect(server, "echo", "::1"))
+        server = self.start_server(["echo"], host="::1", allow=["::1"])
+        self.assert_echoes(self.connect(server, "echo", "::1"))
+        server = self.start_server(["echo"], host="::1", allow=["2001:db8::/32"])
+        self.assert_closed_at_once(self.connect(server, "echo", "::1"))
+
+    def test_counters(self):
+        server = self.start_server(["echo", "discard"])
+        sock = self.connect(server, "echo")
+        self.assert_echoes(sock, b"x" * 1000)
+        sock.close()
+        self.udp_exchange(server, "echo", b"y" * 10)
+        wait_until(lambda: not server.streams, message="echo to close")
+        stats = server.stats()
+        self.assertEqual(stats["echo", "tcp"], {
+            "connections": 1, "datagrams": 0, "bytes_in": 1000,
+            "bytes_out": 1000, "refusals": {}})
+        self.assertEqual(stats["echo", "udp"], {
+            "connections": 0, "datagrams": 1, "bytes_in": 10,
+            "bytes_out": 10, "refusals": {}})
+
+    def test_abusers_do_not_hurt_a_well_behaved_client(self):
+        server = self.start_server(max_per_source=0)
+        payload = os.urandom(4 << 20)
+        good = self.connect(server, "echo")
+        received = []
+        sender = threading.Thread(target=lambda: (
+            good.sendall(payload), good.shutdown(socket.SHUT_WR)))
+        sender.start()
+        reader = threading.Thread(target=lambda: received.append(
+            recv_to_eof(good)))
+        reader.start()
+        rst = struct.pack("ii", 1, 0)
+        for round_number in range(60):
+            for service in ("echo", "chargen", "discard", "daytime", "time",
+                            "qotd"):
+                sock = self.connect(server, service)
+                if round_number % 3 == 0:       # garbage, then a reset
+                    try:
+                        sock.sendall(os.urandom(3000))
+                    except OSError:
+                        pass                    # a one-shot already closed
+                if round_number % 2 == 0:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, rst)
+                sock.close()                    # or just vanish
+            udp = self.udp_socket(timeout=0.0)
+            udp.sendto(os.urandom(512), server.addresses["chargen", "udp"][0])
+            udp.close()
+        sender.join()
+        reader.join()
+        self.assertTrue(received[0] == payload)
+        wait_until(lambda: not server.streams, message="abusers to be closed")
+        self.assertTrue(server._running)
+
+
+class SafetyCommandLineTest(unittest.TestCase):
+
+    @unittest.skipUnless(ON_LINUX and hasattr(os, "geteuid") and
+                         os.geteuid() == 0, "needs root and /proc")
+    def test_drops_privileges_to_nobody(self):
+        server = ServerProcess("echo", "--bind", "127.0.0.1", "--port",
+                               "echo=0", "--tcp", "-q")
+        self.addCleanup(server.kill)
+        self.assertIn("diagsvc: running as user nobody (uid 65534), pid %d"
+                      % server.process.pid, server.lines)
+        import pwd
+        nobody = pwd.getpwnam("nobody")
+        with open("/proc/%d/status" % server.process.pid) as status:
+            fields = dict(line.split(":", 1) for line in status)
+        self.assertEqual(fields["Uid"].split(), [str(nobody.pw_uid)] * 4)
+        self.assertEqual(fields["Gid"].split(), [str(nobody.pw_gid)] * 4)
+        self.assertEqual(fields["Groups"].split(), [])
+        with socket.create_connection(server.addresses["echo", "tcp"][0],
+                                      TIMEOUT) as sock:
+            sock.sendall(b"as nobody")
+            self.assertEqual(recv_exactly(sock, 9), b"as nobody")
+        self.assertEqual(server.stop(), 0)
+
+    @unittest.skipUnless(ON_LINUX, "needs /proc for the CPU time")
+    def test_out_of_descriptors_pauses_accepting_without_spinning(self):
+        import resource
+
+        def low_limit():
+            resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48))
+        process = subprocess.Popen(
+            [sys.executable, SCRIPT, "echo", "--tcp", "--bind", "127.0.0.1",
+             "--port", "echo=0", "--max-connections", "1000",
+             "--max-per-source", "0", "--user", "root"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            universal_newlines=True, preexec_fn=low_limit)
+        self.addCleanup(process.wait)
+        self.addCleanup(process.stderr.close)
+        self.addCleanup(process.stdout.close)
+        self.addCleanup(process.kill)
+        port = int(START_LINE.match(process.stdout.readline().strip()).group(4))
+
+        def cpu_seconds():
+            with open("/proc/%d/stat" % process.pid) as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / float(
+                os.sysconf("SC_CLK_TCK"))
+
+        clients = []
+        self.addCleanup(lambda: [c.close() for c in clients])
+        for _ in range(80):             # more than its 48 descriptors
+            clients.append(socket.create_connection(("127.0.0.1", port),
+                                                    TIMEOUT))
+        clients[0].sendall(b"a")        # served before the descriptors ran out
+        self.assertEqual(clients[0].recv(1), b"a")
+        before = cpu_seconds()
+        time.sleep(1.0)                 # the episode whose CPU is measured
+        spent = cpu_seconds() - before
+        self.assertLess(spent, 0.25, "the server spins at EMFILE")
+        self.assertIsNone(process.poll())
+        for client in clients[1:]:
+            client.close()
+        # Descriptors come back: it accepts again and serves a new client.
+        fresh = socket.create_connection(("127.0.0.1", port), TIMEOUT)
+        clients.append(fresh)
+        fresh.sendall(b"back")
+        self.assertEqual(recv_exactly(fresh, 4), b"back")
+        clients[0].sendall(b"z")
+        self.assertEqual(clients[0].recv(1), b"z")
+        process.terminate()
+        self.assertEqual(process.wait(TIMEOUT), 0)
+        self.assertIn("cannot accept: Too many open files", process.stderr.read())
+
+    @unittest.skipIf(sys.platform == "win32", "no SIGUSR1")
+    def test_sigusr1_logs_counters(self):
+        import signal
+        server = ServerProcess("echo", "--bind", "127.0.0.1", "--port",
+                               "echo=0", "--udp")
+        self.addCleanup(server.kill)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(sock.close)
+        sock.settimeout(TIMEOUT)
+        sock.sendto(b"count me", server.addresses["echo", "udp"][0])
+        self.assertEqual(sock.recv(100), b"count me")
+        server.process.send_signal(signal.SIGUSR1)
+        line = server.process.stderr.readline()
+        self.assertRegex(line, r"diagsvc: echo/udp: 1 datagrams, 8 bytes in, "
+                               r"8 bytes out\n$")
+        self.assertEqual(server.stop(), 0)
+
+
 # --- Lifecycle ----------------------------------------------------------------
 
 
