@@ -49,6 +49,7 @@ __all__ = [
 ]
 
 import errno
+import json
 import os
 import selectors
 import socket
@@ -1375,10 +1376,864 @@ def drop_privileges(user):
 
 # --- The client side --------------------------------------------------------
 
-def _client_main(argv):
-    sys.stderr.write("diagsvc: %s is not built yet\n" % argv[0])
-    return 2
+# probe: is each service open, and does it answer as its RFC says?  measure:
+# how fast is the path?  Both work against any RFC-conforming server (inetd
+# and xinetd included), from one selectors loop where there is concurrency.
 
+PROBE_OK = ("open", "open|filtered")
+MEASURE_TESTS = ("latency", "download", "upload", "echo", "connect")
+DEFAULT_PROBE_TIMEOUT = 2.0
+_IN_PROGRESS = frozenset((errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN,
+                          10035))       # 10035: Windows' WSAEWOULDBLOCK
+_CHARGEN_DOUBLE_PERIOD = CHARGEN_PERIOD * 2
+
+
+def _resolve_targets(host, family=None):
+    """[(family, address)] for every address HOST resolves to."""
+    wanted = {4: socket.AF_INET, 6: socket.AF_INET6}.get(family,
+                                                          socket.AF_UNSPEC)
+    try:
+        infos = socket.getaddrinfo(host, None, wanted, socket.SOCK_STREAM)
+    except socket.gaierror as error:
+        raise ServerError("cannot resolve %s: %s" % (host,
+                                                      error.strerror or error))
+    found = []
+    for info_family, _, _, _, sockaddr in infos:
+        entry = (info_family, sockaddr[0])
+        if info_family in (socket.AF_INET, socket.AF_INET6) and \
+                entry not in found:
+            found.append(entry)
+    return found
+
+
+def _service_port(name, port_offset, ports):
+    if ports and name in ports:
+        return ports[name]
+    return SERVICES[name].port + (port_offset or 0)
+
+
+def _printable(data, extra=b"\r\n"):
+    return all(32 <= byte < 127 or byte in extra for byte in data)
+
+
+def _chargen_problem(data):
+    """None if data is a piece of the RFC 864 stream, else what is wrong."""
+    if not data:
+        return None
+    if len(data) < CHARGEN_PERIOD_SIZE and data in _CHARGEN_DOUBLE_PERIOD:
+        return None
+    line = data[:CHARGEN_LINE_SIZE]
+    return "not the RFC 864 ring: %r..." % bytes(line[:24])
+
+
+def _clock_offset(seconds):
+    # daytime and time have one-second resolution: an offset under a
+    # second (either way, after truncation and the round trip) is no offset.
+    offset = seconds - time.time()
+    if -2.0 < offset < 1.0:
+        return "matches the local clock to the second"
+    return "%+.0f s from the local clock" % offset
+
+
+def _daytime_detail(data):
+    text = data.decode("ascii").strip()
+    parts = text.split()
+    try:
+        # The BSD inetd form: 'Mon Jan 19 17:43:18 2009'
+        month = [m.lower() for m in _MONTH_NAMES].index(parts[1].lower()) + 1
+        hour, minute, second = (int(p) for p in parts[3].split(":"))
+        stamp = time.mktime((int(parts[4]), month, int(parts[2]), hour,
+                             minute, second, 0, 0, -1))
+        return "%s (%s)" % (text, _clock_offset(stamp))
+    except (IndexError, ValueError, OverflowError):
+        return text
+
+
+def _time_detail(data):
+    value = struct.unpack("!I", data)[0] - TIME_EPOCH_OFFSET
+    era = 1 << 32                       # RFC 868's era: the nearest to now
+    value += era * round((time.time() - value) / era)
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(value))
+    return "%s (%s)" % (stamp, _clock_offset(value))
+
+
+def _judge(service, transport, data, sent, closed):
+    """(verdict, detail) for what a service answered."""
+    if service == "echo":
+        if data == sent:
+            return "open", "%d bytes echoed and matched" % len(sent)
+        if not data:
+            return "wrong", "sent %d bytes, none came back%s" % (
+                len(sent), " before the close" if closed else "")
+        if len(data) != len(sent):
+            return "wrong", "sent %d bytes, %d came back" % (len(sent),
+                                                             len(data))
+        first = next(i for i in range(len(data)) if data[i] != sent[i])
+        return "wrong", "echoed bytes differ from byte %d on" % first
+    if service == "discard":
+        if data:
+            return "wrong", "discard sent %d bytes back" % len(data)
+        return "open", "took the data, sent nothing"
+    if service == "chargen":
+        if transport == "udp" and len(data) > UDP_CHARGEN_MAX:
+            return "wrong", "%d bytes in one datagram; RFC 864 allows 0-512" \
+                % len(data)
+        if transport == "tcp" and len(data) < 2 * CHARGEN_LINE_SIZE:
+            return "wrong", "only %d bytes before %s" % (
+                len(data), "the close" if closed else "the timeout")
+        problem = _chargen_problem(data[:2 * CHARGEN_LINE_SIZE] if
+                                   transport == "tcp" else data)
+        if problem:
+            return "wrong", problem
+        if transport == "udp":
+            return "open", "%d characters of the ring" % len(data)
+        return "open", "first lines check: %s" % data[:20].decode("ascii")
+    if not data:
+        return "wrong", "no data before %s" % ("the close" if closed else
+                                               "the timeout")
+    if service == "time":
+        if len(data) != 4:
+            return "wrong", "%d bytes; RFC 868 sends 4" % len(data)
+        return "open", _time_detail(data)
+    if not _printable(data, b"\r\n\t"):
+        return "wrong", "not printable ASCII: %r" % bytes(data[:30])
+    if service == "daytime":
+        return "open", _daytime_detail(data)
+    if len(data) >= 512:
+        return "wrong", "quote of %d characters; RFC 865 wants under 512" \
+            % len(data)
+    words = " ".join(data.decode("ascii").split())
+    return "open", words[:40] + ("..." if len(words) > 40 else "")
+
+
+class _Probe(object):
+    """One service, transport and address: a small state machine."""
+
+    def __init__(self, service, transport, family, address, port, timeout,
+                 now):
+        self.service = service
+        self.transport = transport
+        self.address = address
+        self.port = port
+        self.started = now
+        self.deadline = now + timeout
+        self.timeout = timeout
+        self.data = bytearray()
+        self.rtt = None
+        self.row = None
+        self.connected = False
+        kind = socket.SOCK_STREAM if transport == "tcp" else socket.SOCK_DGRAM
+        self.sock = socket.socket(family, kind)
+        self.sock.setblocking(False)
+        self.sent = (b"diagsvc probe " + os.urandom(9).hex().encode() +
+                     b"\r\n") if service in ("echo", "discard") else b""
+        if transport == "tcp":
+            self.events = EVENT_WRITE
+            self.started = time.monotonic()
+            code = self.sock.connect_ex((address, port))
+            if code and code not in _IN_PROGRESS:
+                self._failed(code)
+        else:
+            self.events = EVENT_READ
+            self.sock.connect((address, port))
+            # RFC 868 clients send an empty datagram; the others ignore it.
+            if service not in ("echo", "time"):
+                self.sent = b"diagsvc probe\r\n"
+            self.sends = 0
+            self.next_send = now
+
+    def finish(self, verdict, detail, now=None):
+        if self.row is None:
+            self.row = {"service": self.service, "transport": self.transport,
+                        "address": self.address, "port": self.port,
+                        "verdict": verdict,
+                        "rtt_ms": None if self.rtt is None else
+                        round(self.rtt * 1000.0, 3),
+                        "detail": detail}
+
+    def _failed(self, code):
+        if code == errno.ECONNREFUSED or code == 10061:
+            self.finish("refused", "TCP reset: nothing listens"
+                        if self.transport == "tcp" else
+                        "ICMP port unreachable: nothing listens")
+        else:
+            self.finish("error", os.strerror(code))
+
+    def wake_time(self):
+        if self.transport == "udp" and self.sends < 3:
+            return min(self.deadline, self.next_send)
+        return self.deadline
+
+    def on_timer(self, now):
+        if now >= self.deadline:
+            self._expire()
+        elif self.transport == "udp" and now >= self.next_send:
+            self._send_datagram(now)
+
+    def _send_datagram(self, now):
+        # Three tries spread over the timeout: UDP may lose one.
+        self.sends += 1
+        self.last_send = now
+        self.next_send = now + self.timeout / 3.0
+        try:
+            self.sock.send(self.sent)
+        except ConnectionRefusedError:
+            self._failed(errno.ECONNREFUSED)
+        except OSError as error:
+            self.finish("error", str(error.strerror or error))
+
+    def _expire(self):
+        if self.transport == "udp":
+            if self.service == "discard":
+                self.finish("open|filtered", "no reply, as RFC 863 says "
+                            "(or filtered: discard never answers)")
+            else:
+                self.finish("no-reply", "nothing within %g s: filtered, or "
+                            "closed with ICMP blocked" % self.timeout)
+        elif not self.connected:
+            self.finish("timeout", "no answer to the TCP connect within "
+                        "%g s: filtered" % self.timeout)
+        else:
+            self.finish(*_judge(self.service, "tcp", bytes(self.data),
+                                self.sent, False))
+
+    def on_event(self, events, now):
+        if self.transport == "udp":
+            try:
+                reply = self.sock.recv(65536)
+            except ConnectionRefusedError:
+                return self._failed(errno.ECONNREFUSED)
+            self.rtt = now - self.last_send
+            if self.service == "discard":
+                return self.finish("wrong", "discard answered with %d bytes"
+                                   % len(reply))
+            return self.finish(*_judge(self.service, "udp", reply, self.sent,
+                                       True))
+        if not self.connected:
+            code = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if code:
+                return self._failed(code)
+            self.connected = True
+            self.rtt = now - self.started
+            if self.sent:
+                self.sock.send(self.sent)       # tiny: the buffer is empty
+                self.sock.shutdown(socket.SHUT_WR)
+            self.events = EVENT_READ
+            return
+        try:
+            chunk = self.sock.recv(65536)
+        except ConnectionResetError:
+            chunk = b""
+        if chunk:
+            self.data += chunk
+            enough = (2 * CHARGEN_LINE_SIZE if self.service == "chargen"
+                      else 4096)
+            if len(self.data) < enough:
+                return
+        self.finish(*_judge(self.service, "tcp", bytes(self.data), self.sent,
+                            not chunk))
+
+    def close(self):
+        self.sock.close()
+
+
+def probe(host, services=None, transports=TRANSPORTS, port_offset=0,
+          ports=None, family=None, timeout=DEFAULT_PROBE_TIMEOUT):
+    """Probe each service and transport on every address of HOST at once.
+
+    Returns a list of dicts with the keys service, transport, address,
+    port, verdict (open, open|filtered, refused, no-reply, timeout, wrong,
+    error), rtt_ms (TCP: the connect; UDP: the request) and detail.
+    Everything runs concurrently: the whole probe takes about one timeout.
+    """
+    services = [name for name in SERVICE_NAMES if name in (services or
+                                                          SERVICE_NAMES)]
+    now = time.monotonic()
+    probes = []
+    selector = SELECTORS[0]()
+    try:
+        for target_family, address in _resolve_targets(host, family):
+            for name in services:
+                for transport in TRANSPORTS:
+                    if transport in transports:
+                        probes.append(_Probe(
+                            name, transport, target_family, address,
+                            _service_port(name, port_offset, ports),
+                            timeout, now))
+        for task in probes:
+            if task.row is None:
+                selector.register(task.sock, task.events, task)
+        pending = [task for task in probes if task.row is None]
+        while pending:
+            now = time.monotonic()
+            for task in pending:
+                if now >= task.wake_time():
+                    task.on_timer(now)
+            pending = [task for task in pending if task.row is None]
+            if not pending:
+                break
+            wait = min(task.wake_time() for task in pending) - now
+            for key, _ in selector.select(max(0.0, wait)):
+                task = key.data
+                if task.row is None:
+                    events = task.events
+                    task.on_event(0, time.monotonic())
+                    if task.row is None and task.events != events:
+                        selector.modify(task.sock, task.events, task)
+            pending = [task for task in pending if task.row is None]
+    finally:
+        for task in probes:
+            task.close()
+        selector.close()
+    return [task.row for task in probes]
+
+
+# -- measure --
+
+
+def _percentiles(samples):
+    samples = sorted(samples)
+    if not samples:
+        return {}
+    def at(fraction):
+        return round(samples[min(len(samples) - 1,
+                                 int(fraction * len(samples)))] * 1e6, 1)
+    return {"min_us": round(samples[0] * 1e6, 1), "p50_us": at(0.5),
+            "p90_us": at(0.9), "p99_us": at(0.99),
+            "max_us": round(samples[-1] * 1e6, 1)}
+
+
+class _Progress(object):
+    """One status line updated in place on stderr, only on a terminal."""
+
+    def __init__(self, enabled):
+        self.enabled = enabled
+        self.last = 0.0
+
+    def show(self, text, force=False):
+        now = time.monotonic()
+        if self.enabled and (force or now - self.last >= 0.25):
+            self.last = now
+            sys.stderr.write("\r\x1b[K" + text)
+            sys.stderr.flush()
+
+    def clear(self):
+        if self.enabled:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+
+
+def _connect(family, address, port, timeout):
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect((address, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _measure_latency(family, address, ports, seconds, progress, timeout):
+    """Echo ping-pong with 32-byte messages, TCP (TCP_NODELAY) and UDP."""
+    rows = []
+    clock = time.perf_counter
+    for transport in ("tcp", "udp"):
+        samples = []
+        lost = 0
+        if transport == "tcp":
+            sock = _connect(family, address, ports["echo"], timeout)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        else:
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+            sock.settimeout(min(timeout, 1.0))
+            sock.connect((address, ports["echo"]))
+        try:
+            end = time.monotonic() + seconds
+            sequence = 0
+            while time.monotonic() < end:
+                sequence += 1
+                message = b"%031d\n" % sequence
+                started = clock()
+                sock.send(message)
+                if transport == "tcp":
+                    reply = b""
+                    while len(reply) < 32:
+                        chunk = sock.recv(32 - len(reply))
+                        if not chunk:
+                            raise ServerError("echo closed the connection")
+                        reply += chunk
+                else:
+                    try:
+                        reply = sock.recv(64)
+                        while reply != message and reply[:31].isdigit() and \
+                                int(reply) < sequence:
+                            reply = sock.recv(64)   # a late one: skip it
+                    except socket.timeout:
+                        lost += 1
+                        continue
+                if reply != message:
+                    raise ServerError("echo returned %r for %r" % (reply,
+                                                                   message))
+                samples.append(clock() - started)
+                progress.show("latency %s: %d round trips" % (
+                    transport, len(samples)))
+        finally:
+            sock.close()
+        row = {"test": "latency", "transport": transport, "unit": "µs",
+               "value": _percentiles(samples).get("p50_us"),
+               "count": len(samples)}
+        if transport == "udp":
+            row["loss_pct"] = round(100.0 * lost / max(1, lost + len(samples)), 2)
+        row.update(_percentiles(samples))
+        rows.append(row)
+    return rows
+
+
+def _stream_loop(connections, seconds, on_ready, progress, label):
+    """Run a selectors loop over connections for `seconds`."""
+    selector = SELECTORS[0]()
+    try:
+        for conn in connections:
+            conn.sock.setblocking(False)
+            selector.register(conn.sock, conn.events, conn)
+        end = time.monotonic() + seconds
+        while True:
+            now = time.monotonic()
+            if now >= end or not selector.get_map():
+                break
+            for key, events in selector.select(min(0.25, end - now)):
+                if not on_ready(key.data, events):
+                    selector.unregister(key.fileobj)
+            progress.show(label())
+    finally:
+        selector.close()
+
+
+class _Flow(object):
+    __slots__ = ("sock", "events", "bytes", "offset", "wrong", "first_wrong")
+
+    def __init__(self, sock, events):
+        self.sock = sock
+        self.events = events
+        self.bytes = 0
+        self.offset = None
+        self.wrong = 0
+        self.first_wrong = None
+
+
+def _count_wrong(received, expected):
+    return sum(1 for a, b in zip(received, expected) if a != b)
+
+
+def _measure_download(family, address, ports, seconds, parallel, progress,
+                      timeout):
+    """chargen over N TCP connections; every byte checked against the ring."""
+    flows = [_Flow(_connect(family, address, ports["chargen"], timeout),
+                   EVENT_READ) for _ in range(parallel)]
+    buffer = bytearray(CHARGEN_CHUNK)
+    view = memoryview(buffer)
+    started = time.monotonic()
+
+    def on_ready(flow, events):
+        try:
+            count = flow.sock.recv_into(buffer)
+        except OSError:
+            return False
+        if not count:
+            return False
+        if flow.offset is None:         # where in the ring this server starts
+            line = buffer[0] - 32 if 32 <= buffer[0] < 127 else 0
+            flow.offset = line * CHARGEN_LINE_SIZE
+        offset = flow.offset
+        expected = CHARGEN_VIEW[offset:offset + count]
+        if not buffer.startswith(expected):   # memcmp speed
+            wrong = _count_wrong(view[:count], expected)
+            if flow.first_wrong is None:
+                flow.first_wrong = flow.bytes + next(
+                    i for i in range(count) if view[i] != expected[i])
+            flow.wrong += wrong
+        flow.bytes += count
+        flow.offset = (offset + count) % CHARGEN_PERIOD_SIZE
+        return True
+
+    try:
+        _stream_loop(flows, seconds, on_ready, progress, lambda: (
+            "download: %.0f MB/s" % (sum(f.bytes for f in flows) / 1e6 /
+                                     max(1e-6, time.monotonic() - started))))
+    finally:
+        for flow in flows:
+            flow.sock.close()
+    elapsed = time.monotonic() - started
+    total = sum(flow.bytes for flow in flows)
+    wrong = sum(flow.wrong for flow in flows)
+    row = {"test": "download", "transport": "tcp", "unit": "MB/s",
+           "value": round(total / 1e6 / elapsed, 1), "bytes": total,
+           "seconds": round(elapsed, 2), "parallel": parallel,
+           "wrong_bytes": wrong}
+    firsts = [f.first_wrong for f in flows if f.first_wrong is not None]
+    if firsts:
+        row["first_wrong_byte"] = min(firsts)
+    return [row]
+
+
+def _measure_upload(family, address, ports, seconds, parallel, progress,
+                    timeout):
+    """discard over N TCP connections: bytes the server took, drained."""
+    flows = [_Flow(_connect(family, address, ports["discard"], timeout),
+                   EVENT_WRITE) for _ in range(parallel)]
+    block = memoryview(bytes(CHARGEN_CHUNK))
+    started = time.monotonic()
+
+    def on_ready(flow, events):
+        try:
+            flow.bytes += flow.sock.send(block)
+        except BlockingIOError:
+            pass
+        except OSError:
+            return False
+        return True
+
+    drained = True
+    try:
+        _stream_loop(flows, seconds, on_ready, progress, lambda: (
+            "upload: %.0f MB/s" % (sum(f.bytes for f in flows) / 1e6 /
+                                   max(1e-6, time.monotonic() - started))))
+        # Half-close and wait for the server's close: then every byte
+        # counted was read by the server, not sitting in a buffer.
+        for flow in flows:
+            flow.sock.setblocking(True)
+            flow.sock.settimeout(max(timeout, 2.0))
+            try:
+                flow.sock.shutdown(socket.SHUT_WR)
+                while flow.sock.recv(65536):
+                    pass
+            except OSError:
+                drained = False
+    finally:
+        for flow in flows:
+            flow.sock.close()
+    elapsed = time.monotonic() - started
+    total = sum(flow.bytes for flow in flows)
+    return [{"test": "upload", "transport": "tcp", "unit": "MB/s",
+             "value": round(total / 1e6 / elapsed, 1), "bytes": total,
+             "seconds": round(elapsed, 2), "parallel": parallel,
+             "drained": drained}]
+
+
+# The echo test's pattern: a prime period, so a lost, repeated or reordered
+# block never lines up with the expected bytes by chance.
+_ECHO_PERIOD = 65521
+
+
+def _echo_pattern():
+    seed = bytearray(os.urandom(_ECHO_PERIOD))
+    return memoryview(bytes(seed) * (CHARGEN_CHUNK // _ECHO_PERIOD + 2))
+
+
+def _measure_echo(family, address, ports, seconds, progress, timeout):
+    """Bulk echo over one TCP connection, every byte compared."""
+    sock = _connect(family, address, ports["echo"], timeout)
+    pattern = _echo_pattern()
+    buffer = bytearray(CHARGEN_CHUNK)
+    view = memoryview(buffer)
+    state = {"sent": 0, "received": 0, "wrong": 0, "writing": True}
+    flow = _Flow(sock, EVENT_READ | EVENT_WRITE)
+    started = time.monotonic()
+
+    def on_ready(flow, events):
+        if events & EVENT_WRITE and state["writing"]:
+            offset = state["sent"] % _ECHO_PERIOD
+            try:
+                state["sent"] += sock.send(pattern[offset:offset + 65536])
+            except BlockingIOError:
+                pass
+        if events & EVENT_READ:
+            try:
+                count = sock.recv_into(buffer)
+            except BlockingIOError:
+                return True
+            if not count:
+                return False
+            offset = state["received"] % _ECHO_PERIOD
+            expected = pattern[offset:offset + count]
+            if not buffer.startswith(expected):
+                state["wrong"] += _count_wrong(view[:count], expected)
+            state["received"] += count
+        return True
+
+    try:
+        _stream_loop([flow], seconds, on_ready, progress, lambda: (
+            "echo: %.0f MB/s" % (state["received"] / 1e6 /
+                                 max(1e-6, time.monotonic() - started))))
+        window = time.monotonic() - started
+        echoed_in_window = state["received"]
+        # Half-close and collect the rest: anything never echoed is missing.
+        state["writing"] = False
+        sock.shutdown(socket.SHUT_WR)
+        flow.events = EVENT_READ
+        _stream_loop([flow], max(timeout, 3.0), on_ready, progress,
+                     lambda: "echo: draining")
+    finally:
+        sock.close()
+    return [{"test": "echo", "transport": "tcp", "unit": "MB/s",
+             "value": round(echoed_in_window / 1e6 / window, 1),
+             "bytes": echoed_in_window, "seconds": round(window, 2),
+             "wrong_bytes": state["wrong"],
+             "missing_bytes": state["sent"] - state["received"]}]
+
+
+def _measure_connect(family, address, ports, seconds, parallel, progress,
+                     timeout, service="daytime"):
+    """daytime (or time) connections a second, `parallel` in flight."""
+    port = ports[service]
+    errors = {}
+    durations = []
+    selector = SELECTORS[0]()
+    started = time.monotonic()
+    end = started + seconds
+
+    def open_one():
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        code = sock.connect_ex((address, port))
+        if code and code not in _IN_PROGRESS:
+            sock.close()
+            errors["refused" if code in (errno.ECONNREFUSED, 10061)
+                   else os.strerror(code)] = errors.get("refused", 0) + 1
+            return
+        selector.register(sock, EVENT_READ, [sock, time.monotonic(), 0])
+
+    def close_one(key, outcome):
+        selector.unregister(key.fileobj)
+        key.fileobj.close()
+        if outcome is None:
+            durations.append(time.monotonic() - key.data[1])
+        else:
+            errors[outcome] = errors.get(outcome, 0) + 1
+
+    try:
+        for _ in range(parallel):
+            open_one()
+        while True:
+            now = time.monotonic()
+            if now >= end:
+                break
+            for key, _ in selector.select(min(0.1, end - now)):
+                state = key.data
+                try:
+                    chunk = state[0].recv(4096)
+                except ConnectionRefusedError:
+                    close_one(key, "refused")
+                except ConnectionResetError:
+                    close_one(key, "reset")
+                except OSError as error:
+                    close_one(key, error.strerror or str(error))
+                else:
+                    if chunk:
+                        state[2] += len(chunk)
+                        continue
+                    close_one(key, None if state[2] else "empty")
+                if time.monotonic() < end:
+                    open_one()
+            now = time.monotonic()
+            for key in list(selector.get_map().values()):
+                if now - key.data[1] > timeout:
+                    close_one(key, "timeout")
+                    open_one()
+            progress.show("connect: %d connections" % len(durations))
+    finally:
+        for key in list(selector.get_map().values()):
+            key.fileobj.close()
+        selector.close()
+    elapsed = time.monotonic() - started
+    row = {"test": "connect", "transport": "tcp", "unit": "conn/s",
+           "service": service, "value": round(len(durations) / elapsed, 1),
+           "count": len(durations), "parallel": parallel,
+           "errors": sum(errors.values()), "error_kinds": errors}
+    row.update(_percentiles(durations))
+    return [row]
+
+
+def measure(host, tests=None, seconds=5.0, parallel=1, port_offset=0,
+            ports=None, family=None, timeout=DEFAULT_PROBE_TIMEOUT,
+            connect_service="daytime", progress=False):
+    """Measure the path to HOST's echo, chargen, discard and daytime.
+
+    tests: any of latency, download, upload, echo, connect (default: all).
+    Returns a list of dicts: test, transport, address, unit, value, and
+    the test's own figures (percentiles in µs, bytes, errors...).  A
+    content error (a wrong chargen or echo byte) is counted in wrong_bytes.
+    """
+    tests = [name for name in MEASURE_TESTS if name in (tests or
+                                                       MEASURE_TESTS)]
+    target_family, address = _resolve_targets(host, family)[0]
+    all_ports = dict((name, _service_port(name, port_offset, ports))
+                     for name in SERVICE_NAMES)
+    status = _Progress(progress)
+    rows = []
+    try:
+        for test in tests:
+            if test == "latency":
+                found = _measure_latency(target_family, address, all_ports,
+                                         seconds, status, timeout)
+            elif test == "download":
+                found = _measure_download(target_family, address, all_ports,
+                                          seconds, parallel, status, timeout)
+            elif test == "upload":
+                found = _measure_upload(target_family, address, all_ports,
+                                        seconds, parallel, status, timeout)
+            elif test == "echo":
+                found = _measure_echo(target_family, address, all_ports,
+                                      seconds, status, timeout)
+            else:
+                found = _measure_connect(target_family, address, all_ports,
+                                         seconds, parallel, status, timeout,
+                                         connect_service)
+            for row in found:
+                row["address"] = address
+                row["port"] = all_ports[{"latency": "echo", "download":
+                                         "chargen", "upload": "discard",
+                                         "echo": "echo"}.get(
+                                             test, connect_service)]
+            rows.extend(found)
+    finally:
+        status.clear()
+    return rows
+
+
+def _table(rows, columns):
+    """Aligned columns for people."""
+    cells = [[title for title, _ in columns]]
+    for row in rows:
+        cells.append([render(row) for _, render in columns])
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    return "".join("  ".join(cell.ljust(width) for cell, width in
+                             zip(line, widths)).rstrip() + "\n"
+                   for line in cells)
+
+
+def _measure_detail(row):
+    test = row["test"]
+    if test == "latency":
+        text = "%d round trips; min %s p90 %s p99 %s max %s µs" % (
+            row["count"], row.get("min_us"), row.get("p90_us"),
+            row.get("p99_us"), row.get("max_us"))
+        if "loss_pct" in row:
+            text += "; loss %s %%" % row["loss_pct"]
+        return text
+    if test in ("download", "echo"):
+        text = "%.1f MB in %.1f s; wrong bytes %d" % (
+            row["bytes"] / 1e6, row["seconds"], row["wrong_bytes"])
+        if "first_wrong_byte" in row:
+            text += " (first at byte %d)" % row["first_wrong_byte"]
+        if test == "echo":
+            text += "; missing %d" % row["missing_bytes"]
+        return text
+    if test == "upload":
+        return "%.1f MB in %.1f s%s" % (row["bytes"] / 1e6, row["seconds"],
+                                        "" if row["drained"] else
+                                        " (server did not close: not drained)")
+    return "%d %s connections; p50 %s p99 %s µs; errors %d%s" % (
+        row["count"], row["service"], row.get("p50_us"), row.get("p99_us"),
+        row["errors"], (" " + json.dumps(row["error_kinds"])) if
+        row["errors"] else "")
+
+
+def _client_parser(command):
+    import argparse
+    parser = argparse.ArgumentParser(prog="diagsvc " + command)
+    parser.add_argument("host", metavar="HOST")
+    if command == "probe":
+        parser.add_argument("services", nargs="*", metavar="SERVICE",
+                            help="default: all of " + ", ".join(SERVICE_NAMES))
+        transport = parser.add_mutually_exclusive_group()
+        transport.add_argument("--tcp", action="store_true", help="TCP only")
+        transport.add_argument("--udp", action="store_true", help="UDP only")
+    else:
+        parser.add_argument("tests", nargs="*", metavar="TEST",
+                            help="default: all of " + ", ".join(MEASURE_TESTS))
+        parser.add_argument("--seconds", type=_non_negative(float),
+                            default=5.0, metavar="S",
+                            help="each test's duration (default %(default)s)")
+        parser.add_argument("--parallel", type=_non_negative(int), default=1,
+                            metavar="N", help="connections at once for "
+                            "download, upload, connect (default 1)")
+        parser.add_argument("--connect-service", choices=("daytime", "time"),
+                            default="daytime")
+    parser.add_argument("--port-offset", type=_non_negative(int), default=0,
+                        metavar="N")
+    parser.add_argument("--port", action="append", type=_port_assignment,
+                        default=[], metavar="SERVICE=PORT")
+    family = parser.add_mutually_exclusive_group()
+    family.add_argument("-4", dest="family", action="store_const", const=4,
+                        help="IPv4 only")
+    family.add_argument("-6", dest="family", action="store_const", const=6,
+                        help="IPv6 only")
+    parser.add_argument("--timeout", type=_non_negative(float),
+                        default=DEFAULT_PROBE_TIMEOUT, metavar="S",
+                        help="per answer (default %(default)s)")
+    parser.add_argument("--json", action="store_true",
+                        help="a JSON array, one object a row")
+    return parser
+
+
+def _client_main(argv):
+    command = argv[0]
+    parser = _client_parser(command)
+    options = parser.parse_args(argv[1:])
+    names = options.services if command == "probe" else options.tests
+    choices = SERVICE_NAMES if command == "probe" else MEASURE_TESTS
+    for name in names:
+        if name not in choices:
+            parser.error("unknown %s %r (choose from %s)" % (
+                "service" if command == "probe" else "test", name,
+                ", ".join(choices)))
+    try:
+        if command == "probe":
+            rows = probe(options.host, names,
+                         ("tcp",) if options.tcp else ("udp",) if options.udp
+                         else TRANSPORTS, options.port_offset,
+                         dict(options.port), options.family, options.timeout)
+        else:
+            if options.parallel < 1 or options.seconds <= 0:
+                parser.error("--parallel and --seconds must be above 0")
+            rows = measure(options.host, names, options.seconds,
+                           options.parallel, options.port_offset,
+                           dict(options.port), options.family,
+                           options.timeout, options.connect_service,
+                           progress=sys.stderr.isatty())
+    except ServerError as error:
+        sys.stderr.write("diagsvc %s: error: %s\n" % (command, error))
+        return 2 if command == "probe" else 1
+    except OSError as error:
+        sys.stderr.write("diagsvc %s: error: %s\n" % (
+            command, error.strerror or error))
+        return 1
+    if options.json:
+        sys.stdout.write(json.dumps(rows, indent=1, ensure_ascii=False) + "\n")
+    elif command == "probe":
+        sys.stdout.write(_table(rows, [
+            ("SERVICE", lambda r: r["service"]),
+            ("PROTO", lambda r: r["transport"]),
+            ("ADDRESS", lambda r: r["address"]),
+            ("PORT", lambda r: str(r["port"])),
+            ("VERDICT", lambda r: r["verdict"]),
+            ("RTT", lambda r: "-" if r["rtt_ms"] is None else
+             "%.2f ms" % r["rtt_ms"]),
+            ("DETAIL", lambda r: r["detail"])]))
+    else:
+        sys.stdout.write(_table(rows, [
+            ("TEST", lambda r: r["test"]),
+            ("PROTO", lambda r: r["transport"]),
+            ("RESULT", lambda r: "%s %s" % (r["value"], r["unit"])),
+            ("DETAIL", _measure_detail)]))
+    if command == "probe":
+        return 0 if all(row["verdict"] in PROBE_OK for row in rows) else 1
+    failed = any(row.get("wrong_bytes") or row.get("missing_bytes") or
+                 (row["test"] == "connect" and not row["count"])
+                 for row in rows)
+    return 1 if failed else 0
 
 # --- The command line --------------------------------------------------------
 

@@ -712,6 +712,207 @@ class SafetyCommandLineTest(unittest.TestCase):
         self.assertEqual(server.stop(), 0)
 
 
+# --- The client side: probe and measure (issue 4) ----------------------------
+
+
+def ports_of(server, transport="tcp"):
+    return dict((name, server.addresses[name, transport][0][1])
+                for name in server.services)
+
+
+class ProbeTest(ServerTestCase):
+
+    def test_every_service_open_on_each_family(self):
+        for host, family in FAMILIES:
+            with self.subTest(host=host):
+                server = self.start_server(host=host)
+                # One port serves both transports here (port 0, reused).
+                self.assertEqual(ports_of(server, "tcp"), ports_of(server, "udp"))
+                rows = diagsvc.probe(host, ports=ports_of(server), timeout=2)
+                self.assertEqual(len(rows), 12)
+                for row in rows:
+                    self.assertEqual(set(row), {
+                        "service", "transport", "address", "port", "verdict",
+                        "rtt_ms", "detail"})
+                    self.assertEqual(row["address"], host)
+                    expected = ("open|filtered" if row["service"] == "discard"
+                                and row["transport"] == "udp" else "open")
+                    self.assertEqual(row["verdict"], expected, row)
+                    if expected == "open":
+                        self.assertGreater(row["rtt_ms"], 0)
+                details = dict(((r["service"], r["transport"]), r["detail"])
+                               for r in rows)
+                self.assertRegex(details["time", "tcp"],
+                                 r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ \(matches "
+                                 r"the local clock to the second\)$")
+                self.assertEqual(details["echo", "udp"],
+                                 "34 bytes echoed and matched")
+
+    def test_nothing_listening(self):
+        holder = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(holder.close)
+        holder.bind(("127.0.0.1", 0))      # takes datagrams, never answers
+        silent_port = holder.getsockname()[1]
+        closed = socket.socket()
+        closed.bind(("127.0.0.1", 0))
+        closed_port = closed.getsockname()[1]
+        closed.close()                      # nothing listens there now
+        rows = diagsvc.probe("127.0.0.1", ["echo"], ports={"echo": closed_port},
+                             timeout=1)
+        self.assertEqual([(r["transport"], r["verdict"]) for r in rows],
+                         [("tcp", "refused"), ("udp", "refused")])
+        started = time.monotonic()
+        rows = diagsvc.probe("127.0.0.1", ["time", "discard"], ["udp"],
+                             ports={"time": silent_port,
+                                    "discard": silent_port}, timeout=0.6)
+        self.assertEqual([(r["service"], r["verdict"]) for r in rows],
+                         [("discard", "open|filtered"), ("time", "no-reply")])
+        self.assertLess(time.monotonic() - started, 0.6 + 0.5)   # concurrent
+
+    def test_wrong_servers(self):
+        server = self.start_server(["discard", "echo"])
+        discard_port = server.addresses["discard", "tcp"][0][1]
+        echo_port = server.addresses["echo", "tcp"][0][1]
+        rows = diagsvc.probe("127.0.0.1", ["echo", "chargen", "time"], ports={
+            "echo": discard_port, "chargen": echo_port, "time": echo_port},
+            timeout=0.5)
+        verdicts = dict(((r["service"], r["transport"]), (r["verdict"],
+                                                          r["detail"]))
+                        for r in rows)
+        self.assertEqual(verdicts["echo", "tcp"], (
+            "wrong", "sent 34 bytes, none came back before the close"))
+        self.assertEqual(verdicts["echo", "udp"][0], "no-reply")
+        self.assertEqual(verdicts["chargen", "tcp"], (
+            "wrong", "only 0 bytes before the timeout"))
+        self.assertEqual(verdicts["chargen", "udp"], (
+            "wrong", "not the RFC 864 ring: b'diagsvc probe\\r\\n'..."))
+        self.assertEqual(verdicts["time", "tcp"], (
+            "wrong", "no data before the timeout"))
+
+    def test_judging(self):
+        self.assertEqual(diagsvc._judge("chargen", "udp", b"x" * 1024, b"",
+                                        True),
+                         ("wrong", "1024 bytes in one datagram; RFC 864 "
+                                   "allows 0-512"))
+        self.assertEqual(diagsvc._judge("qotd", "tcp", b"q" * 600, b"", True),
+                         ("wrong", "quote of 600 characters; RFC 865 wants "
+                                   "under 512"))
+        self.assertEqual(diagsvc._judge("time", "udp", b"abc", b"", True),
+                         ("wrong", "3 bytes; RFC 868 sends 4"))
+        self.assertEqual(diagsvc._judge("echo", "tcp", b"abXd", b"abcd", True),
+                         ("wrong", "echoed bytes differ from byte 2 on"))
+        # A stream that starts on another line of the ring is still RFC 864.
+        self.assertEqual(diagsvc._judge("chargen", "tcp",
+                                        expected_chargen(3, 50), b"",
+                                        False)[0], "open")
+
+
+class CorruptChargenServer(object):
+    """A chargen server with one wrong byte at a known place."""
+
+    def __init__(self, wrong_at):
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(1)
+        self.port = self.listener.getsockname()[1]
+        stream = bytearray(expected_chargen(95 * 40))
+        stream[wrong_at] ^= 0x01
+        self.stream = bytes(stream)
+        self.thread = threading.Thread(target=self.serve)
+        self.thread.start()
+
+    def serve(self):
+        sock, _ = self.listener.accept()
+        with sock:
+            try:
+                while True:
+                    sock.sendall(self.stream)
+                    self.stream = expected_chargen(95 * 40)
+            except OSError:
+                pass
+
+    def close(self):
+        self.listener.close()
+        self.thread.join()
+
+
+class MeasureTest(ServerTestCase):
+
+    def test_all_tests_give_plausible_figures(self):
+        server = self.start_server(max_per_source=0)
+        rows = diagsvc.measure("127.0.0.1", seconds=0.3, parallel=2,
+                               ports=ports_of(server))
+        by_test = dict(((r["test"], r["transport"]), r) for r in rows)
+        self.assertEqual(sorted(by_test), [
+            ("connect", "tcp"), ("download", "tcp"), ("echo", "tcp"),
+            ("latency", "tcp"), ("latency", "udp"), ("upload", "tcp")])
+        for row in rows:
+            self.assertGreater(row["value"], 0, row)
+        self.assertEqual(by_test["download", "tcp"]["wrong_bytes"], 0)
+        self.assertEqual(by_test["echo", "tcp"]["wrong_bytes"], 0)
+        self.assertEqual(by_test["echo", "tcp"]["missing_bytes"], 0)
+        self.assertTrue(by_test["upload", "tcp"]["drained"])
+        self.assertEqual(by_test["connect", "tcp"]["errors"], 0)
+        self.assertEqual(by_test["latency", "udp"]["loss_pct"], 0)
+        latency = by_test["latency", "tcp"]
+        self.assertTrue(latency["min_us"] <= latency["p50_us"] <=
+                        latency["p99_us"] <= latency["max_us"])
+        # The server saw what the client says it sent.
+        self.assertEqual(server.counters["discard", "tcp"].bytes_in,
+                         by_test["upload", "tcp"]["bytes"])
+
+    def test_download_detects_a_corrupted_chargen_stream(self):
+        corrupt = CorruptChargenServer(wrong_at=10000)
+        self.addCleanup(corrupt.close)
+        rows = diagsvc.measure("127.0.0.1", ["download"], seconds=0.3,
+                               ports={"chargen": corrupt.port})
+        self.assertEqual(rows[0]["wrong_bytes"], 1)
+        self.assertEqual(rows[0]["first_wrong_byte"], 10000)
+
+
+class ClientCommandLineTest(ServerTestCase):
+
+    def port_options(self, server):
+        return ["--port=%s=%d" % item for item in sorted(ports_of(server).items())]
+
+    def test_probe_json_and_exit_status(self):
+        server = self.start_server()
+        result = run_command("probe", "127.0.0.1", "--json", "--timeout",
+                             "1", *self.port_options(server))
+        self.assertEqual(result.returncode, 0, result.stderr)
+        rows = json.loads(result.stdout)
+        self.assertEqual(len(rows), 12)
+        self.assertEqual(set(rows[0]), {"service", "transport", "address",
+                                        "port", "verdict", "rtt_ms", "detail"})
+        server.close()                      # now nothing listens there
+        result = run_command("probe", "127.0.0.1", "echo", "--tcp",
+                             *self.port_options(server))
+        self.assertEqual(result.returncode, 1)
+        self.assertRegex(result.stdout, r"(?m)^SERVICE +PROTO +ADDRESS +PORT "
+                                        r"+VERDICT +RTT +DETAIL\necho +tcp +"
+                                        r"127\.0\.0\.1 +\d+ +refused +- +TCP "
+                                        r"reset: nothing listens\n$")
+        for args in (["probe"], ["probe", "127.0.0.1", "nosuch"],
+                     ["measure", "127.0.0.1", "nosuch"],
+                     ["probe", "no.such.host.invalid"]):
+            with self.subTest(args=args):
+                result = run_command(*args)
+                self.assertEqual(result.returncode, 2, result.stderr)
+                self.assertNotIn("Traceback", result.stderr)
+
+    def test_measure_json(self):
+        server = self.start_server(["echo", "chargen"])
+        result = run_command("measure", "127.0.0.1", "latency", "download",
+                             "--seconds", "0.2", "--json",
+                             *self.port_options(server))
+        self.assertEqual(result.returncode, 0, result.stderr)
+        rows = json.loads(result.stdout)
+        self.assertEqual([(r["test"], r["transport"], r["unit"]) for r in rows],
+                         [("latency", "tcp", "µs"), ("latency", "udp", "µs"),
+                          ("download", "tcp", "MB/s")])
+        self.assertEqual(result.stderr, "")     # no progress off a terminal
+
+
 # --- Lifecycle ----------------------------------------------------------------
 
 
