@@ -1386,6 +1386,8 @@ DEFAULT_PROBE_TIMEOUT = 2.0
 _IN_PROGRESS = frozenset((errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN,
                           10035))       # 10035: Windows' WSAEWOULDBLOCK
 _CHARGEN_DOUBLE_PERIOD = CHARGEN_PERIOD * 2
+# A TCP chargen probe reads a whole period and a line: every wrap is seen.
+_CHARGEN_PROBE_SIZE = CHARGEN_PERIOD_SIZE + CHARGEN_LINE_SIZE
 
 
 def _resolve_targets(host, family=None):
@@ -1417,13 +1419,30 @@ def _printable(data, extra=b"\r\n"):
 
 
 def _chargen_problem(data):
-    """None if data is a piece of the RFC 864 stream, else what is wrong."""
+    """None if data is a piece of the RFC 864 stream, else where it is not.
+
+    The piece may start anywhere in the ring (xinetd starts each connection
+    where the last one stopped); it is aligned by its first character.
+    """
     if not data:
         return None
-    if len(data) < CHARGEN_PERIOD_SIZE and data in _CHARGEN_DOUBLE_PERIOD:
+    first = data[0]
+    start = data.find(b"\r\n")
+    if not 32 <= first < 127:
+        return "byte 0 is %r, not a printable character" % bytes(data[:1])
+    # Align: the first full line tells which ring line this is.
+    if 0 <= start < len(data) - 2:
+        line = data[start + 2] - 32
+        offset = (line * CHARGEN_LINE_SIZE - start - 2) % CHARGEN_PERIOD_SIZE
+    else:
+        offset = (first - 32) * CHARGEN_LINE_SIZE
+    expected = (_CHARGEN_DOUBLE_PERIOD * (len(data) // CHARGEN_PERIOD_SIZE + 2)
+                )[offset:offset + len(data)]
+    if data == expected:
         return None
-    line = data[:CHARGEN_LINE_SIZE]
-    return "not the RFC 864 ring: %r..." % bytes(line[:24])
+    at = next(i for i in range(len(data)) if data[i] != expected[i])
+    return ("not the RFC 864 ring: byte %d is %r where the ring has %r" % (
+        at, bytes(data[at:at + 1]), bytes(expected[at:at + 1])))
 
 
 def _clock_offset(seconds):
@@ -1478,16 +1497,17 @@ def _judge(service, transport, data, sent, closed):
         if transport == "udp" and len(data) > UDP_CHARGEN_MAX:
             return "wrong", "%d bytes in one datagram; RFC 864 allows 0-512" \
                 % len(data)
-        if transport == "tcp" and len(data) < 2 * CHARGEN_LINE_SIZE:
+        if transport == "tcp" and len(data) < _CHARGEN_PROBE_SIZE:
             return "wrong", "only %d bytes before %s" % (
                 len(data), "the close" if closed else "the timeout")
-        problem = _chargen_problem(data[:2 * CHARGEN_LINE_SIZE] if
-                                   transport == "tcp" else data)
+        problem = _chargen_problem(data[:_CHARGEN_PROBE_SIZE])
         if problem:
             return "wrong", problem
         if transport == "udp":
             return "open", "%d characters of the ring" % len(data)
-        return "open", "first lines check: %s" % data[:20].decode("ascii")
+        return "open", "%d lines match the ring, from %r" % (
+            _CHARGEN_PROBE_SIZE // CHARGEN_LINE_SIZE,
+            data[:12].decode("ascii"))
     if not data:
         return "wrong", "no data before %s" % ("the close" if closed else
                                                "the timeout")
@@ -1626,7 +1646,7 @@ class _Probe(object):
             chunk = b""
         if chunk:
             self.data += chunk
-            enough = (2 * CHARGEN_LINE_SIZE if self.service == "chargen"
+            enough = (_CHARGEN_PROBE_SIZE if self.service == "chargen"
                       else 4096)
             if len(self.data) < enough:
                 return

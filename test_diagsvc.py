@@ -785,7 +785,8 @@ class ProbeTest(ServerTestCase):
         self.assertEqual(verdicts["chargen", "tcp"], (
             "wrong", "only 0 bytes before the timeout"))
         self.assertEqual(verdicts["chargen", "udp"], (
-            "wrong", "not the RFC 864 ring: b'diagsvc probe\\r\\n'..."))
+            "wrong", "not the RFC 864 ring: byte 1 is b'i' where the ring "
+                     "has b'e'"))
         self.assertEqual(verdicts["time", "tcp"], (
             "wrong", "no data before the timeout"))
 
@@ -803,8 +804,18 @@ class ProbeTest(ServerTestCase):
                          ("wrong", "echoed bytes differ from byte 2 on"))
         # A stream that starts on another line of the ring is still RFC 864.
         self.assertEqual(diagsvc._judge("chargen", "tcp",
-                                        expected_chargen(3, 50), b"",
+                                        expected_chargen(97, 50), b"",
                                         False)[0], "open")
+        self.assertEqual(diagsvc._judge("chargen", "tcp",
+                                        expected_chargen(3), b"", True),
+                         ("wrong", "only 222 bytes before the close"))
+        # xinetd's ring is '!' to '}' (93 characters): wrong at its wrap.
+        ring = bytes(range(33, 126))
+        xinetd = b"".join((ring * 2)[i % 93:i % 93 + 72] + b"\r\n"
+                          for i in range(97))
+        self.assertEqual(diagsvc._judge("chargen", "tcp", xinetd, b"", False),
+                         ("wrong", "not the RFC 864 ring: byte 1699 is b'!' "
+                                   "where the ring has b'~'"))
 
 
 class CorruptChargenServer(object):
