@@ -49,7 +49,6 @@ __all__ = [
 ]
 
 import errno
-import json
 import os
 import selectors
 import socket
@@ -2019,8 +2018,9 @@ def _measure_connect(family, address, ports, seconds, parallel, progress,
         code = sock.connect_ex((address, port))
         if code and code not in _IN_PROGRESS:
             sock.close()
-            errors["refused" if code in (errno.ECONNREFUSED, 10061)
-                   else os.strerror(code)] = errors.get("refused", 0) + 1
+            kind = ("refused" if code in (errno.ECONNREFUSED, 10061)
+                    else os.strerror(code))
+            errors[kind] = errors.get(kind, 0) + 1
             return
         selector.register(sock, EVENT_READ, [sock, time.monotonic(), 0])
 
@@ -2154,10 +2154,11 @@ def _measure_detail(row):
         return "%.1f MB in %.1f s%s" % (row["bytes"] / 1e6, row["seconds"],
                                         "" if row["drained"] else
                                         " (server did not close: not drained)")
+    kinds = ", ".join("%s %d" % item for item in
+                      sorted(row["error_kinds"].items()))
     return "%d %s connections; p50 %s p99 %s µs; errors %d%s" % (
         row["count"], row["service"], row.get("p50_us"), row.get("p99_us"),
-        row["errors"], (" " + json.dumps(row["error_kinds"])) if
-        row["errors"] else "")
+        row["errors"], " (%s)" % kinds if kinds else "")
 
 
 def _client_parser(command):
@@ -2199,6 +2200,7 @@ def _client_parser(command):
 
 
 def _client_main(argv):
+    import json                         # here, not at the top: import cost
     command = argv[0]
     parser = _client_parser(command)
     options = parser.parse_args(argv[1:])
