@@ -121,8 +121,6 @@ def _ipv6_available():
     return True
 
 
-# The errors that mean "the peer went away or misbehaved": close that socket.
-_PEER_ERRORS = (ConnectionError, TimeoutError)
 # accept() errors that mean "out of descriptors or memory": pause accepting.
 _RESOURCE_ERRNOS = frozenset(
     getattr(errno, name) for name in ("EMFILE", "ENFILE", "ENOBUFS", "ENOMEM")
@@ -469,14 +467,36 @@ class Discard(Service):
         return None
 
 
+class _PerSecond(object):
+    """A reply that changes once a second, made once a second."""
+
+    __slots__ = ("make", "second", "value")
+
+    def __init__(self, make):
+        self.make = make
+        self.second = None
+        self.value = None
+
+    def __call__(self):
+        now = time.time()
+        second = int(now)
+        if second != self.second:
+            self.value = self.make(second)
+            self.second = second
+        return self.value
+
+
 class Daytime(Service):
     name, port, amplifies = "daytime", 13, True
 
+    def __init__(self):
+        self.text = _PerSecond(daytime_text)
+
     def tcp_reply(self, server):
-        return daytime_text()
+        return self.text()
 
     def datagram_reply(self, server, payload, endpoint):
-        return daytime_text()
+        return self.text()
 
 
 class Qotd(Service):
@@ -509,11 +529,14 @@ class Chargen(Service):
 class Time(Service):
     name, port, amplifies = "time", 37, True
 
+    def __init__(self):
+        self.value = _PerSecond(time_bytes)
+
     def tcp_reply(self, server):
-        return time_bytes()
+        return self.value()
 
     def datagram_reply(self, server, payload, endpoint):
-        return time_bytes()
+        return self.value()
 
 
 SERVICES = dict((cls.name, cls()) for cls in (Echo, Discard, Daytime, Qotd,
@@ -539,6 +562,7 @@ DATAGRAM_BATCH = 64                 # datagrams per readiness event
 ACCEPT_PAUSE = 0.25                 # seconds without accepting after EMFILE
 REFUSAL_LOG_INTERVAL = 60.0         # one log line per source and reason
 RATE_TABLE_MAX = 65536              # sources tracked by the UDP rate limit
+SOURCE_CACHE_MAX = 4096             # UDP source decisions remembered
 MAX_TIMER_WAIT = 1.0                # the loop wakes at least this often
 STREAM_BUFFER_SIZE = 256 * 1024     # shared by every TCP read
 DATAGRAM_BUFFER_SIZE = 65536        # the largest UDP payload, IPv4 or IPv6
@@ -627,10 +651,14 @@ def _is_group_destination(packed):
     return packed[0] >= 224 or packed == b"\xff\xff\xff\xff"
 
 
+_UNKNOWN = object()                 # not in a cache yet
+
+
 class Listener(object):
     """A listening TCP socket: accepts in bounded batches."""
 
-    __slots__ = ("server", "sock", "service", "counters", "address")
+    __slots__ = ("server", "sock", "service", "counters", "address",
+                 "family")
 
     def __init__(self, server, sock, service, counters):
         self.server = server
@@ -638,9 +666,18 @@ class Listener(object):
         self.service = service
         self.counters = counters
         self.address = sock.getsockname()[:2]
+        self.family = int(sock.family)
+
+    def _accept(self):
+        # socket.accept() turns family and type into enums on every call
+        # (a tenth of a one-shot connection's cost); _accept() gives the
+        # descriptor, and the ints are known.  Both exist in 3.6-3.13.
+        fd, address = self.sock._accept()
+        return socket.socket(self.family, socket.SOCK_STREAM, 0, fd), address
 
     def on_event(self, events):
-        accept = self.sock.accept
+        accept = self._accept if hasattr(self.sock, "_accept") else \
+            self.sock.accept
         admit = self.server.admit
         for _ in range(ACCEPT_BATCH):
             try:
@@ -675,57 +712,92 @@ class DatagramEndpoint(object):
         server = self.server
         sock = self.sock
         buffer = server.datagram_buffer
-        counters = self.counters
         service = self.service
         pktinfo = self.pktinfo
-        for _ in range(DATAGRAM_BATCH):
-            try:
+        echoes = service.stream_class is EchoStream
+        # Per datagram only what must be: the guard's port check, one
+        # cached decision per source address, the rate limit where the
+        # reply outgrows the request.  Counters are added once a batch.
+        guarded_ports = server.guarded_ports if server.udp_guard else ()
+        known_sources = server.source_refusals
+        rate_limited = server.udp_rate and service.amplifies
+        verbose = server.verbosity > 1
+        datagrams = received = sent = 0
+        try:
+            for _ in range(DATAGRAM_BATCH):
+                try:
+                    if pktinfo:
+                        count, ancillary, _, address = sock.recvmsg_into(
+                            [buffer], _PKTINFO_ANCILLARY_SIZE)
+                    else:
+                        count, address = sock.recvfrom_into(buffer)
+                except BlockingIOError:
+                    return
+                except ConnectionResetError:
+                    # Windows reports an earlier reply's ICMP port
+                    # unreachable on the next receive: go on.
+                    continue
+                datagrams += 1
+                received += count
+                reply_info = destination = None
                 if pktinfo:
-                    count, ancillary, _, address = sock.recvmsg_into(
-                        [buffer], _PKTINFO_ANCILLARY_SIZE)
+                    reply_info, destination = self._reply_from(ancillary)
+                source = address[0]
+                if address[1] in guarded_ports:
+                    refusal = "loop-guard"
                 else:
-                    count, address = sock.recvfrom_into(buffer)
-            except BlockingIOError:
-                return
-            except ConnectionResetError:
-                # Windows reports an earlier reply's ICMP port unreachable
-                # on the next receive; the datagram is gone, go on.
-                continue
-            counters.datagrams += 1
-            counters.bytes_in += count
-            reply_info = None
-            destination = None
-            if pktinfo:
-                for level, kind, data in ancillary:
-                    if pktinfo == 4 and kind == IP_PKTINFO:
-                        destination = data[8:12]        # in_pktinfo.ipi_addr
-                        # Linux sendmsg: ipi_spec_dst is the source to use.
-                        reply_info = [(socket.IPPROTO_IP, IP_PKTINFO,
-                                       b"\0\0\0\0" + destination + b"\0\0\0\0")]
-                    elif pktinfo == 6 and kind == IPV6_PKTINFO:
-                        destination = data[:16]         # in6_pktinfo, as is
-                        reply_info = [(socket.IPPROTO_IPV6, IPV6_PKTINFO, data)]
-            refusal = server.datagram_refusal(self, address, destination)
-            if refusal is not None:
-                server.refuse(counters, refusal, address[0], "udp", service)
-                continue
-            reply = service.datagram_reply(server, buffer[:count], self)
-            if reply is None:
-                continue
-            try:
-                if reply_info is not None:
-                    sock.sendmsg([reply], reply_info, 0, address)
+                    refusal = known_sources.get(source, _UNKNOWN)
+                    if refusal is _UNKNOWN:
+                        refusal = server.source_refusal(source, "udp")
+                    if refusal is None and destination is not None and \
+                            guarded_ports and _is_group_destination(destination):
+                        refusal = "group-destination"
+                    if refusal is None and rate_limited:
+                        refusal = server.rate_limited(source)
+                if refusal is not None:
+                    server.refuse(self.counters, refusal, source, "udp",
+                                  service)
+                    continue
+                if echoes:
+                    reply = buffer[:count]
                 else:
-                    sock.sendto(reply, address)
-            except OSError:
-                # Full buffer or unreachable: UDP may lose it anyway, and a
-                # queue would let one source grow the server: drop it.
-                counters.refuse("send-failed")
-                continue
-            counters.bytes_out += len(reply)
-            if server.verbosity > 1:
-                server.log("%s/udp from %s port %d: %d bytes in, %d out" % (
-                    service.name, address[0], address[1], count, len(reply)))
+                    reply = service.datagram_reply(server, buffer[:count],
+                                                   self)
+                    if reply is None:
+                        continue
+                try:
+                    if reply_info is not None:
+                        sock.sendmsg([reply], reply_info, 0, address)
+                    else:
+                        sock.sendto(reply, address)
+                except OSError:
+                    # Full buffer or unreachable: UDP may lose it anyway,
+                    # and a queue would let one source grow the server.
+                    self.counters.refuse("send-failed")
+                    continue
+                sent += len(reply)
+                if verbose:
+                    server.log("%s/udp from %s port %d: %d bytes in, %d out" %
+                               (service.name, source, address[1], count,
+                                len(reply)))
+        finally:
+            counters = self.counters
+            counters.datagrams += datagrams
+            counters.bytes_in += received
+            counters.bytes_out += sent
+
+    def _reply_from(self, ancillary):
+        """(ancillary data for the reply, the datagram's destination)."""
+        for level, kind, data in ancillary:
+            if self.pktinfo == 4 and kind == IP_PKTINFO:
+                destination = data[8:12]            # in_pktinfo.ipi_addr
+                # Linux sendmsg: ipi_spec_dst is the source to use.
+                return [(socket.IPPROTO_IP, IP_PKTINFO,
+                         b"\0\0\0\0" + destination + b"\0\0\0\0")], destination
+            if self.pktinfo == 6 and kind == IPV6_PKTINFO:
+                # in6_pktinfo: the destination and its interface, as is.
+                return [(socket.IPPROTO_IPV6, IPV6_PKTINFO, data)], data[:16]
+        return None, None
 
 
 class _Waker(object):
@@ -907,6 +979,7 @@ class Server(object):
         self.listeners = []
         self.endpoints = []
         self._rate_buckets = {}
+        self.source_refusals = {}       # UDP source address -> None/reason
         self._refusals_logged = {}
         self._accept_paused_until = None
         self.accept_pauses = 0          # times EMFILE/ENFILE paused accepts
@@ -1061,7 +1134,7 @@ class Server(object):
         service = listener.service
         reason = None
         if self.access is not None and not self.access.permits(source):
-            reason = "denied"
+            reason = "denied"           # (the access list caches itself)
         elif len(self.streams) >= self.max_connections:
             reason = "max-connections"
         elif (self.max_per_source and
@@ -1166,23 +1239,24 @@ class Server(object):
 
     # -- UDP --
 
-    def datagram_refusal(self, endpoint, address, destination):
-        """None if the datagram may be answered, else the reason not to."""
-        source = address[0]
-        if self.udp_guard:
-            if address[1] in self.guarded_ports:
-                return "loop-guard"
-            if _is_group_address(source):
-                return "group-source"
-            if destination is not None and _is_group_destination(destination):
-                return "group-destination"
-        if self.access is not None and not self.access.permits(source):
-            return "denied"
-        if self.udp_rate and endpoint.service.amplifies:
-            return self._rate_limited(source)
-        return None
+    def source_refusal(self, source, transport):
+        """What the source address alone says: None, or why to refuse.
 
-    def _rate_limited(self, source):
+        Depends only on the address, so it is cached (bounded) and a flood
+        from one source costs one dict look-up a packet.
+        """
+        refusal = None
+        if transport == "udp" and self.udp_guard and _is_group_address(source):
+            refusal = "group-source"
+        elif self.access is not None and not self.access.permits(source):
+            refusal = "denied"
+        if transport == "udp":
+            if len(self.source_refusals) >= SOURCE_CACHE_MAX:
+                self.source_refusals.clear()
+            self.source_refusals[source] = refusal
+        return refusal
+
+    def rate_limited(self, source):
         """A token bucket per source: udp_burst replies, then udp_rate/s."""
         now = self.now
         bucket = self._rate_buckets.get(source)
