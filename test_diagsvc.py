@@ -246,6 +246,14 @@ class ServiceTest(ServerTestCase):
             self.assertEqual(recv_exactly(sock, 200 * 74),
                              expected_chargen(200))
 
+    def test_chargen_tcp_both_send_paths(self):
+        server = self.start_server(["chargen"])
+        if hasattr(os, "sendfile"):
+            self.assertIsNotNone(server.chargen_ring_file)
+        server.chargen_ring_file = None         # the send() path (Windows)
+        sock = self.connect(server, "chargen")
+        self.assertEqual(recv_exactly(sock, 300 * 74), expected_chargen(300))
+
     def test_chargen_tcp_streams_are_independent(self):
         server = self.start_server(["chargen"])
         first = self.connect(server, "chargen")
