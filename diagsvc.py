@@ -1028,6 +1028,7 @@ class Server(object):
         self._accept_paused_until = None
         self.accept_pauses = 0          # times EMFILE/ENFILE paused accepts
         self._next_sweep = self.now + self._sweep_interval()
+        self._next_timer = self._next_sweep
         self._stop_requested = False
         self._running = False
         self._closed = False
@@ -1269,6 +1270,7 @@ class Server(object):
             return
         self.accept_pauses += 1
         self._accept_paused_until = self.now + ACCEPT_PAUSE
+        self._set_next_timer()
         for listener in self.listeners:
             self.selector.unregister(listener.sock)
         last = self._refusals_logged.get("accept-pause")
@@ -1356,12 +1358,13 @@ class Server(object):
                     self.close_stream(stream)
             if self._rate_buckets:
                 self._prune_rate_buckets()
+        self._set_next_timer()
 
-    def _timer_wait(self):
-        wake = self._next_sweep
+    def _set_next_timer(self):
+        """The loop's one wake-up time: the sweep or the end of a pause."""
+        self._next_timer = self._next_sweep
         if self._accept_paused_until is not None:
-            wake = min(wake, self._accept_paused_until)
-        return max(0.0, min(MAX_TIMER_WAIT, wake - time.monotonic()))
+            self._next_timer = min(self._next_timer, self._accept_paused_until)
 
     # -- The loop --
 
@@ -1372,9 +1375,14 @@ class Server(object):
         self._running = True
         select = self.selector.select
         monotonic = time.monotonic
+        self.now = monotonic()
         try:
             while not self._stop_requested:
-                ready = select(self._timer_wait())
+                # One clock read a pass: the wait is measured from the
+                # last one, at most a pass's work late, and timers are
+                # coarse (the sweep is at most once a second).
+                wait = self._next_timer - self.now
+                ready = select(wait if wait > 0.0 else 0.0)
                 self.now = monotonic()
                 for key, events in ready:
                     handler = key.data
@@ -1382,8 +1390,7 @@ class Server(object):
                         handler.on_event(events)
                     except Exception as error:
                         self._handler_failed(handler, error)
-                if self.now >= self._next_sweep or (
-                        self._accept_paused_until is not None):
+                if self.now >= self._next_timer:
                     self._run_timers()
         finally:
             self._running = False
