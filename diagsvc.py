@@ -37,8 +37,11 @@ can be larger than the request; ``allow``/``deny`` lists filter both
 transports; started as root, the command line drops to ``nobody`` once every
 socket is bound.  The README lists each default and the reason for it.
 
-This file is self-contained and may be copied into a project as it is.
-MIT licence; see LICENSE.
+This file is self-contained and may be copied into a project as it is,
+under the MIT licence: Copyright (c) 2026 The diagsvc authors; permission is
+granted, free of charge, to deal in it without restriction, provided this
+notice is kept; it is provided "as is", without warranty of any kind (the
+full text is in the project's LICENSE file).
 """
 
 __version__ = "1.0.0"
