@@ -764,74 +764,67 @@ class DatagramEndpoint(object):
         echoes = service.stream_class is EchoStream
         # Per datagram only what must be: the guard's port check, one
         # cached decision per source address, the rate limit where the
-        # reply outgrows the request.  Counters are added once a batch.
+        # reply outgrows the request.  Counted before the reply leaves, so
+        # that a client holding the reply sees it counted.
+        counters = self.counters
         guarded_ports = server.guarded_ports if server.udp_guard else ()
         known_sources = server.source_refusals
         rate_limited = server.udp_rate and service.amplifies
         verbose = server.verbosity > 1
-        datagrams = received = sent = 0
-        try:
-            for _ in range(DATAGRAM_BATCH):
-                try:
-                    if pktinfo:
-                        count, ancillary, _, address = sock.recvmsg_into(
-                            [buffer], _PKTINFO_ANCILLARY_SIZE)
-                    else:
-                        count, address = sock.recvfrom_into(buffer)
-                except BlockingIOError:
-                    return
-                except ConnectionResetError:
-                    # Windows reports an earlier reply's ICMP port
-                    # unreachable on the next receive: go on.
-                    continue
-                datagrams += 1
-                received += count
-                reply_info = destination = None
+        for _ in range(DATAGRAM_BATCH):
+            try:
                 if pktinfo:
-                    reply_info, destination = self._reply_from(ancillary)
-                source = address[0]
-                if address[1] in guarded_ports:
-                    refusal = "loop-guard"
+                    count, ancillary, _, address = sock.recvmsg_into(
+                        [buffer], _PKTINFO_ANCILLARY_SIZE)
                 else:
-                    refusal = known_sources.get(source, _UNKNOWN)
-                    if refusal is _UNKNOWN:
-                        refusal = server.source_refusal(source, "udp")
-                    if refusal is None and destination is not None and \
-                            guarded_ports and _is_group_destination(destination):
-                        refusal = "group-destination"
-                    if refusal is None and rate_limited:
-                        refusal = server.rate_limited(source)
-                if refusal is not None:
-                    server.refuse(self.counters, refusal, source, "udp",
-                                  service)
+                    count, address = sock.recvfrom_into(buffer)
+            except BlockingIOError:
+                return
+            except ConnectionResetError:
+                # Windows reports an earlier reply's ICMP port unreachable
+                # on the next receive: go on.
+                continue
+            counters.datagrams += 1
+            counters.bytes_in += count
+            reply_info = destination = None
+            if pktinfo:
+                reply_info, destination = self._reply_from(ancillary)
+            source = address[0]
+            if address[1] in guarded_ports:
+                refusal = "loop-guard"
+            else:
+                refusal = known_sources.get(source, _UNKNOWN)
+                if refusal is _UNKNOWN:
+                    refusal = server.source_refusal(source, "udp")
+                if refusal is None and destination is not None and \
+                        guarded_ports and _is_group_destination(destination):
+                    refusal = "group-destination"
+                if refusal is None and rate_limited:
+                    refusal = server.rate_limited(source)
+            if refusal is not None:
+                server.refuse(counters, refusal, source, "udp", service)
+                continue
+            if echoes:
+                reply = buffer[:count]
+            else:
+                reply = service.datagram_reply(server, buffer[:count], self)
+                if reply is None:
                     continue
-                if echoes:
-                    reply = buffer[:count]
+            counters.bytes_out += len(reply)
+            try:
+                if reply_info is not None:
+                    sock.sendmsg([reply], reply_info, 0, address)
                 else:
-                    reply = service.datagram_reply(server, buffer[:count],
-                                                   self)
-                    if reply is None:
-                        continue
-                try:
-                    if reply_info is not None:
-                        sock.sendmsg([reply], reply_info, 0, address)
-                    else:
-                        sock.sendto(reply, address)
-                except OSError:
-                    # Full buffer or unreachable: UDP may lose it anyway,
-                    # and a queue would let one source grow the server.
-                    self.counters.refuse("send-failed")
-                    continue
-                sent += len(reply)
-                if verbose:
-                    server.log("%s/udp from %s port %d: %d bytes in, %d out" %
-                               (service.name, source, address[1], count,
-                                len(reply)))
-        finally:
-            counters = self.counters
-            counters.datagrams += datagrams
-            counters.bytes_in += received
-            counters.bytes_out += sent
+                    sock.sendto(reply, address)
+            except OSError:
+                # Full buffer or unreachable: UDP may lose it anyway, and
+                # a queue would let one source grow the server: drop it.
+                counters.bytes_out -= len(reply)
+                counters.refuse("send-failed")
+                continue
+            if verbose:
+                server.log("%s/udp from %s port %d: %d bytes in, %d out" % (
+                    service.name, source, address[1], count, len(reply)))
 
     def _reply_from(self, ancillary):
         """(ancillary data for the reply, the datagram's destination)."""
