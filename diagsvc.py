@@ -2250,141 +2250,6 @@ def measure(host, tests=None, seconds=5.0, parallel=1, port_offset=0,
     return rows
 
 
-def _table(rows, columns):
-    """Aligned columns for people."""
-    cells = [[title for title, _ in columns]]
-    for row in rows:
-        cells.append([render(row) for _, render in columns])
-    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
-    return "".join("  ".join(cell.ljust(width) for cell, width in
-                             zip(line, widths)).rstrip() + "\n"
-                   for line in cells)
-
-
-def _measure_detail(row):
-    test = row["test"]
-    if test == "latency":
-        text = "%d round trips; min %s p90 %s p99 %s max %s µs" % (
-            row["count"], row.get("min_us"), row.get("p90_us"),
-            row.get("p99_us"), row.get("max_us"))
-        if "loss_pct" in row:
-            text += "; loss %s %%" % row["loss_pct"]
-        return text
-    if test in ("download", "echo"):
-        text = "%.1f MB in %.1f s; wrong bytes %d" % (
-            row["bytes"] / 1e6, row["seconds"], row["wrong_bytes"])
-        if "first_wrong_byte" in row:
-            text += " (first at byte %d)" % row["first_wrong_byte"]
-        if test == "echo":
-            text += "; missing %d" % row["missing_bytes"]
-        return text
-    if test == "upload":
-        return "%.1f MB in %.1f s%s" % (row["bytes"] / 1e6, row["seconds"],
-                                        "" if row["drained"] else
-                                        " (server did not close: not drained)")
-    kinds = ", ".join("%s %d" % item for item in
-                      sorted(row["error_kinds"].items()))
-    return "%d %s connections; p50 %s p99 %s µs; errors %d%s" % (
-        row["count"], row["service"], row.get("p50_us"), row.get("p99_us"),
-        row["errors"], " (%s)" % kinds if kinds else "")
-
-
-def _client_parser(command):
-    import argparse
-    parser = argparse.ArgumentParser(prog="diagsvc " + command)
-    parser.add_argument("host", metavar="HOST")
-    if command == "probe":
-        parser.add_argument("services", nargs="*", metavar="SERVICE",
-                            help="default: all of " + ", ".join(SERVICE_NAMES))
-        transport = parser.add_mutually_exclusive_group()
-        transport.add_argument("--tcp", action="store_true", help="TCP only")
-        transport.add_argument("--udp", action="store_true", help="UDP only")
-    else:
-        parser.add_argument("tests", nargs="*", metavar="TEST",
-                            help="default: all of " + ", ".join(MEASURE_TESTS))
-        parser.add_argument("--seconds", type=_non_negative(float),
-                            default=5.0, metavar="S",
-                            help="each test's duration (default %(default)s)")
-        parser.add_argument("--parallel", type=_non_negative(int), default=1,
-                            metavar="N", help="connections at once for "
-                            "download, upload, connect (default 1)")
-        parser.add_argument("--connect-service", choices=("daytime", "time"),
-                            default="daytime")
-    parser.add_argument("--port-offset", type=_non_negative(int), default=0,
-                        metavar="N")
-    parser.add_argument("--port", action="append", type=_port_assignment,
-                        default=[], metavar="SERVICE=PORT")
-    family = parser.add_mutually_exclusive_group()
-    family.add_argument("-4", dest="family", action="store_const", const=4,
-                        help="IPv4 only")
-    family.add_argument("-6", dest="family", action="store_const", const=6,
-                        help="IPv6 only")
-    parser.add_argument("--timeout", type=_non_negative(float),
-                        default=DEFAULT_PROBE_TIMEOUT, metavar="S",
-                        help="per answer (default %(default)s)")
-    parser.add_argument("--json", action="store_true",
-                        help="a JSON array, one object a row")
-    return parser
-
-
-def _client_main(argv):
-    import json                         # here, not at the top: import cost
-    command = argv[0]
-    parser = _client_parser(command)
-    options = parser.parse_args(argv[1:])
-    names = options.services if command == "probe" else options.tests
-    choices = SERVICE_NAMES if command == "probe" else MEASURE_TESTS
-    for name in names:
-        if name not in choices:
-            parser.error("unknown %s %r (choose from %s)" % (
-                "service" if command == "probe" else "test", name,
-                ", ".join(choices)))
-    try:
-        if command == "probe":
-            rows = probe(options.host, names,
-                         ("tcp",) if options.tcp else ("udp",) if options.udp
-                         else TRANSPORTS, options.port_offset,
-                         dict(options.port), options.family, options.timeout)
-        else:
-            if options.parallel < 1 or options.seconds <= 0:
-                parser.error("--parallel and --seconds must be above 0")
-            rows = measure(options.host, names, options.seconds,
-                           options.parallel, options.port_offset,
-                           dict(options.port), options.family,
-                           options.timeout, options.connect_service,
-                           progress=sys.stderr.isatty())
-    except ServerError as error:
-        sys.stderr.write("diagsvc %s: error: %s\n" % (command, error))
-        return 2 if command == "probe" else 1
-    except OSError as error:
-        sys.stderr.write("diagsvc %s: error: %s\n" % (
-            command, error.strerror or error))
-        return 1
-    if options.json:
-        sys.stdout.write(json.dumps(rows, indent=1, ensure_ascii=False) + "\n")
-    elif command == "probe":
-        sys.stdout.write(_table(rows, [
-            ("SERVICE", lambda r: r["service"]),
-            ("PROTO", lambda r: r["transport"]),
-            ("ADDRESS", lambda r: r["address"]),
-            ("PORT", lambda r: str(r["port"])),
-            ("VERDICT", lambda r: r["verdict"]),
-            ("RTT", lambda r: "-" if r["rtt_ms"] is None else
-             "%.2f ms" % r["rtt_ms"]),
-            ("DETAIL", lambda r: r["detail"])]))
-    else:
-        sys.stdout.write(_table(rows, [
-            ("TEST", lambda r: r["test"]),
-            ("PROTO", lambda r: r["transport"]),
-            ("RESULT", lambda r: "%s %s" % (r["value"], r["unit"])),
-            ("DETAIL", _measure_detail)]))
-    if command == "probe":
-        return 0 if all(row["verdict"] in PROBE_OK for row in rows) else 1
-    failed = any(row.get("wrong_bytes") or row.get("missing_bytes") or
-                 (row["test"] == "connect" and not row["count"])
-                 for row in rows)
-    return 1 if failed else 0
-
 # --- The command line --------------------------------------------------------
 
 
@@ -2557,6 +2422,142 @@ def _serve_main(argv):
         if server.verbosity:
             server.log_counters()
     return 0
+
+
+def _table(rows, columns):
+    """Aligned columns for people."""
+    cells = [[title for title, _ in columns]]
+    for row in rows:
+        cells.append([render(row) for _, render in columns])
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    return "".join("  ".join(cell.ljust(width) for cell, width in
+                             zip(line, widths)).rstrip() + "\n"
+                   for line in cells)
+
+
+def _measure_detail(row):
+    test = row["test"]
+    if test == "latency":
+        text = "%d round trips; min %s p90 %s p99 %s max %s µs" % (
+            row["count"], row.get("min_us"), row.get("p90_us"),
+            row.get("p99_us"), row.get("max_us"))
+        if "loss_pct" in row:
+            text += "; loss %s %%" % row["loss_pct"]
+        return text
+    if test in ("download", "echo"):
+        text = "%.1f MB in %.1f s; wrong bytes %d" % (
+            row["bytes"] / 1e6, row["seconds"], row["wrong_bytes"])
+        if "first_wrong_byte" in row:
+            text += " (first at byte %d)" % row["first_wrong_byte"]
+        if test == "echo":
+            text += "; missing %d" % row["missing_bytes"]
+        return text
+    if test == "upload":
+        return "%.1f MB in %.1f s%s" % (row["bytes"] / 1e6, row["seconds"],
+                                        "" if row["drained"] else
+                                        " (server did not close: not drained)")
+    kinds = ", ".join("%s %d" % item for item in
+                      sorted(row["error_kinds"].items()))
+    return "%d %s connections; p50 %s p99 %s µs; errors %d%s" % (
+        row["count"], row["service"], row.get("p50_us"), row.get("p99_us"),
+        row["errors"], " (%s)" % kinds if kinds else "")
+
+
+def _client_parser(command):
+    import argparse
+    parser = argparse.ArgumentParser(prog="diagsvc " + command)
+    parser.add_argument("host", metavar="HOST")
+    if command == "probe":
+        parser.add_argument("services", nargs="*", metavar="SERVICE",
+                            help="default: all of " + ", ".join(SERVICE_NAMES))
+        transport = parser.add_mutually_exclusive_group()
+        transport.add_argument("--tcp", action="store_true", help="TCP only")
+        transport.add_argument("--udp", action="store_true", help="UDP only")
+    else:
+        parser.add_argument("tests", nargs="*", metavar="TEST",
+                            help="default: all of " + ", ".join(MEASURE_TESTS))
+        parser.add_argument("--seconds", type=_non_negative(float),
+                            default=5.0, metavar="S",
+                            help="each test's duration (default %(default)s)")
+        parser.add_argument("--parallel", type=_non_negative(int), default=1,
+                            metavar="N", help="connections at once for "
+                            "download, upload, connect (default 1)")
+        parser.add_argument("--connect-service", choices=("daytime", "time"),
+                            default="daytime")
+    parser.add_argument("--port-offset", type=_non_negative(int), default=0,
+                        metavar="N")
+    parser.add_argument("--port", action="append", type=_port_assignment,
+                        default=[], metavar="SERVICE=PORT")
+    family = parser.add_mutually_exclusive_group()
+    family.add_argument("-4", dest="family", action="store_const", const=4,
+                        help="IPv4 only")
+    family.add_argument("-6", dest="family", action="store_const", const=6,
+                        help="IPv6 only")
+    parser.add_argument("--timeout", type=_non_negative(float),
+                        default=DEFAULT_PROBE_TIMEOUT, metavar="S",
+                        help="per answer (default %(default)s)")
+    parser.add_argument("--json", action="store_true",
+                        help="a JSON array, one object a row")
+    return parser
+
+
+def _client_main(argv):
+    import json                         # here, not at the top: import cost
+    command = argv[0]
+    parser = _client_parser(command)
+    options = parser.parse_args(argv[1:])
+    names = options.services if command == "probe" else options.tests
+    choices = SERVICE_NAMES if command == "probe" else MEASURE_TESTS
+    for name in names:
+        if name not in choices:
+            parser.error("unknown %s %r (choose from %s)" % (
+                "service" if command == "probe" else "test", name,
+                ", ".join(choices)))
+    try:
+        if command == "probe":
+            rows = probe(options.host, names,
+                         ("tcp",) if options.tcp else ("udp",) if options.udp
+                         else TRANSPORTS, options.port_offset,
+                         dict(options.port), options.family, options.timeout)
+        else:
+            if options.parallel < 1 or options.seconds <= 0:
+                parser.error("--parallel and --seconds must be above 0")
+            rows = measure(options.host, names, options.seconds,
+                           options.parallel, options.port_offset,
+                           dict(options.port), options.family,
+                           options.timeout, options.connect_service,
+                           progress=sys.stderr.isatty())
+    except ServerError as error:        # the host does not resolve
+        sys.stderr.write("diagsvc %s: error: %s\n" % (command, error))
+        return 2
+    except OSError as error:
+        sys.stderr.write("diagsvc %s: error: %s\n" % (
+            command, error.strerror or error))
+        return 1
+    if options.json:
+        sys.stdout.write(json.dumps(rows, indent=1, ensure_ascii=False) + "\n")
+    elif command == "probe":
+        sys.stdout.write(_table(rows, [
+            ("SERVICE", lambda r: r["service"]),
+            ("PROTO", lambda r: r["transport"]),
+            ("ADDRESS", lambda r: r["address"]),
+            ("PORT", lambda r: str(r["port"])),
+            ("VERDICT", lambda r: r["verdict"]),
+            ("RTT", lambda r: "-" if r["rtt_ms"] is None else
+             "%.2f ms" % r["rtt_ms"]),
+            ("DETAIL", lambda r: r["detail"])]))
+    else:
+        sys.stdout.write(_table(rows, [
+            ("TEST", lambda r: r["test"]),
+            ("PROTO", lambda r: r["transport"]),
+            ("RESULT", lambda r: "%s %s" % (r["value"], r["unit"])),
+            ("DETAIL", _measure_detail)]))
+    if command == "probe":
+        return 0 if all(row["verdict"] in PROBE_OK for row in rows) else 1
+    failed = any(row.get("wrong_bytes") or row.get("missing_bytes") or
+                 (row["test"] == "connect" and not row["count"])
+                 for row in rows)
+    return 1 if failed else 0
 
 
 def _install_signal_handlers(server):
