@@ -407,12 +407,16 @@ def chargen_ring_file():
             import tempfile
             with tempfile.TemporaryFile() as ring_file:
                 descriptor = os.dup(ring_file.fileno())
+    except OSError:
+        return None
+    try:
         written = 0
         while written < len(_CHARGEN_BUFFER):
             written += os.write(descriptor, CHARGEN_VIEW[written:])
-        return descriptor
-    except OSError:
+    except OSError:                             # a full /tmp, say
+        os.close(descriptor)
         return None
+    return descriptor
 
 
 class ChargenStream(Stream):
@@ -723,8 +727,7 @@ class Listener(object):
         return socket.socket(self.family, socket.SOCK_STREAM, 0, fd), address
 
     def on_event(self, events):
-        accept = self._accept if hasattr(self.sock, "_accept") else \
-            self.sock.accept
+        accept = self._accept
         admit = self.server.admit
         for _ in range(ACCEPT_BATCH):
             try:
@@ -1392,6 +1395,10 @@ class Server(object):
             self._running = False
 
     def _handler_failed(self, handler, error):
+        if isinstance(error, BlockingIOError):
+            # Readiness that did not hold (select() and poll() may report
+            # it): nothing to do until the next event, nothing to close.
+            return
         if isinstance(handler, Stream):
             self.close_stream(handler)
             if isinstance(error, (OSError, ValueError)):
@@ -1400,8 +1407,9 @@ class Server(object):
                         handler.source, error))
                 return
         elif isinstance(error, OSError):
-            self.log("%s/%s: %s" % (getattr(handler, "service", None) and
-                                    handler.service.name, "udp", error))
+            self.log("%s/%s: %s" % (
+                handler.service.name,
+                "tcp" if isinstance(handler, Listener) else "udp", error))
             return
         import traceback
         self.log("unexpected error, the server carries on:\n" + "".join(

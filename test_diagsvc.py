@@ -390,6 +390,22 @@ class BoundsTest(ServerTestCase):
         self.assertEqual(counters.bytes_in - counters.bytes_out,
                          len(stream.owed))
 
+    def test_readiness_that_did_not_hold_closes_nothing(self):
+        # Driven by hand (no loop thread): accept, then report errors.
+        server = diagsvc.Server(["echo"], bind=["127.0.0.1"],
+                                transports=["tcp"], port_offset=None)
+        self.addCleanup(server.close)
+        client = socket.create_connection(server.addresses["echo", "tcp"][0],
+                                          TIMEOUT)
+        self.addCleanup(client.close)
+        server.listeners[0].on_event(diagsvc.EVENT_READ)
+        (stream,) = server.streams
+        server._handler_failed(stream, BlockingIOError(errno.EAGAIN, "again"))
+        self.assertIn(stream, server.streams)
+        server._handler_failed(stream, ConnectionResetError())
+        self.assertNotIn(stream, server.streams)
+        self.assertEqual(stream.sock.fileno(), -1)
+
     def test_a_peer_error_closes_that_connection_only(self):
         server = self.start_server(["echo", "chargen"])
         victim = self.connect(server, "chargen")
