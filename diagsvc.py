@@ -2471,6 +2471,16 @@ def _measure_detail(row):
         row["errors"], " (%s)" % kinds if kinds else "")
 
 
+def _write_text(text):
+    """Write to stdout; where it cannot take "µ" (Python 3.6 in the C
+    locale, say), write "us" for µs rather than fail."""
+    try:
+        text.encode(sys.stdout.encoding or "ascii")
+    except (UnicodeEncodeError, LookupError):
+        text = text.replace(u"\u00b5", "u")
+    sys.stdout.write(text)
+
+
 def _client_parser(command):
     import argparse
     parser = argparse.ArgumentParser(prog="diagsvc " + command)
@@ -2543,9 +2553,10 @@ def _client_main(argv):
             command, error.strerror or error))
         return 1
     if options.json:
-        sys.stdout.write(json.dumps(rows, indent=1, ensure_ascii=False) + "\n")
+        # ASCII with escapes ("\u00b5s"): valid JSON whatever the locale.
+        sys.stdout.write(json.dumps(rows, indent=1) + "\n")
     elif command == "probe":
-        sys.stdout.write(_table(rows, [
+        _write_text(_table(rows, [
             ("SERVICE", lambda r: r["service"]),
             ("PROTO", lambda r: r["transport"]),
             ("ADDRESS", lambda r: r["address"]),
@@ -2555,7 +2566,7 @@ def _client_main(argv):
              "%.2f ms" % r["rtt_ms"]),
             ("DETAIL", lambda r: r["detail"])]))
     else:
-        sys.stdout.write(_table(rows, [
+        _write_text(_table(rows, [
             ("TEST", lambda r: r["test"]),
             ("PROTO", lambda r: r["transport"]),
             ("RESULT", lambda r: "%s %s" % (r["value"], r["unit"])),

@@ -947,6 +947,47 @@ class ClientCommandLineTest(ServerTestCase):
                           ("download", "tcp", "MB/s")])
         self.assertEqual(result.stderr, "")     # no progress off a terminal
 
+    def test_measure_table_on_an_ascii_terminal(self):
+        # Python 3.6 in the C locale writes ASCII only: "us", not a crash.
+        server = self.start_server(["echo"])
+        environment = dict(os.environ, PYTHONIOENCODING="ascii")
+        result = run_command("measure", "127.0.0.1", "latency", "--seconds",
+                             "0.2", "--port", "echo=%d" %
+                             server.addresses["echo", "tcp"][0][1],
+                             env=environment)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertRegex(result.stdout, r"\nlatency +tcp +[0-9.]+ us ")
+
+    @unittest.skipUnless(sys.platform.startswith("linux"), "needs a pty")
+    def test_measure_shows_progress_on_a_terminal(self):
+        import pty
+        server = self.start_server(["echo"])
+        master, slave = pty.openpty()
+        self.addCleanup(os.close, master)
+        try:
+            result = subprocess.run(
+                [sys.executable, SCRIPT, "measure", "127.0.0.1", "latency",
+                 "--seconds", "0.6", "--port",
+                 "echo=%d" % server.addresses["echo", "tcp"][0][1]],
+                stdout=subprocess.PIPE, stderr=slave, timeout=60)
+        finally:
+            os.close(slave)
+        self.assertEqual(result.returncode, 0)
+        shown = b""
+        while select.select([master], [], [], 0)[0]:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:         # EIO: the terminal's other end is closed
+                break
+            if not chunk:
+                break
+            shown += chunk
+        # One status line, rewritten in place, cleared at the end.
+        self.assertIn(b"\r\x1b[Klatency tcp: ", shown)
+        self.assertTrue(shown.endswith(b"\r\x1b[K"), shown[-40:])
+        self.assertNotIn(b"\n", shown)
+        self.assertRegex(result.stdout, rb"\nlatency +tcp +[0-9.]+ (\xc2\xb5|u)s ")
+
 
 # --- Lifecycle ----------------------------------------------------------------
 
