@@ -537,28 +537,30 @@ class _PerSecond(object):
         return self.value
 
 
-class Daytime(Service):
-    name, port, amplifies = "daytime", 13, True
+class OneShot(Service):
+    """daytime, qotd, time: one reply, the same on TCP (then the server
+    closes) and UDP; each can outgrow the request, so it is rate-limited."""
 
-    def __init__(self):
-        self.text = _PerSecond(daytime_text)
+    amplifies = True
+
+    def datagram_reply(self, server, payload, endpoint):
+        return self.tcp_reply(server)
+
+
+class Daytime(OneShot):
+    name, port = "daytime", 13
+    text = _PerSecond(daytime_text)
 
     def tcp_reply(self, server):
         return self.text()
 
-    def datagram_reply(self, server, payload, endpoint):
-        return self.text()
 
-
-class Qotd(Service):
-    name, port, amplifies = "qotd", 17, True
+class Qotd(OneShot):
+    name, port = "qotd", 17
 
     def tcp_reply(self, server):
         quotes = server.quotes
         return quotes[_random_below(len(quotes))]
-
-    def datagram_reply(self, server, payload, endpoint):
-        return self.tcp_reply(server)
 
 
 class Chargen(Service):
@@ -577,16 +579,11 @@ class Chargen(Service):
         return CHARGEN_VIEW[start:start + _random_below(UDP_CHARGEN_MAX + 1)]
 
 
-class Time(Service):
-    name, port, amplifies = "time", 37, True
-
-    def __init__(self):
-        self.value = _PerSecond(time_bytes)
+class Time(OneShot):
+    name, port = "time", 37
+    value = _PerSecond(time_bytes)
 
     def tcp_reply(self, server):
-        return self.value()
-
-    def datagram_reply(self, server, payload, endpoint):
         return self.value()
 
 
