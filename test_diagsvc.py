@@ -490,7 +490,7 @@ class SafetyTest(ServerTestCase):
             self.assert_echoes(talker, b"t")
             time.sleep(0.1)         # the pace of a live client, not a sync
         self.assertEqual(silent.recv(10), b"")
-        self.assertLess(time.monotonic() - started, 0.5 + 1.0 + 1.0)
+        self.assertLess(time.monotonic() - started, 0.5 + 3.0)
         wait_until(lambda: len(server.streams) == 1,
                    message="the stalled chargen to be closed")
         self.assertEqual(server.counters["echo", "tcp"].refusals,
@@ -786,12 +786,15 @@ class ProbeTest(ServerTestCase):
         self.assertEqual([(r["transport"], r["verdict"]) for r in rows],
                          [("tcp", "refused"), ("udp", "refused")])
         started = time.monotonic()
-        rows = diagsvc.probe("127.0.0.1", ["time", "discard"], ["udp"],
-                             ports={"time": silent_port,
-                                    "discard": silent_port}, timeout=0.6)
+        silent = ["discard", "daytime", "qotd", "time"]
+        rows = diagsvc.probe("127.0.0.1", silent, ["udp"], ports=dict(
+            (name, silent_port) for name in silent), timeout=0.6)
         self.assertEqual([(r["service"], r["verdict"]) for r in rows],
-                         [("discard", "open|filtered"), ("time", "no-reply")])
-        self.assertLess(time.monotonic() - started, 0.6 + 0.5)   # concurrent
+                         [("discard", "open|filtered"),
+                          ("daytime", "no-reply"), ("qotd", "no-reply"),
+                          ("time", "no-reply")])
+        # Concurrent: one timeout in all, where one after another is 2.4 s.
+        self.assertLess(time.monotonic() - started, 1.8)
 
     def test_wrong_servers(self):
         server = self.start_server(["discard", "echo"])
@@ -998,18 +1001,20 @@ class LifecycleTest(unittest.TestCase):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ResourceWarning)
             server = diagsvc.Server(bind=["127.0.0.1"], port_offset=None)
+            # No timer for an hour: only the wake-up socketpair can end the
+            # loop's select() now, so the test fails if shutdown() polls.
+            server._next_timer = time.monotonic() + 3600
             loop = threading.Thread(target=server.serve_forever)
+            loop.daemon = True          # a broken waker must not hang exit
             loop.start()
             client = socket.create_connection(
                 server.addresses["chargen", "tcp"][0], timeout=TIMEOUT)
             client.recv(100)
-            started = time.monotonic()
             stopper = threading.Thread(target=server.shutdown)
             stopper.start()
             loop.join(TIMEOUT)
             stopper.join()
             self.assertFalse(loop.is_alive())
-            self.assertLess(time.monotonic() - started, 1.0)
             sockets = [h.sock for h in server.listeners + server.endpoints]
             streams = list(server.streams)
             server.close()
@@ -1134,7 +1139,9 @@ class CommandLineTest(unittest.TestCase):
                     self.assertEqual(recv_exactly(sock, 5), b"hello")
                 started = time.monotonic()
                 self.assertEqual(server.stop(signum), 0)
-                self.assertLess(time.monotonic() - started, 1.0)
+                # Within a second on a quiet machine; a loaded CI machine
+                # gets slack.  A broken signal path never exits at all.
+                self.assertLess(time.monotonic() - started, 3.0)
 
     def test_transport_choice_and_all_services(self):
         server = self.start("--bind", "127.0.0.1", "--port-offset", "0",
