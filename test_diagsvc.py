@@ -10,7 +10,6 @@ import json
 import os
 import re
 import select
-import selectors
 import socket
 import struct
 import subprocess
