@@ -529,8 +529,7 @@ class _PerSecond(object):
         self.value = None
 
     def __call__(self):
-        now = time.time()
-        second = int(now)
+        second = int(time.time())
         if second != self.second:
             self.value = self.make(second)
             self.second = second
@@ -767,7 +766,8 @@ class DatagramEndpoint(object):
         # reply outgrows the request.  Counted before the reply leaves, so
         # that a client holding the reply sees it counted.
         counters = self.counters
-        guarded_ports = server.guarded_ports if server.udp_guard else ()
+        udp_guard = server.udp_guard
+        guarded_ports = server.guarded_ports if udp_guard else ()
         known_sources = server.source_refusals
         rate_limited = server.udp_rate and service.amplifies
         verbose = server.verbosity > 1
@@ -795,9 +795,9 @@ class DatagramEndpoint(object):
             else:
                 refusal = known_sources.get(source, _UNKNOWN)
                 if refusal is _UNKNOWN:
-                    refusal = server.source_refusal(source, "udp")
-                if refusal is None and destination is not None and \
-                        guarded_ports and _is_group_destination(destination):
+                    refusal = server.udp_source_refusal(source)
+                if refusal is None and udp_guard and destination is not \
+                        None and _is_group_destination(destination):
                     refusal = "group-destination"
                 if refusal is None and rate_limited:
                     refusal = server.rate_limited(source)
@@ -1022,7 +1022,7 @@ class Server(object):
         self.source_refusals = {}       # UDP source address -> None/reason
         self._refusals_logged = {}
         self._accept_paused_until = None
-        self.accept_pauses = 0          # times EMFILE/ENFILE paused accepts
+        self._accept_pause_logged = None
         self._next_sweep = self.now + self._sweep_interval()
         self._next_timer = self._next_sweep
         self._stop_requested = False
@@ -1264,14 +1264,13 @@ class Server(object):
         rather than spin on a listener that stays readable."""
         if self._accept_paused_until is not None:
             return
-        self.accept_pauses += 1
         self._accept_paused_until = self.now + ACCEPT_PAUSE
         self._set_next_timer()
         for listener in self.listeners:
             self.selector.unregister(listener.sock)
-        last = self._refusals_logged.get("accept-pause")
+        last = self._accept_pause_logged
         if last is None or self.now - last >= REFUSAL_LOG_INTERVAL:
-            self._refusals_logged["accept-pause"] = self.now
+            self._accept_pause_logged = self.now
             self.log("cannot accept: %s; pausing accepts for %.2f s at a "
                      "time (%d connections open; raise the open-file limit "
                      "or lower --max-connections; logged once a %d s)" % (
@@ -1285,21 +1284,19 @@ class Server(object):
 
     # -- UDP --
 
-    def source_refusal(self, source, transport):
-        """What the source address alone says: None, or why to refuse.
-
-        Depends only on the address, so it is cached (bounded) and a flood
-        from one source costs one dict look-up a packet.
+    def udp_source_refusal(self, source):
+        """What a datagram's source address alone says: None, or why to
+        refuse.  Depends only on the address, so it is cached (bounded) and
+        a flood from one source costs one dict look-up a datagram.
         """
         refusal = None
-        if transport == "udp" and self.udp_guard and _is_group_address(source):
+        if self.udp_guard and _is_group_address(source):
             refusal = "group-source"
         elif self.access is not None and not self.access.permits(source):
             refusal = "denied"
-        if transport == "udp":
-            if len(self.source_refusals) >= SOURCE_CACHE_MAX:
-                self.source_refusals.clear()
-            self.source_refusals[source] = refusal
+        if len(self.source_refusals) >= SOURCE_CACHE_MAX:
+            self.source_refusals.clear()
+        self.source_refusals[source] = refusal
         return refusal
 
     def rate_limited(self, source):
@@ -1514,6 +1511,9 @@ def drop_privileges(user):
 
 PROBE_OK = ("open", "open|filtered")
 MEASURE_TESTS = ("latency", "download", "upload", "echo", "connect")
+# The service each test measures (connect: daytime or time, as asked).
+_MEASURE_SERVICE = {"latency": "echo", "download": "chargen",
+                    "upload": "discard", "echo": "echo"}
 DEFAULT_PROBE_TIMEOUT = 2.0
 _IN_PROGRESS = frozenset((errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN,
                           10035))       # 10035: Windows' WSAEWOULDBLOCK
@@ -1550,6 +1550,12 @@ def _printable(data, extra=b"\r\n"):
     return all(32 <= byte < 127 or byte in extra for byte in data)
 
 
+def _first_difference(received, expected):
+    """The index of the first byte where two equal-length buffers differ."""
+    return next(i for i in range(len(received))
+                if received[i] != expected[i])
+
+
 def _chargen_problem(data):
     """None if data is a piece of the RFC 864 stream, else where it is not.
 
@@ -1572,7 +1578,7 @@ def _chargen_problem(data):
                 )[offset:offset + len(data)]
     if data == expected:
         return None
-    at = next(i for i in range(len(data)) if data[i] != expected[i])
+    at = _first_difference(data, expected)
     return ("not the RFC 864 ring: byte %d is %r where the ring has %r" % (
         at, bytes(data[at:at + 1]), bytes(expected[at:at + 1])))
 
@@ -1619,8 +1625,8 @@ def _judge(service, transport, data, sent, closed):
         if len(data) != len(sent):
             return "wrong", "sent %d bytes, %d came back" % (len(sent),
                                                              len(data))
-        first = next(i for i in range(len(data)) if data[i] != sent[i])
-        return "wrong", "echoed bytes differ from byte %d on" % first
+        return "wrong", "echoed bytes differ from byte %d on" % (
+            _first_difference(data, sent))
     if service == "discard":
         if data:
             return "wrong", "discard sent %d bytes back" % len(data)
@@ -1667,7 +1673,6 @@ class _Probe(object):
         self.transport = transport
         self.address = address
         self.port = port
-        self.started = now
         self.deadline = now + timeout
         self.timeout = timeout
         self.data = bytearray()
@@ -1694,7 +1699,7 @@ class _Probe(object):
             self.sends = 0
             self.next_send = now
 
-    def finish(self, verdict, detail, now=None):
+    def finish(self, verdict, detail):
         if self.row is None:
             self.row = {"service": self.service, "transport": self.transport,
                         "address": self.address, "port": self.port,
@@ -1749,7 +1754,7 @@ class _Probe(object):
             self.finish(*_judge(self.service, "tcp", bytes(self.data),
                                 self.sent, False))
 
-    def on_event(self, events, now):
+    def on_event(self, now):
         if self.transport == "udp":
             try:
                 reply = self.sock.recv(65536)
@@ -1829,7 +1834,7 @@ def probe(host, services=None, transports=TRANSPORTS, port_offset=0,
                 task = key.data
                 if task.row is None:
                     events = task.events
-                    task.on_event(0, time.monotonic())
+                    task.on_event(time.monotonic())
                     if task.row is None and task.events != events:
                         selector.modify(task.sock, task.events, task)
             pending = [task for task in pending if task.row is None]
@@ -1862,9 +1867,9 @@ class _Progress(object):
         self.enabled = enabled
         self.last = 0.0
 
-    def show(self, text, force=False):
+    def show(self, text):
         now = time.monotonic()
-        if self.enabled and (force or now - self.last >= 0.25):
+        if self.enabled and now - self.last >= 0.25:
             self.last = now
             sys.stderr.write("\r\x1b[K" + text)
             sys.stderr.flush()
@@ -1932,12 +1937,12 @@ def _measure_latency(family, address, ports, seconds, progress, timeout):
                     transport, len(samples)))
         finally:
             sock.close()
+        figures = _percentiles(samples)
         row = {"test": "latency", "transport": transport, "unit": "µs",
-               "value": _percentiles(samples).get("p50_us"),
-               "count": len(samples)}
+               "value": figures.get("p50_us"), "count": len(samples)}
         if transport == "udp":
             row["loss_pct"] = round(100.0 * lost / max(1, lost + len(samples)), 2)
-        row.update(_percentiles(samples))
+        row.update(figures)
         rows.append(row)
     return rows
 
@@ -2002,8 +2007,8 @@ def _measure_download(family, address, ports, seconds, parallel, progress,
         if not buffer.startswith(expected):   # memcmp speed
             wrong = _count_wrong(view[:count], expected)
             if flow.first_wrong is None:
-                flow.first_wrong = flow.bytes + next(
-                    i for i in range(count) if view[i] != expected[i])
+                flow.first_wrong = flow.bytes + _first_difference(
+                    view[:count], expected)
             flow.wrong += wrong
         flow.bytes += count
         flow.offset = (offset + count) % CHARGEN_PERIOD_SIZE
@@ -2054,8 +2059,7 @@ def _measure_upload(family, address, ports, seconds, parallel, progress,
         # Half-close and wait for the server's close: then every byte
         # counted was read by the server, not sitting in a buffer.
         for flow in flows:
-            flow.sock.setblocking(True)
-            flow.sock.settimeout(max(timeout, 2.0))
+            flow.sock.settimeout(max(timeout, 2.0))     # blocking again
             try:
                 flow.sock.shutdown(socket.SHUT_WR)
                 while flow.sock.recv(65536):
@@ -2245,10 +2249,8 @@ def measure(host, tests=None, seconds=5.0, parallel=1, port_offset=0,
                                          connect_service)
             for row in found:
                 row["address"] = address
-                row["port"] = all_ports[{"latency": "echo", "download":
-                                         "chargen", "upload": "discard",
-                                         "echo": "echo"}.get(
-                                             test, connect_service)]
+                row["port"] = all_ports[_MEASURE_SERVICE.get(test,
+                                                             connect_service)]
             rows.extend(found)
     finally:
         status.clear()
@@ -2542,7 +2544,7 @@ def _client_main(argv):
                            dict(options.port), options.family,
                            options.timeout, options.connect_service,
                            progress=sys.stderr.isatty())
-    except ServerError as error:        # the host does not resolve
+    except ServerError as error:        # no such host, or echo misbehaved
         sys.stderr.write("diagsvc %s: error: %s\n" % (command, error))
         return 2
     except OSError as error:
