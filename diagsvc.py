@@ -1968,15 +1968,28 @@ def probe(host, services=None, transports=TRANSPORTS, port_offset=0,
 # -- measure --
 
 
+def _nearest_rank(ordered, percent):
+    """The PERCENT-th percentile of sorted samples, by nearest rank.
+
+    The nearest-rank definition: the ceil(PERCENT / 100 * n)-th smallest
+    sample (p50 of [1, 2] is 1; p99 of 100 samples is the 99th; p99 of
+    fewer than 100 is the largest).  Always a value that was measured.
+    In integers: 0.9 * 10 is 9.000000000000002 in floating point, and its
+    ceiling would be one rank high.
+    """
+    rank = max(1, -(-percent * len(ordered) // 100))
+    return ordered[rank - 1]
+
+
 def _percentiles(samples):
+    """min, p50, p90, p99 and max in µs (nearest rank); {} for no samples."""
     samples = sorted(samples)
     if not samples:
         return {}
-    def at(fraction):
-        return round(samples[min(len(samples) - 1,
-                                 int(fraction * len(samples)))] * 1e6, 1)
-    return {"min_us": round(samples[0] * 1e6, 1), "p50_us": at(0.5),
-            "p90_us": at(0.9), "p99_us": at(0.99),
+    def at(percent):
+        return round(_nearest_rank(samples, percent) * 1e6, 1)
+    return {"min_us": round(samples[0] * 1e6, 1), "p50_us": at(50),
+            "p90_us": at(90), "p99_us": at(99),
             "max_us": round(samples[-1] * 1e6, 1)}
 
 
@@ -2171,21 +2184,38 @@ def _measure_upload(family, address, ports, seconds, parallel, progress,
             return False
         return True
 
-    drained = True
+    buffer = bytearray(65536)
+    drain = {"closed": 0, "returned": 0}
+
+    def on_drain(flow, events):
+        try:
+            count = flow.sock.recv_into(buffer)
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError:                 # a reset: some data was never read
+            return False
+        if count:                       # not a discard: stop reading it
+            drain["returned"] += count
+            return False
+        drain["closed"] += 1
+        return False
+
     try:
         _stream_loop(flows, seconds, on_ready, progress, lambda: (
             "upload: %.0f MB/s" % (sum(f.bytes for f in flows) / 1e6 /
                                    max(1e-6, time.monotonic() - started))))
         # Half-close and wait for the server's close: then every byte
-        # counted was read by the server, not sitting in a buffer.
+        # counted was read by the server, not sitting in a buffer.  One
+        # deadline for all the flows: a "discard" that streams back (say
+        # --port discard=19, a chargen) or never closes cannot hold it.
         for flow in flows:
-            flow.sock.settimeout(max(timeout, 2.0))     # blocking again
+            flow.events = EVENT_READ
             try:
                 flow.sock.shutdown(socket.SHUT_WR)
-                while flow.sock.recv(65536):
-                    pass
             except OSError:
-                drained = False
+                flow.events = 0
+        _stream_loop([flow for flow in flows if flow.events], max(
+            timeout, 2.0), on_drain, progress, lambda: "upload: draining")
     finally:
         for flow in flows:
             flow.sock.close()
@@ -2194,7 +2224,8 @@ def _measure_upload(family, address, ports, seconds, parallel, progress,
     return [{"test": "upload", "transport": "tcp", "unit": "MB/s",
              "value": round(total / 1e6 / elapsed, 1), "bytes": total,
              "seconds": round(elapsed, 2), "parallel": parallel,
-             "drained": drained}]
+             "drained": drain["closed"] == len(flows),
+             "returned_bytes": drain["returned"]}]
 
 
 # The echo test's pattern: a prime period, so a lost, repeated or reordered
@@ -2378,6 +2409,38 @@ def measure(host, tests=None, seconds=5.0, parallel=1, port_offset=0,
     finally:
         status.clear()
     return rows
+
+
+def _measure_row_failures(row):
+    """What failed in one measure row, in words: [] when nothing did.
+
+    The exit status of 'diagsvc measure' is 1 exactly when some row has a
+    reason here; a new test adds its own checks below.
+    """
+    test = row["test"]
+    reasons = []
+    if test == "latency" and not row["count"]:
+        reasons.append("no round trip completed")
+    if test in ("download", "upload", "echo") and not row["bytes"]:
+        reasons.append("no bytes got through")
+    if row.get("wrong_bytes"):
+        reasons.append("%d wrong bytes" % row["wrong_bytes"])
+    if row.get("missing_bytes"):
+        reasons.append("%d bytes never echoed" % row["missing_bytes"])
+    if row.get("returned_bytes"):
+        reasons.append("discard sent %d bytes back" % row["returned_bytes"])
+    if test == "upload" and not row["drained"]:
+        reasons.append("not drained: the server did not close after our "
+                       "half-close")
+    if test == "connect" and not row["count"]:
+        reasons.append("no connection succeeded")
+    return reasons
+
+
+def _measure_failures(rows):
+    """Every failure in a measure run, as 'test/transport: reason'."""
+    return ["%s/%s: %s" % (row["test"], row["transport"], reason)
+            for row in rows for reason in _measure_row_failures(row)]
 
 
 # --- The command line --------------------------------------------------------
@@ -2565,12 +2628,18 @@ def _table(rows, columns):
                    for line in cells)
 
 
+def _figure(value):
+    """A figure for the table: '-' where there is none (JSON: null)."""
+    return "-" if value is None else str(value)
+
+
 def _measure_detail(row):
     test = row["test"]
     if test == "latency":
         text = "%d round trips; min %s p90 %s p99 %s max %s µs" % (
-            row["count"], row.get("min_us"), row.get("p90_us"),
-            row.get("p99_us"), row.get("max_us"))
+            row["count"], _figure(row.get("min_us")),
+            _figure(row.get("p90_us")), _figure(row.get("p99_us")),
+            _figure(row.get("max_us")))
         if "loss_pct" in row:
             text += "; loss %s %%" % row["loss_pct"]
         return text
@@ -2583,14 +2652,15 @@ def _measure_detail(row):
             text += "; missing %d" % row["missing_bytes"]
         return text
     if test == "upload":
-        return "%.1f MB in %.1f s%s" % (row["bytes"] / 1e6, row["seconds"],
-                                        "" if row["drained"] else
-                                        " (server did not close: not drained)")
+        return "%.1f MB in %.1f s; %s" % (row["bytes"] / 1e6, row["seconds"],
+                                          "drained" if row["drained"] else
+                                          "not drained")
     kinds = ", ".join("%s %d" % item for item in
                       sorted(row["error_kinds"].items()))
     return "%d %s connections; p50 %s p99 %s µs; errors %d%s" % (
-        row["count"], row["service"], row.get("p50_us"), row.get("p99_us"),
-        row["errors"], " (%s)" % kinds if kinds else "")
+        row["count"], row["service"], _figure(row.get("p50_us")),
+        _figure(row.get("p99_us")), row["errors"],
+        " (%s)" % kinds if kinds else "")
 
 
 def _write_text(text):
@@ -2691,14 +2761,14 @@ def _client_main(argv):
         _write_text(_table(rows, [
             ("TEST", lambda r: r["test"]),
             ("PROTO", lambda r: r["transport"]),
-            ("RESULT", lambda r: "%s %s" % (r["value"], r["unit"])),
-            ("DETAIL", _measure_detail)]))
+            ("RESULT", lambda r: "-" if r["value"] is None else
+             "%s %s" % (r["value"], r["unit"])),
+            ("DETAIL", lambda r: "; ".join(
+                [_measure_detail(r)] + ["FAILED: " + reason for reason in
+                                        _measure_row_failures(r)]))]))
     if command == "probe":
         return 0 if all(row["verdict"] in PROBE_OK for row in rows) else 1
-    failed = any(row.get("wrong_bytes") or row.get("missing_bytes") or
-                 (row["test"] == "connect" and not row["count"])
-                 for row in rows)
-    return 1 if failed else 0
+    return 1 if _measure_failures(rows) else 0
 
 
 def _install_signal_handlers(server):

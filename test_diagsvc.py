@@ -1201,6 +1201,92 @@ class DiscardThatDidNotReadTest(ServerTestCase):
                                  {refusal: 1})
 
 
+class PercentileTest(unittest.TestCase):
+    """Item 13: nearest rank, the ceil(p * n)-th smallest sample."""
+
+    def percentiles(self, microseconds):
+        return diagsvc._percentiles([value / 1e6 for value in microseconds])
+
+    def test_known_sets(self):
+        self.assertEqual(self.percentiles([2, 1]), {
+            "min_us": 1.0, "p50_us": 1.0, "p90_us": 2.0, "p99_us": 2.0,
+            "max_us": 2.0})
+        self.assertEqual(self.percentiles(range(1, 101)), {
+            "min_us": 1.0, "p50_us": 50.0, "p90_us": 90.0, "p99_us": 99.0,
+            "max_us": 100.0})
+        self.assertEqual(self.percentiles(range(1, 11)), {
+            "min_us": 1.0, "p50_us": 5.0, "p90_us": 9.0, "p99_us": 10.0,
+            "max_us": 10.0})
+        # Fewer than 100 samples: p99 is the largest, by definition.
+        self.assertEqual(self.percentiles(range(1, 51))["p99_us"], 50.0)
+        self.assertEqual(self.percentiles(range(1, 1001))["p99_us"], 990.0)
+        self.assertEqual(self.percentiles([7]), {
+            "min_us": 7.0, "p50_us": 7.0, "p90_us": 7.0, "p99_us": 7.0,
+            "max_us": 7.0})
+        self.assertEqual(self.percentiles([]), {})
+
+
+class MeasureFailuresTest(ServerTestCase):
+    """Items 12 and 14: nothing through is a failure, and every wait ends."""
+
+    def measure_command(self, *args):
+        result = run_command("measure", "127.0.0.1", *(list(args) + [
+            "--seconds", "0.3", "--timeout", "1"]))
+        self.assertNotIn("None", result.stdout)
+        self.assertNotIn("Traceback", result.stderr)
+        return result
+
+    def test_all_udp_latency_pings_lost(self):
+        server = self.start_server(["echo"], transports=("tcp",))
+        port = ports_of(server)["echo"]
+        silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(silent.close)
+        silent.bind(("127.0.0.1", port))        # takes the pings, never answers
+        result = self.measure_command("latency", "--port", "echo=%d" % port)
+        self.assertEqual(result.returncode, 1, result.stdout)
+        self.assertRegex(result.stdout, r"(?m)^latency +udp +- +0 round trips;"
+                                        r" min - p90 - p99 - max - µs; loss "
+                                        r"100\.0 %; FAILED: no round trip "
+                                        r"completed$")
+        self.assertRegex(result.stdout, r"(?m)^latency +tcp +[0-9.]+ µs ")
+        rows = diagsvc.measure("127.0.0.1", ["latency"], seconds=0.3,
+                               timeout=1, ports={"echo": port})
+        self.assertEqual([row["value"] is None for row in rows],
+                         [False, True])
+        self.assertEqual(diagsvc._measure_failures(rows),
+                         ["latency/udp: no round trip completed"])
+
+    def test_download_of_nothing_and_upload_never_drained(self):
+        stalled = silent_tcp_listener()
+        self.addCleanup(stalled.close)
+        port = stalled.getsockname()[1]
+        result = self.measure_command("download", "upload", "--port",
+                                      "chargen=%d" % port, "--port",
+                                      "discard=%d" % port, "--json")
+        self.assertEqual(result.returncode, 1, result.stdout)
+        download, upload = json.loads(result.stdout)
+        self.assertEqual(download["bytes"], 0)
+        self.assertFalse(upload["drained"])
+        self.assertEqual(diagsvc._measure_failures([download, upload]), [
+            "download/tcp: no bytes got through",
+            "upload/tcp: not drained: the server did not close after our "
+            "half-close"])
+
+    def test_upload_to_a_discard_port_that_streams_ends(self):
+        # --port discard=19 against a chargen: the drain used to read its
+        # stream forever.  Now one deadline bounds it (seconds + timeout,
+        # at least 2 s); a hang is what this guards against, so the bound
+        # here is generous.
+        server = self.start_server(["chargen"])
+        result = self.measure_command("upload", "--port", "discard=%d" %
+                                      ports_of(server)["chargen"])
+        self.assertEqual(result.returncode, 1, result.stdout)
+        self.assertRegex(result.stdout, r"(?m)^upload +tcp +[0-9.]+ MB/s +"
+                                        r"[0-9.]+ MB in [0-9.]+ s; not "
+                                        r"drained; FAILED: discard sent \d+ "
+                                        r"bytes back; FAILED: not drained")
+
+
 # --- Lifecycle ----------------------------------------------------------------
 
 
