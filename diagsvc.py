@@ -2470,6 +2470,24 @@ def _non_negative(kind):
     return convert
 
 
+def _parse_mixed(parser, argv, rest):
+    """parse_args(argv), with options and positionals in any order.
+
+    argparse fills the positionals from their first run and calls a later
+    one unrecognized ('probe HOST --tcp echo'); parse_intermixed_args, which
+    mends that, is Python 3.7+.  So parse what argparse knows, refuse any
+    leftover option, and give the leftover words to REST, the positional
+    that takes any number of them (each of diagsvc's parsers has one).
+    """
+    options, leftover = parser.parse_known_args(argv)
+    unknown = [word for word in leftover if word.startswith("-")]
+    if unknown:
+        parser.error("unrecognized arguments: %s" % " ".join(unknown))
+    if leftover:
+        setattr(options, rest, list(getattr(options, rest) or ()) + leftover)
+    return options
+
+
 def _build_parser():
     import argparse
     parser = argparse.ArgumentParser(
@@ -2557,7 +2575,7 @@ def _build_parser():
 
 def _serve_main(argv):
     parser = _build_parser()
-    options = parser.parse_args(argv)
+    options = _parse_mixed(parser, argv, "services")
     for name in options.services:
         if name not in SERVICES:
             parser.error("unknown service %r (choose from %s)" % (
@@ -2715,7 +2733,8 @@ def _client_main(argv):
     import json                         # here, not at the top: import cost
     command = argv[0]
     parser = _client_parser(command)
-    options = parser.parse_args(argv[1:])
+    options = _parse_mixed(parser, argv[1:], "services" if command == "probe"
+                           else "tests")
     names = options.services if command == "probe" else options.tests
     choices = SERVICE_NAMES if command == "probe" else MEASURE_TESTS
     for name in names:

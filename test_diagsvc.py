@@ -1287,6 +1287,37 @@ class MeasureFailuresTest(ServerTestCase):
                                         r"bytes back; FAILED: not drained")
 
 
+class IntermixedArgumentsTest(ServerTestCase):
+    """Item 15: options and positionals in any order, on 3.6 too."""
+
+    def test_probe_and_measure_take_options_after_positionals(self):
+        server = self.start_server(["echo"])
+        port = "--port=echo=%d" % ports_of(server)["echo"]
+        result = run_command("probe", "127.0.0.1", "--tcp", "echo", port,
+                             "--json")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual([(row["service"], row["transport"])
+                          for row in json.loads(result.stdout)],
+                         [("echo", "tcp")])
+        result = run_command("measure", "127.0.0.1", "--seconds", "0.2",
+                             "latency", port, "--json")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual([row["test"] for row in json.loads(result.stdout)],
+                         ["latency", "latency"])
+        result = run_command("probe", "127.0.0.1", "echo", "--bogus", "echo")
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("unrecognized arguments: --bogus", result.stderr)
+
+    def test_the_server_takes_options_after_positionals(self):
+        server = ServerProcess("echo", "--tcp", "chargen", "--bind",
+                               "127.0.0.1", "--port", "echo=0", "--port",
+                               "chargen=0")
+        self.addCleanup(server.kill)
+        self.assertEqual(sorted(server.addresses), [("chargen", "tcp"),
+                                                    ("echo", "tcp")])
+        server.stop()
+
+
 # --- Lifecycle ----------------------------------------------------------------
 
 
