@@ -1890,6 +1890,9 @@ class _Probe(object):
             reply = self.sock.recv(65536)
         except (BlockingIOError, InterruptedError):
             return
+        except ConnectionResetError:
+            # Windows reports a UDP port unreachable as WSAECONNRESET.
+            return self._failed(errno.ECONNREFUSED)
         except OSError as error:
             return self._error(error)
         self.rtt = now - self.last_send
