@@ -2027,6 +2027,22 @@ def _connect(family, address, port, timeout):
     return sock
 
 
+def _recv_rest(sock, received, size, timeout):
+    """Read up to SIZE bytes in all, within one timeout: an echo that
+    trickles a byte at a time cannot stretch one round trip for ever."""
+    deadline = time.monotonic() + timeout
+    while received and len(received) < size:
+        sock.settimeout(max(0.001, deadline - time.monotonic()))
+        chunk = sock.recv(size - len(received))
+        if not chunk:
+            break
+        received += chunk
+    sock.settimeout(timeout)
+    if len(received) < size:
+        raise ServerError("echo closed the connection")
+    return received
+
+
 def _measure_latency(family, address, ports, seconds, progress, timeout):
     """Echo ping-pong with 32-byte messages, TCP (TCP_NODELAY) and UDP."""
     rows = []
@@ -2050,12 +2066,9 @@ def _measure_latency(family, address, ports, seconds, progress, timeout):
                 started = clock()
                 sock.send(message)
                 if transport == "tcp":
-                    reply = b""
-                    while len(reply) < 32:
-                        chunk = sock.recv(32 - len(reply))
-                        if not chunk:
-                            raise ServerError("echo closed the connection")
-                        reply += chunk
+                    reply = sock.recv(32)
+                    if len(reply) < 32:
+                        reply = _recv_rest(sock, reply, 32, timeout)
                 else:
                     try:
                         reply = sock.recv(64)

@@ -1289,6 +1289,55 @@ class MeasureFailuresTest(ServerTestCase):
                                         r"bytes back; FAILED: not drained")
 
 
+class TricklingEchoServer(object):
+    """An echo that returns each byte a while after the one before: every
+    recv() gets something, so only an overall deadline ends a wait."""
+
+    def __init__(self, pause):
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(1)
+        self.port = self.listener.getsockname()[1]
+        self.pause = pause
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.serve)
+        self.thread.start()
+
+    def serve(self):
+        self.listener.settimeout(TIMEOUT)
+        try:
+            sock, _ = self.listener.accept()
+        except OSError:
+            return
+        with sock:
+            try:
+                for byte in iter(lambda: sock.recv(1), b""):
+                    if self.stop.wait(self.pause):
+                        break
+                    sock.sendall(byte)
+            except OSError:
+                pass
+
+    def close(self):
+        self.stop.set()
+        self.listener.close()
+        self.thread.join()
+
+
+class LatencyWaitTest(unittest.TestCase):
+    """Item 14: one latency round trip waits at most the timeout."""
+
+    def test_an_echo_that_trickles_times_out(self):
+        echo = TricklingEchoServer(pause=0.2)
+        self.addCleanup(echo.close)
+        # 32 bytes at 0.2 s each is 6.4 s; the timeout is 1 s.
+        result = run_command("measure", "127.0.0.1", "latency", "--seconds",
+                             "0.1", "--timeout", "1", "--port",
+                             "echo=%d" % echo.port)
+        self.assertEqual(result.returncode, 1, result.stdout)
+        self.assertEqual(result.stderr, "diagsvc measure: error: timed out\n")
+
+
 class IntermixedArgumentsTest(ServerTestCase):
     """Item 15: options and positionals in any order, on 3.6 too."""
 
