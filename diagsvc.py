@@ -1523,7 +1523,12 @@ _CHARGEN_PROBE_SIZE = CHARGEN_PERIOD_SIZE + CHARGEN_LINE_SIZE
 
 
 def _resolve_targets(host, family=None):
-    """[(family, address)] for every address HOST resolves to."""
+    """[(family, sockaddr)] for every address HOST resolves to.
+
+    The whole sockaddr is kept, not its address string: a link-local IPv6
+    address means nothing without its scope (fe80::1%eth0), and since
+    Python 3.7 the scope is only in the sockaddr's fourth field.
+    """
     wanted = {4: socket.AF_INET, 6: socket.AF_INET6}.get(family,
                                                           socket.AF_UNSPEC)
     try:
@@ -1533,11 +1538,32 @@ def _resolve_targets(host, family=None):
                                                       error.strerror or error))
     found = []
     for info_family, _, _, _, sockaddr in infos:
-        entry = (info_family, sockaddr[0])
+        entry = (info_family, sockaddr)
         if info_family in (socket.AF_INET, socket.AF_INET6) and \
                 entry not in found:
             found.append(entry)
     return found
+
+
+def _endpoint(sockaddr, port):
+    """A resolved sockaddr with PORT, for connect(): the scope kept."""
+    return (sockaddr[0], port) + tuple(sockaddr[2:])
+
+
+def _shown_address(sockaddr):
+    """The address as a person writes it: fe80::1%eth0, with its scope."""
+    address = sockaddr[0]
+    if len(sockaddr) > 3 and sockaddr[3] and "%" not in address:
+        try:
+            address += "%" + socket.if_indextoname(sockaddr[3])
+        except (AttributeError, OSError):   # no name: the index will do
+            address += "%%%d" % sockaddr[3]
+    return address
+
+
+def _socket_error(error):
+    """The reason a socket call failed, in a few words."""
+    return error.strerror or str(error) or type(error).__name__
 
 
 def _service_port(name, port_offset, ports):
@@ -1664,40 +1690,61 @@ def _judge(service, transport, data, sent, closed):
     return "open", words[:40] + ("..." if len(words) > 40 else "")
 
 
-class _Probe(object):
-    """One service, transport and address: a small state machine."""
+# A TCP discard probe sends its data, then waits this long (or three
+# round trips, if longer) before it half-closes.  A real discard keeps the
+# connection open until our half-close; a server that accepted only to
+# close at once (a --deny, a per-source limit) shows its EOF, or a reset,
+# in that window, and is not reported as having taken the data.
+_DISCARD_SETTLE = 0.25
 
-    def __init__(self, service, transport, family, address, port, timeout,
+
+class _Probe(object):
+    """One service, transport and address: a small state machine.
+
+    Any socket error ends this probe alone, with the verdict 'error' (or
+    'refused') and its reason: one unroutable address or a scope that
+    does not exist never costs the other rows.
+    """
+
+    def __init__(self, service, transport, family, sockaddr, port, timeout,
                  now):
         self.service = service
         self.transport = transport
-        self.address = address
+        self.address = _shown_address(sockaddr)
         self.port = port
         self.deadline = now + timeout
         self.timeout = timeout
         self.data = bytearray()
         self.rtt = None
         self.row = None
+        self.sock = None
         self.connected = False
-        kind = socket.SOCK_STREAM if transport == "tcp" else socket.SOCK_DGRAM
-        self.sock = socket.socket(family, kind)
-        self.sock.setblocking(False)
+        self.half_close_at = None       # TCP discard, between send and shutdown
         self.sent = (b"diagsvc probe " + os.urandom(9).hex().encode() +
                      b"\r\n") if service in ("echo", "discard") else b""
-        if transport == "tcp":
-            self.events = EVENT_WRITE
+        self.started = self.next_send = self.last_send = now
+        self.sends = 0
+        if transport == "udp" and service not in ("echo", "time"):
+            # RFC 868 clients send an empty datagram; the others ignore it.
+            self.sent = b"diagsvc probe\r\n"
+        self.events = EVENT_WRITE if transport == "tcp" else EVENT_READ
+        try:
+            self._open(family, _endpoint(sockaddr, port))
+        except OSError as error:
+            self._error(error)
+
+    def _open(self, family, endpoint):
+        kind = socket.SOCK_STREAM if self.transport == "tcp" else \
+            socket.SOCK_DGRAM
+        self.sock = socket.socket(family, kind)
+        self.sock.setblocking(False)
+        if self.transport == "tcp":
             self.started = time.monotonic()
-            code = self.sock.connect_ex((address, port))
+            code = self.sock.connect_ex(endpoint)
             if code and code not in _IN_PROGRESS:
                 self._failed(code)
         else:
-            self.events = EVENT_READ
-            self.sock.connect((address, port))
-            # RFC 868 clients send an empty datagram; the others ignore it.
-            if service not in ("echo", "time"):
-                self.sent = b"diagsvc probe\r\n"
-            self.sends = 0
-            self.next_send = now
+            self.sock.connect(endpoint)
 
     def finish(self, verdict, detail):
         if self.row is None:
@@ -1716,9 +1763,17 @@ class _Probe(object):
         else:
             self.finish("error", os.strerror(code))
 
+    def _error(self, error):
+        if isinstance(error, ConnectionRefusedError):
+            self._failed(errno.ECONNREFUSED)
+        else:
+            self.finish("error", _socket_error(error))
+
     def wake_time(self):
         if self.transport == "udp" and self.sends < 3:
             return min(self.deadline, self.next_send)
+        if self.half_close_at is not None:
+            return min(self.deadline, self.half_close_at)
         return self.deadline
 
     def on_timer(self, now):
@@ -1726,6 +1781,8 @@ class _Probe(object):
             self._expire()
         elif self.transport == "udp" and now >= self.next_send:
             self._send_datagram(now)
+        elif self.half_close_at is not None and now >= self.half_close_at:
+            self._half_close()
 
     def _send_datagram(self, now):
         # Three tries spread over the timeout: UDP may lose one.
@@ -1734,10 +1791,8 @@ class _Probe(object):
         self.next_send = now + self.timeout / 3.0
         try:
             self.sock.send(self.sent)
-        except ConnectionRefusedError:
-            self._failed(errno.ECONNREFUSED)
         except OSError as error:
-            self.finish("error", str(error.strerror or error))
+            self._error(error)
 
     def _expire(self):
         if self.transport == "udp":
@@ -1751,47 +1806,104 @@ class _Probe(object):
             self.finish("timeout", "no answer to the TCP connect within "
                         "%g s: filtered" % self.timeout)
         else:
-            self.finish(*_judge(self.service, "tcp", bytes(self.data),
-                                self.sent, False))
+            self._conclude(closed=False)
 
-    def on_event(self, now):
-        if self.transport == "udp":
-            try:
-                reply = self.sock.recv(65536)
-            except ConnectionRefusedError:
-                return self._failed(errno.ECONNREFUSED)
-            self.rtt = now - self.last_send
-            if self.service == "discard":
-                return self.finish("wrong", "discard answered with %d bytes"
-                                   % len(reply))
-            return self.finish(*_judge(self.service, "udp", reply, self.sent,
-                                       True))
-        if not self.connected:
-            code = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if code:
-                return self._failed(code)
-            self.connected = True
-            self.rtt = now - self.started
-            if self.sent:
-                self.sock.send(self.sent)       # tiny: the buffer is empty
-                self.sock.shutdown(socket.SHUT_WR)
-            self.events = EVENT_READ
+    def _conclude(self, closed, reset=False):
+        """The TCP verdict, from what came back and how it ended."""
+        if self.service == "discard" and not self.data and (
+                reset or (closed and self.half_close_at is not None)):
+            # A discard reads until the client's half-close: a close before
+            # it, or a reset (a close with our data unread), means the data
+            # was never taken.
+            return self.finish("wrong", "%s without reading the data" % (
+                "reset the connection" if reset else
+                "closed the connection before our half-close"))
+        self.finish(*_judge(self.service, "tcp", bytes(self.data), self.sent,
+                            closed))
+
+    def _half_close(self):
+        """TCP discard: nothing came back in the settling time; half-close."""
+        if self._receive():
             return
+        self.half_close_at = None
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except (ConnectionResetError, BrokenPipeError):
+            self._conclude(closed=True, reset=True)
+        except OSError as error:
+            self._error(error)
+
+    def _receive(self):
+        """Read what the service sent; True once that decides the verdict."""
         try:
             chunk = self.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return False
         except ConnectionResetError:
-            chunk = b""
+            if self.service == "discard":
+                self._conclude(closed=True, reset=True)
+            else:
+                self._conclude(closed=True)
+            return True
+        except OSError as error:
+            self._error(error)
+            return True
         if chunk:
             self.data += chunk
             enough = (_CHARGEN_PROBE_SIZE if self.service == "chargen"
                       else 4096)
             if len(self.data) < enough:
-                return
-        self.finish(*_judge(self.service, "tcp", bytes(self.data), self.sent,
-                            not chunk))
+                return False
+        self._conclude(closed=not chunk)
+        return True
+
+    def _connected(self, now):
+        code = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if code:
+            return self._failed(code)
+        self.connected = True
+        self.rtt = now - self.started
+        self.events = EVENT_READ
+        if not self.sent:
+            return
+        try:
+            self.sock.send(self.sent)           # tiny: the buffer is empty
+            if self.service == "discard":
+                self.half_close_at = now + min(
+                    max(_DISCARD_SETTLE, 3.0 * self.rtt),
+                    (self.deadline - now) / 2.0)
+            else:
+                self.sock.shutdown(socket.SHUT_WR)
+        except (ConnectionResetError, BrokenPipeError):
+            self._conclude(closed=True, reset=True)
+        except OSError as error:
+            self._error(error)
+
+    def on_event(self, now):
+        if self.transport == "tcp":
+            if self.connected:
+                self._receive()
+            else:
+                self._connected(now)
+            return
+        try:
+            reply = self.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except ConnectionResetError:
+            # Windows reports a UDP port unreachable as WSAECONNRESET.
+            return self._failed(errno.ECONNREFUSED)
+        except OSError as error:
+            return self._error(error)
+        self.rtt = now - self.last_send
+        if self.service == "discard":
+            return self.finish("wrong", "discard answered with %d bytes"
+                               % len(reply))
+        self.finish(*_judge(self.service, "udp", reply, self.sent, True))
 
     def close(self):
-        self.sock.close()
+        if self.sock is not None:
+            self.sock.close()
 
 
 def probe(host, services=None, transports=TRANSPORTS, port_offset=0,
@@ -1802,6 +1914,9 @@ def probe(host, services=None, transports=TRANSPORTS, port_offset=0,
     port, verdict (open, open|filtered, refused, no-reply, timeout, wrong,
     error), rtt_ms (TCP: the connect; UDP: the request) and detail.
     Everything runs concurrently: the whole probe takes about one timeout.
+    The loop sleeps until the next event or timer: a finished probe leaves
+    the selector at once, or its readable socket (EOF) would wake it in a
+    busy loop until the last probe is done.
     """
     services = [name for name in SERVICE_NAMES if name in (services or
                                                           SERVICE_NAMES)]
@@ -1809,34 +1924,42 @@ def probe(host, services=None, transports=TRANSPORTS, port_offset=0,
     probes = []
     selector = SELECTORS[0]()
     try:
-        for target_family, address in _resolve_targets(host, family):
+        for target_family, sockaddr in _resolve_targets(host, family):
             for name in services:
                 for transport in TRANSPORTS:
                     if transport in transports:
                         probes.append(_Probe(
-                            name, transport, target_family, address,
+                            name, transport, target_family, sockaddr,
                             _service_port(name, port_offset, ports),
                             timeout, now))
+        pending = []
         for task in probes:
             if task.row is None:
-                selector.register(task.sock, task.events, task)
-        pending = [task for task in probes if task.row is None]
+                try:
+                    selector.register(task.sock, task.events, task)
+                except (OSError, ValueError) as error:
+                    task.finish("error", "cannot watch the socket: %s" % (
+                        _socket_error(error)
+                        if isinstance(error, OSError) else error))
+                else:
+                    pending.append(task)
         while pending:
             now = time.monotonic()
             for task in pending:
-                if now >= task.wake_time():
+                if task.row is None and now >= task.wake_time():
                     task.on_timer(now)
-            pending = [task for task in pending if task.row is None]
-            if not pending:
-                break
-            wait = min(task.wake_time() for task in pending) - now
-            for key, _ in selector.select(max(0.0, wait)):
-                task = key.data
-                if task.row is None:
-                    events = task.events
-                    task.on_event(time.monotonic())
-                    if task.row is None and task.events != events:
-                        selector.modify(task.sock, task.events, task)
+            if all(task.row is None for task in pending):
+                wait = min(task.wake_time() for task in pending) - now
+                for key, _ in selector.select(max(0.0, wait)):
+                    task = key.data
+                    if task.row is None:
+                        events = task.events
+                        task.on_event(time.monotonic())
+                        if task.row is None and task.events != events:
+                            selector.modify(task.sock, task.events, task)
+            for task in pending:
+                if task.row is not None:
+                    selector.unregister(task.sock)
             pending = [task for task in pending if task.row is None]
     finally:
         for task in probes:
@@ -1848,15 +1971,28 @@ def probe(host, services=None, transports=TRANSPORTS, port_offset=0,
 # -- measure --
 
 
+def _nearest_rank(ordered, percent):
+    """The PERCENT-th percentile of sorted samples, by nearest rank.
+
+    The nearest-rank definition: the ceil(PERCENT / 100 * n)-th smallest
+    sample (p50 of [1, 2] is 1; p99 of 100 samples is the 99th; p99 of
+    fewer than 100 is the largest).  Always a value that was measured.
+    In integers: 0.9 * 10 is 9.000000000000002 in floating point, and its
+    ceiling would be one rank high.
+    """
+    rank = max(1, -(-percent * len(ordered) // 100))
+    return ordered[rank - 1]
+
+
 def _percentiles(samples):
+    """min, p50, p90, p99 and max in µs (nearest rank); {} for no samples."""
     samples = sorted(samples)
     if not samples:
         return {}
-    def at(fraction):
-        return round(samples[min(len(samples) - 1,
-                                 int(fraction * len(samples)))] * 1e6, 1)
-    return {"min_us": round(samples[0] * 1e6, 1), "p50_us": at(0.5),
-            "p90_us": at(0.9), "p99_us": at(0.99),
+    def at(percent):
+        return round(_nearest_rank(samples, percent) * 1e6, 1)
+    return {"min_us": round(samples[0] * 1e6, 1), "p50_us": at(50),
+            "p90_us": at(90), "p99_us": at(99),
             "max_us": round(samples[-1] * 1e6, 1)}
 
 
@@ -1884,11 +2020,27 @@ def _connect(family, address, port, timeout):
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
-        sock.connect((address, port))
+        sock.connect(_endpoint(address, port))
     except OSError:
         sock.close()
         raise
     return sock
+
+
+def _recv_rest(sock, received, size, timeout):
+    """Read up to SIZE bytes in all, within one timeout: an echo that
+    trickles a byte at a time cannot stretch one round trip for ever."""
+    deadline = time.monotonic() + timeout
+    while received and len(received) < size:
+        sock.settimeout(max(0.001, deadline - time.monotonic()))
+        chunk = sock.recv(size - len(received))
+        if not chunk:
+            break
+        received += chunk
+    sock.settimeout(timeout)
+    if len(received) < size:
+        raise ServerError("echo closed the connection")
+    return received
 
 
 def _measure_latency(family, address, ports, seconds, progress, timeout):
@@ -1904,7 +2056,7 @@ def _measure_latency(family, address, ports, seconds, progress, timeout):
         else:
             sock = socket.socket(family, socket.SOCK_DGRAM)
             sock.settimeout(min(timeout, 1.0))
-            sock.connect((address, ports["echo"]))
+            sock.connect(_endpoint(address, ports["echo"]))
         try:
             end = time.monotonic() + seconds
             sequence = 0
@@ -1914,12 +2066,9 @@ def _measure_latency(family, address, ports, seconds, progress, timeout):
                 started = clock()
                 sock.send(message)
                 if transport == "tcp":
-                    reply = b""
-                    while len(reply) < 32:
-                        chunk = sock.recv(32 - len(reply))
-                        if not chunk:
-                            raise ServerError("echo closed the connection")
-                        reply += chunk
+                    reply = sock.recv(32)
+                    if len(reply) < 32:
+                        reply = _recv_rest(sock, reply, 32, timeout)
                 else:
                     try:
                         reply = sock.recv(64)
@@ -2051,21 +2200,38 @@ def _measure_upload(family, address, ports, seconds, parallel, progress,
             return False
         return True
 
-    drained = True
+    buffer = bytearray(65536)
+    drain = {"closed": 0, "returned": 0}
+
+    def on_drain(flow, events):
+        try:
+            count = flow.sock.recv_into(buffer)
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError:                 # a reset: some data was never read
+            return False
+        if count:                       # not a discard: stop reading it
+            drain["returned"] += count
+            return False
+        drain["closed"] += 1
+        return False
+
     try:
         _stream_loop(flows, seconds, on_ready, progress, lambda: (
             "upload: %.0f MB/s" % (sum(f.bytes for f in flows) / 1e6 /
                                    max(1e-6, time.monotonic() - started))))
         # Half-close and wait for the server's close: then every byte
-        # counted was read by the server, not sitting in a buffer.
+        # counted was read by the server, not sitting in a buffer.  One
+        # deadline for all the flows: a "discard" that streams back (say
+        # --port discard=19, a chargen) or never closes cannot hold it.
         for flow in flows:
-            flow.sock.settimeout(max(timeout, 2.0))     # blocking again
+            flow.events = EVENT_READ
             try:
                 flow.sock.shutdown(socket.SHUT_WR)
-                while flow.sock.recv(65536):
-                    pass
             except OSError:
-                drained = False
+                flow.events = 0
+        _stream_loop([flow for flow in flows if flow.events], max(
+            timeout, 2.0), on_drain, progress, lambda: "upload: draining")
     finally:
         for flow in flows:
             flow.sock.close()
@@ -2074,7 +2240,8 @@ def _measure_upload(family, address, ports, seconds, parallel, progress,
     return [{"test": "upload", "transport": "tcp", "unit": "MB/s",
              "value": round(total / 1e6 / elapsed, 1), "bytes": total,
              "seconds": round(elapsed, 2), "parallel": parallel,
-             "drained": drained}]
+             "drained": drain["closed"] == len(flows),
+             "returned_bytes": drain["returned"]}]
 
 
 # The echo test's pattern: a prime period, so a lost, repeated or reordered
@@ -2152,7 +2319,7 @@ def _measure_connect(family, address, ports, seconds, parallel, progress,
     def open_one():
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setblocking(False)
-        code = sock.connect_ex((address, port))
+        code = sock.connect_ex(_endpoint(address, port))
         if code and code not in _IN_PROGRESS:
             sock.close()
             kind = ("refused" if code in (errno.ECONNREFUSED, 10061)
@@ -2221,10 +2388,13 @@ def measure(host, tests=None, seconds=5.0, parallel=1, port_offset=0,
     Returns a list of dicts: test, transport, address, unit, value, and
     the test's own figures (percentiles in µs, bytes, errors...).  A
     content error (a wrong chargen or echo byte) is counted in wrong_bytes.
+    A figure that has no value (no round trip completed) is None.
+    _measure_failures(rows) says what failed, if anything did.
     """
     tests = [name for name in MEASURE_TESTS if name in (tests or
                                                        MEASURE_TESTS)]
     target_family, address = _resolve_targets(host, family)[0]
+    shown = _shown_address(address)
     all_ports = dict((name, _service_port(name, port_offset, ports))
                      for name in SERVICE_NAMES)
     status = _Progress(progress)
@@ -2248,13 +2418,45 @@ def measure(host, tests=None, seconds=5.0, parallel=1, port_offset=0,
                                          seconds, parallel, status, timeout,
                                          connect_service)
             for row in found:
-                row["address"] = address
+                row["address"] = shown
                 row["port"] = all_ports[_MEASURE_SERVICE.get(test,
                                                              connect_service)]
             rows.extend(found)
     finally:
         status.clear()
     return rows
+
+
+def _measure_row_failures(row):
+    """What failed in one measure row, in words: [] when nothing did.
+
+    The exit status of 'diagsvc measure' is 1 exactly when some row has a
+    reason here; a new test adds its own checks below.
+    """
+    test = row["test"]
+    reasons = []
+    if test == "latency" and not row["count"]:
+        reasons.append("no round trip completed")
+    if test in ("download", "upload", "echo") and not row["bytes"]:
+        reasons.append("no bytes got through")
+    if row.get("wrong_bytes"):
+        reasons.append("%d wrong bytes" % row["wrong_bytes"])
+    if row.get("missing_bytes"):
+        reasons.append("%d bytes never echoed" % row["missing_bytes"])
+    if row.get("returned_bytes"):
+        reasons.append("discard sent %d bytes back" % row["returned_bytes"])
+    if test == "upload" and not row["drained"]:
+        reasons.append("not drained: the server did not close after our "
+                       "half-close")
+    if test == "connect" and not row["count"]:
+        reasons.append("no connection succeeded")
+    return reasons
+
+
+def _measure_failures(rows):
+    """Every failure in a measure run, as 'test/transport: reason'."""
+    return ["%s/%s: %s" % (row["test"], row["transport"], reason)
+            for row in rows for reason in _measure_row_failures(row)]
 
 
 # --- The command line --------------------------------------------------------
@@ -2282,6 +2484,24 @@ def _non_negative(kind):
             raise argparse.ArgumentTypeError("%r is not a number >= 0" % text)
         return value
     return convert
+
+
+def _parse_mixed(parser, argv, rest):
+    """parse_args(argv), with options and positionals in any order.
+
+    argparse fills the positionals from their first run and calls a later
+    one unrecognized ('probe HOST --tcp echo'); parse_intermixed_args, which
+    mends that, is Python 3.7+.  So parse what argparse knows, refuse any
+    leftover option, and give the leftover words to REST, the positional
+    that takes any number of them (each of diagsvc's parsers has one).
+    """
+    options, leftover = parser.parse_known_args(argv)
+    unknown = [word for word in leftover if word.startswith("-")]
+    if unknown:
+        parser.error("unrecognized arguments: %s" % " ".join(unknown))
+    if leftover:
+        setattr(options, rest, list(getattr(options, rest) or ()) + leftover)
+    return options
 
 
 def _build_parser():
@@ -2371,7 +2591,7 @@ def _build_parser():
 
 def _serve_main(argv):
     parser = _build_parser()
-    options = parser.parse_args(argv)
+    options = _parse_mixed(parser, argv, "services")
     for name in options.services:
         if name not in SERVICES:
             parser.error("unknown service %r (choose from %s)" % (
@@ -2442,12 +2662,18 @@ def _table(rows, columns):
                    for line in cells)
 
 
+def _figure(value):
+    """A figure for the table: '-' where there is none (JSON: null)."""
+    return "-" if value is None else str(value)
+
+
 def _measure_detail(row):
     test = row["test"]
     if test == "latency":
         text = "%d round trips; min %s p90 %s p99 %s max %s µs" % (
-            row["count"], row.get("min_us"), row.get("p90_us"),
-            row.get("p99_us"), row.get("max_us"))
+            row["count"], _figure(row.get("min_us")),
+            _figure(row.get("p90_us")), _figure(row.get("p99_us")),
+            _figure(row.get("max_us")))
         if "loss_pct" in row:
             text += "; loss %s %%" % row["loss_pct"]
         return text
@@ -2460,14 +2686,15 @@ def _measure_detail(row):
             text += "; missing %d" % row["missing_bytes"]
         return text
     if test == "upload":
-        return "%.1f MB in %.1f s%s" % (row["bytes"] / 1e6, row["seconds"],
-                                        "" if row["drained"] else
-                                        " (server did not close: not drained)")
+        return "%.1f MB in %.1f s; %s" % (row["bytes"] / 1e6, row["seconds"],
+                                          "drained" if row["drained"] else
+                                          "not drained")
     kinds = ", ".join("%s %d" % item for item in
                       sorted(row["error_kinds"].items()))
     return "%d %s connections; p50 %s p99 %s µs; errors %d%s" % (
-        row["count"], row["service"], row.get("p50_us"), row.get("p99_us"),
-        row["errors"], " (%s)" % kinds if kinds else "")
+        row["count"], row["service"], _figure(row.get("p50_us")),
+        _figure(row.get("p99_us")), row["errors"],
+        " (%s)" % kinds if kinds else "")
 
 
 def _write_text(text):
@@ -2522,7 +2749,8 @@ def _client_main(argv):
     import json                         # here, not at the top: import cost
     command = argv[0]
     parser = _client_parser(command)
-    options = parser.parse_args(argv[1:])
+    options = _parse_mixed(parser, argv[1:], "services" if command == "probe"
+                           else "tests")
     names = options.services if command == "probe" else options.tests
     choices = SERVICE_NAMES if command == "probe" else MEASURE_TESTS
     for name in names:
@@ -2568,14 +2796,14 @@ def _client_main(argv):
         _write_text(_table(rows, [
             ("TEST", lambda r: r["test"]),
             ("PROTO", lambda r: r["transport"]),
-            ("RESULT", lambda r: "%s %s" % (r["value"], r["unit"])),
-            ("DETAIL", _measure_detail)]))
+            ("RESULT", lambda r: "-" if r["value"] is None else
+             "%s %s" % (r["value"], r["unit"])),
+            ("DETAIL", lambda r: "; ".join(
+                [_measure_detail(r)] + ["FAILED: " + reason for reason in
+                                        _measure_row_failures(r)]))]))
     if command == "probe":
         return 0 if all(row["verdict"] in PROBE_OK for row in rows) else 1
-    failed = any(row.get("wrong_bytes") or row.get("missing_bytes") or
-                 (row["test"] == "connect" and not row["count"])
-                 for row in rows)
-    return 1 if failed else 0
+    return 1 if _measure_failures(rows) else 0
 
 
 def _install_signal_handlers(server):
