@@ -698,6 +698,12 @@ def _is_group_destination(packed):
     return packed[0] >= 224 or packed == b"\xff\xff\xff\xff"
 
 
+def _needs_interface(packed):
+    """An IPv6 address that means something only with its interface:
+    link-local (fe80::/10) or multicast (ff00::/8)."""
+    return packed[0] == 0xFF or (packed[0] == 0xFE and packed[1] & 0xC0 == 0x80)
+
+
 _UNKNOWN = object()                 # not in a cache yet
 
 
@@ -835,8 +841,17 @@ class DatagramEndpoint(object):
                 return [(socket.IPPROTO_IP, IP_PKTINFO,
                          b"\0\0\0\0" + destination + b"\0\0\0\0")], destination
             if self.pktinfo == 6 and kind == IPV6_PKTINFO:
-                # in6_pktinfo: the destination and its interface, as is.
-                return [(socket.IPPROTO_IPV6, IPV6_PKTINFO, data)], data[:16]
+                # in6_pktinfo: the source to use, and an interface index
+                # only where the address needs one (link-local; multicast
+                # is refused anyway).  The index it arrived on would force
+                # the reply out of that interface, and a datagram from ::1
+                # to an address of eth0 arrived "on eth0": its reply, sent
+                # out of eth0 to ::1, would never arrive.  Index 0 lets the
+                # kernel route it as it routes anything else.
+                destination = data[:16]
+                if not _needs_interface(destination):
+                    data = destination + b"\0\0\0\0"
+                return [(socket.IPPROTO_IPV6, IPV6_PKTINFO, data)], destination
         return None, None
 
 

@@ -1600,5 +1600,67 @@ class CommandLineTest(unittest.TestCase):
         self.assertEqual(result.stdout.strip(), "diagsvc " + diagsvc.__version__)
 
 
+
+# --- Trust: loops, the log, IPv6 prefixes, interfaces and scopes ------------
+
+
+def in_namespace(test, setup, body):
+    """Run body (Python, with diagsvc imported, printing one JSON value) in
+    a fresh network namespace after the shell commands in setup; return
+    the value.  Skips where that cannot be done (not root, no unshare/ip).
+    """
+    import shutil
+    if not ON_LINUX or os.geteuid() != 0:
+        test.skipTest("needs root on Linux for a network namespace")
+    for tool in ("unshare", "ip"):
+        if shutil.which(tool) is None:
+            test.skipTest("needs the %s command" % tool)
+    script = "\n".join([
+        "import json, os, socket, subprocess, sys, time",
+        "sys.path.insert(0, %r)" % HERE,
+        "import diagsvc",
+        "subprocess.check_call(%r, shell=True)" % (
+            "ip link set lo up; " + setup),
+        body])
+    try:
+        result = subprocess.run(
+            ["unshare", "-n", sys.executable, "-c", script],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            universal_newlines=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        test.fail("the namespace test did not finish within 60 s")
+    if result.returncode != 0 and "unshare failed" in result.stderr:
+        test.skipTest("cannot make a network namespace: " +
+                      result.stderr.strip())
+    test.assertEqual(result.returncode, 0, result.stderr)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+class InterfaceTest(unittest.TestCase):
+    """Item 7: an IPv6 UDP reply is routed, not pinned to an interface."""
+
+    def test_ipv6_reply_to_loopback_from_an_address_of_another_link(self):
+        # fd00::2 lives on br0; a datagram from ::1 to it arrives on br0's
+        # index.  The reply (from fd00::2 to ::1) must go by the route (lo).
+        reply = in_namespace(self, (
+            "ip link add br0 type bridge; ip link set br0 up; "
+            "ip -6 addr add fd00::2/64 dev br0 nodad"), """
+with diagsvc.Server(["echo"], bind=["::"], port_offset=None,
+                    transports=("udp",)) as server:
+    server.start()
+    port = server.addresses["echo", "udp"][0][1]
+    client = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    client.bind(("::1", 0))
+    client.settimeout(3.0)
+    client.sendto(b"via lo", ("fd00::2", port))
+    try:
+        data, source = client.recvfrom(100)
+        print(json.dumps([data.decode(), source[0], source[1] == port]))
+    except socket.timeout:
+        print(json.dumps(None))
+""")
+        self.assertEqual(reply, ["via lo", "fd00::2", True])
+
+
 if __name__ == "__main__":
     unittest.main()
