@@ -30,9 +30,10 @@ Import it, for example to get an echo server inside a test suite:
 Safety: the server is meant to be left running on exposed hosts.  Every TCP
 connection costs bounded memory (at most ``max_output`` bytes owed to it) and
 is closed after ``idle_timeout`` seconds with no byte moving; connections are
-limited in total and per source address; UDP replies are never sent to the
-diagnostic ports or to broadcast or multicast addresses (the echo-chargen loop,
-CVE-1999-0103) and are rate-limited per source for the services whose reply
+limited in total and per source address; UDP replies are never sent to
+ports below 1024 or to broadcast or multicast addresses (the echo-chargen loop,
+CVE-1999-0103), nor to a peer that keeps sending our own replies back (a loop
+on any ports), and are rate-limited per source for the services whose reply
 can be larger than the request; ``allow``/``deny`` lists filter both
 transports; started as root, the command line drops to ``nobody`` once every
 socket is bound.  The README lists each default and the reason for it.
@@ -58,6 +59,7 @@ import socket
 import struct
 import sys
 import time
+from binascii import crc32
 
 # --- Compatibility: computed once, by feature detection ---------------------
 
@@ -608,6 +610,12 @@ ACCEPT_BATCH = 64                   # accepts per readiness event
 DATAGRAM_BATCH = 64                 # datagrams per readiness event
 ACCEPT_PAUSE = 0.25                 # seconds without accepting after EMFILE
 REFUSAL_LOG_INTERVAL = 60.0         # one log line per source and reason
+UDP_LOWEST_SOURCE_PORT = 1024       # below: a service, never a client
+LOOP_RETURNS = 8                    # our own replies back from one peer...
+LOOP_MEMORY = 1.0                   # ... each sent within 1 to 2 s ...
+LOOP_BLOCK = 10.0                   # ... and that peer is refused this long
+LOOP_TABLE_MAX = 65536              # replies remembered per generation
+LOOP_DIGEST_SPAN = 512              # bytes digested at each end of a payload
 RATE_TABLE_MAX = 65536              # sources tracked by the UDP rate limit
 SOURCE_CACHE_MAX = 4096             # UDP source decisions remembered
 MAX_TIMER_WAIT = 1.0                # the loop wakes at least this often
@@ -704,6 +712,25 @@ def _needs_interface(packed):
     return packed[0] == 0xFF or (packed[0] == 0xFE and packed[1] & 0xC0 == 0x80)
 
 
+def _reply_key(address, payload, size):
+    """Who a datagram came from or went to, and a digest of its bytes.
+
+    A loop returns our reply unchanged, so any digest finds it; a cheaper
+    one can only make two different payloads look alike.  Past twice
+    LOOP_DIGEST_SPAN bytes only the length, the head and the tail are
+    read: a 64 KB echo costs a 1 KB checksum, not a 64 KB one.  A client
+    would have to send large datagrams that differ only in the middle,
+    again and again, to be taken for a loop (a sequence number, where
+    there is one, sits in the head).
+    """
+    if size > 2 * LOOP_DIGEST_SPAN:
+        digest = crc32(payload[size - LOOP_DIGEST_SPAN:size],
+                       crc32(payload[:LOOP_DIGEST_SPAN]))
+    else:
+        digest = crc32(payload[:size])
+    return hash((address, size, digest))
+
+
 _UNKNOWN = object()                 # not in a cache yet
 
 
@@ -769,13 +796,18 @@ class DatagramEndpoint(object):
         echoes = service.stream_class is EchoStream
         # Per datagram only what must be: the guard's port check, one
         # cached decision per source address, the rate limit where the
-        # reply outgrows the request.  Counted before the reply leaves, so
-        # that a client holding the reply sees it counted.
+        # reply outgrows the request, and the loop watch (a checksum and
+        # two set look-ups).  Counted before the reply leaves, so that a
+        # client holding the reply sees it counted.
         counters = self.counters
         udp_guard = server.udp_guard
+        lowest_port = UDP_LOWEST_SOURCE_PORT if udp_guard else 0
         guarded_ports = server.guarded_ports if udp_guard else ()
         known_sources = server.source_refusals
         rate_limited = server.udp_rate and service.amplifies
+        watch_loops = udp_guard and service is not SERVICES["discard"]
+        loop_blocked = server.loop_blocked
+        replied, replied_before = server.replied, server.replied_before
         verbose = server.verbosity > 1
         for _ in range(DATAGRAM_BATCH):
             try:
@@ -796,8 +828,10 @@ class DatagramEndpoint(object):
             if pktinfo:
                 reply_info, destination = self._reply_from(ancillary)
             source = address[0]
-            if address[1] in guarded_ports:
+            if address[1] < lowest_port or address[1] in guarded_ports:
                 refusal = "loop-guard"
+            elif loop_blocked and address in loop_blocked:
+                refusal = "loop-detected"
             else:
                 refusal = known_sources.get(source, _UNKNOWN)
                 if refusal is _UNKNOWN:
@@ -807,6 +841,12 @@ class DatagramEndpoint(object):
                     refusal = "group-destination"
                 if refusal is None and rate_limited:
                     refusal = server.rate_limited(source)
+                if refusal is None and watch_loops:
+                    key = _reply_key(address, buffer, count)
+                    if key in replied or key in replied_before:
+                        refusal = server.reply_came_back(address)
+                    elif server.loop_suspects:
+                        server.fresh_payload(address)
             if refusal is not None:
                 server.refuse(counters, refusal, source, "udp", service)
                 continue
@@ -828,6 +868,15 @@ class DatagramEndpoint(object):
                 counters.bytes_out -= len(reply)
                 counters.refuse("send-failed")
                 continue
+            if watch_loops:
+                # Remember what went where: echo's reply is the payload.
+                if not echoes:
+                    key = _reply_key(address, reply, len(reply))
+                replied.add(key)
+                if len(replied) >= LOOP_TABLE_MAX:
+                    server.forget_old_replies()
+                    replied = server.replied
+                    replied_before = server.replied_before
             if verbose:
                 server.log("%s/udp from %s port %d: %d bytes in, %d out" % (
                     service.name, source, address[1], count, len(reply)))
@@ -980,7 +1029,8 @@ class Server(object):
     max_per_source    TCP connections from one address; 0: no limit
     idle_timeout      close a TCP connection idle this long; 0: never
     max_output        bytes owed to one TCP connection, at most
-    udp_guard         refuse datagrams that could start a loop or a flood
+    udp_guard         refuse datagrams that could start a loop or a flood,
+                      and stop loops that started anyway
     udp_rate, udp_burst   replies a second per source for the services
                       whose reply outgrows the request; rate 0: no limit
     allow, deny       addresses or CIDR networks
@@ -1035,6 +1085,14 @@ class Server(object):
         self.endpoints = []
         self._rate_buckets = {}
         self.source_refusals = {}       # UDP source address -> None/reason
+        # The UDP loop watch: keys of replies sent in this generation and
+        # the one before (see _reply_key), the peers whose datagrams were
+        # our own replies, and the peers refused for that until a time.
+        self.replied = set()
+        self.replied_before = set()
+        self._replies_aged = self.now
+        self.loop_suspects = {}         # (host, port) -> returns, net
+        self.loop_blocked = {}          # (host, port) -> refused until
         self._refusals_logged = {}
         self._accept_paused_until = None
         self._accept_pause_logged = None
@@ -1314,6 +1372,64 @@ class Server(object):
         self.source_refusals[source] = refusal
         return refusal
 
+    # An echo-echo loop, whatever the ports: what comes back from the
+    # peer is exactly what we last sent it.  So is an echo-daytime or
+    # echo-time loop within a second, and our chargen, qotd, daytime or
+    # time against a foreign echo.  A client sending distinct payloads
+    # never shows this; one that retries a lost reply (probe sends the
+    # same bytes up to 3 times) or a person typing a line twice shows it
+    # a few times.  So each datagram that repeats a reply sent to that
+    # same peer (host and port) in the last 1-2 s counts one up, each new
+    # payload from it one down, and every second takes one off: at
+    # LOOP_RETURNS the peer is refused ("loop-detected") for LOOP_BLOCK
+    # seconds.  Replies are remembered by peer and digest, not just the
+    # last one, so a spoofer who starts many loops at once (interleaved
+    # payloads) is caught as fast: each of them counts.  A foreign
+    # service that answers with new bytes every time (a chargen on a
+    # non-standard port) cannot be told from a client by content; the
+    # README says how to bound that.
+
+    def reply_came_back(self, address):
+        """A datagram from address repeats a reply we sent it: None, or
+        "loop-detected" once it has happened LOOP_RETURNS times."""
+        returns = self.loop_suspects.get(address, 0) + 1
+        if returns < LOOP_RETURNS:
+            if len(self.loop_suspects) >= LOOP_TABLE_MAX:
+                self.loop_suspects.clear()
+            self.loop_suspects[address] = returns
+            return None
+        del self.loop_suspects[address]
+        if len(self.loop_blocked) >= LOOP_TABLE_MAX:
+            self.loop_blocked.clear()   # this datagram still ends its loop
+        self.loop_blocked[address] = self.now + LOOP_BLOCK
+        return "loop-detected"
+
+    def fresh_payload(self, address):
+        returns = self.loop_suspects.get(address)
+        if returns is not None:
+            if returns > 1:
+                self.loop_suspects[address] = returns - 1
+            else:
+                del self.loop_suspects[address]
+
+    def forget_old_replies(self):
+        """A new generation of remembered replies: the old one goes."""
+        self.replied_before = self.replied
+        self.replied = set()
+        self._replies_aged = self.now
+
+    def _age_loop_watch(self):
+        now = self.now
+        if now - self._replies_aged >= LOOP_MEMORY:
+            self.forget_old_replies()
+            self.loop_suspects = dict(
+                (address, returns - 1) for address, returns
+                in self.loop_suspects.items() if returns > 1)
+        if self.loop_blocked:
+            for address in [address for address, until
+                            in self.loop_blocked.items() if until <= now]:
+                del self.loop_blocked[address]
+
     def rate_limited(self, source):
         """A token bucket per source: udp_burst replies, then udp_rate/s."""
         now = self.now
@@ -1366,6 +1482,7 @@ class Server(object):
                     self.close_stream(stream)
             if self._rate_buckets:
                 self._prune_rate_buckets()
+            self._age_loop_watch()
         self._set_next_timer()
 
     def _set_next_timer(self):
@@ -2577,8 +2694,9 @@ def _build_parser():
                         help="... after a burst of N (default %(default)s)")
     limits.add_argument("--no-udp-guard", dest="udp_guard",
                         action="store_false", help="answer datagrams from "
-                        "the diagnostic ports and group addresses too (lab "
-                        "use: this is how reflection loops start)")
+                        "ports below 1024 and group addresses too, and do "
+                        "not watch for loops (lab use: this is how "
+                        "reflection loops start)")
 
     access = parser.add_argument_group("access and privileges")
     access.add_argument("--allow", action="append", default=[],

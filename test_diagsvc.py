@@ -1662,5 +1662,118 @@ with diagsvc.Server(["echo"], bind=["::"], port_offset=None,
         self.assertEqual(reply, ["via lo", "fd00::2", True])
 
 
+def settled(read, quiet=0.5):
+    """A predicate for wait_until: read() gave the same value for quiet
+    seconds (a counter another thread was moving has stopped)."""
+    last = [read(), time.monotonic()]
+
+    def check():
+        value = read()
+        if value != last[0]:
+            last[:] = [value, time.monotonic()]
+            return False
+        return time.monotonic() - last[1] >= quiet
+    return check
+
+
+class LoopWatchTest(ServerTestCase):
+    """Item 1: no spoofed datagram starts a loop that lasts, whatever the
+    ports, and a real client is not cut off."""
+
+    def echo_pair(self):
+        first = self.start_server(["echo"], transports=("udp",))
+        second = self.start_server(["echo"], transports=("udp",))
+        return first, second
+
+    def datagrams(self, *servers):
+        return tuple(server.counters["echo", "udp"].datagrams
+                     for server in servers)
+
+    def loop_refusals(self, *servers):
+        return sum(server.counters["echo", "udp"].refusals.get(
+            "loop-detected", 0) for server in servers)
+
+    def inject(self, sender, receiver, payloads):
+        # A datagram to receiver with sender's address as its source: sent
+        # from sender's own socket, as a spoofer's would arrive.
+        target = receiver.addresses["echo", "udp"][0]
+        for payload in payloads:
+            sender.endpoints[0].sock.sendto(payload, target)
+
+    def assert_loop_stops(self, first, second):
+        wait_until(settled(lambda: self.datagrams(first, second)),
+                   message="the echo-echo loop to stop")
+        self.assertGreaterEqual(self.loop_refusals(first, second), 1)
+        self.assertLess(sum(self.datagrams(first, second)), 10000)
+        # Both still serve a real client.
+        for server in (first, second):
+            self.assertEqual(self.udp_exchange(server, "echo", b"after"),
+                             b"after")
+
+    def test_spoofed_datagram_between_two_echo_servers_stops(self):
+        first, second = self.echo_pair()
+        self.inject(second, first, [b"spoofed"])
+        self.assert_loop_stops(first, second)
+
+    def test_many_interleaved_loops_stop(self):
+        first, second = self.echo_pair()
+        self.inject(second, first, [b"loop %d" % n for n in range(40)])
+        self.assert_loop_stops(first, second)
+
+    def test_loop_through_our_daytime_and_a_foreign_echo_stops(self):
+        # A foreign echo (here: ours with the guard off) returns daytime's
+        # line unchanged; the daytime side must see its reply come back.
+        foreign = self.start_server(["echo"], transports=("udp",),
+                                    udp_guard=False)
+        ours = self.start_server(["daytime"], transports=("udp",),
+                                 udp_rate=0)
+        foreign.endpoints[0].sock.sendto(
+            b"", ours.addresses["daytime", "udp"][0])
+        counts = lambda: (foreign.counters["echo", "udp"].datagrams,
+                          ours.counters["daytime", "udp"].datagrams)
+        wait_until(settled(counts), message="the daytime-echo loop to stop")
+        self.assertEqual(ours.counters["daytime", "udp"].refusals,
+                         {"loop-detected": 1})
+
+    def test_a_client_sending_distinct_datagrams_gets_every_reply(self):
+        server = self.start_server(["echo"], transports=("udp",))
+        sock = self.udp_socket()
+        sock.connect(server.addresses["echo", "udp"][0])
+        total, window, sent, received = 20000, 16, 0, []
+        while len(received) < total:
+            while sent < total and sent - len(received) < window:
+                sock.send(b"%031d\n" % sent)
+                sent += 1
+            received.append(sock.recv(64))
+        self.assertEqual(sorted(received),
+                         [b"%031d\n" % n for n in range(total)])
+        self.assertEqual(server.counters["echo", "udp"].refusals, {})
+
+    def test_a_client_retrying_one_payload_gets_every_reply(self):
+        server = self.start_server(["echo"], transports=("udp",))
+        sock = self.udp_socket()
+        target = server.addresses["echo", "udp"][0]
+        for _ in range(2):              # a probe's three tries, twice
+            for _ in range(3):
+                sock.sendto(b"diagsvc probe 1234\r\n", target)
+                self.assertEqual(sock.recv(100), b"diagsvc probe 1234\r\n")
+            sock.sendto(b"typed twice", target)
+            self.assertEqual(sock.recv(100), b"typed twice")
+        self.assertEqual(server.counters["echo", "udp"].refusals, {})
+
+    @needs_linux
+    def test_source_ports_below_1024_are_refused(self):
+        if os.geteuid() != 0:
+            self.skipTest("binding a port below 1024 needs root")
+        server = self.start_server(["echo"], transports=("udp",))
+        for port in (53, 123, 1023):
+            low = sock_from("127.0.0.5", port, socket.SOCK_DGRAM)
+            self.addCleanup(low.close)
+            low.sendto(b"service?", server.addresses["echo", "udp"][0])
+            self.assert_no_reply(low, server, "127.0.0.1")
+        self.assertEqual(server.counters["echo", "udp"].refusals,
+                         {"loop-guard": 3})
+
+
 if __name__ == "__main__":
     unittest.main()
