@@ -52,12 +52,14 @@ __all__ = [
     "parse_quotes", "load_quotes", "probe", "measure", "main",
 ]
 
+import collections
 import errno
 import os
 import selectors
 import socket
 import struct
 import sys
+import threading                    # the log writer (and Server.start)
 import time
 from binascii import crc32
 
@@ -619,6 +621,11 @@ LOOP_DIGEST_SPAN = 512              # bytes digested at each end of a payload
 RATE_TABLE_MAX = 65536              # sources tracked by the UDP rate limit
 SOURCE_CACHE_MAX = 4096             # UDP source decisions remembered
 MAX_TIMER_WAIT = 1.0                # the loop wakes at least this often
+LOG_BURST = 20                      # log lines a peer can cause at once...
+LOG_RATE = 1.0                      # ... then this many a second, in all
+LOG_REPORT_INTERVAL = 10.0          # "N log lines suppressed", at most this often
+LOG_QUEUE_MAX = 10000               # lines waiting for a slow log, at most
+LOG_DRAIN_TIMEOUT = 2.0             # close() waits this long for the log
 STREAM_BUFFER_SIZE = 256 * 1024     # shared by every TCP read
 DATAGRAM_BUFFER_SIZE = 65536        # the largest UDP payload, IPv4 or IPv6
 
@@ -1014,6 +1021,9 @@ class Server(object):
     counters          {(service, transport): Counters}
     stats()           the counters as plain dicts
     log_counters()    write the counters to the log
+    log_lines_suppressed, log_lines_dropped
+                      log lines held back by the log's bucket, and lost
+                      because the log was not keeping up
 
     Arguments (all optional; the command line has the same):
 
@@ -1094,6 +1104,15 @@ class Server(object):
         self.loop_suspects = {}         # (host, port) -> returns, net
         self.loop_blocked = {}          # (host, port) -> refused until
         self._refusals_logged = {}
+        self._log_lines = collections.deque()
+        self._log_writer = None         # the thread, while a loop may log
+        self._log_closing = False
+        self._log_tokens = float(LOG_BURST)
+        self._log_tokens_stamp = self.now
+        self.log_lines_suppressed = 0   # held back by the bucket
+        self.log_lines_dropped = 0      # the queue was full
+        self._suppressed_reported = 0
+        self._suppressed_report_time = self.now
         self._accept_paused_until = None
         self._accept_pause_logged = None
         self._next_sweep = self.now + self._sweep_interval()
@@ -1218,14 +1237,98 @@ class Server(object):
 
     # -- Logging and refusals --
 
+    # The loop never writes the log itself: a reader that stops reading
+    # stderr (a full pipe) would stop every service.  Lines go into a
+    # bounded queue that a daemon thread writes out; when the queue is
+    # full a line is dropped and counted.  stderr stays blocking (its
+    # descriptor is shared with the parent).  The writer is woken through
+    # a socketpair, not a lock, so log() is safe in a signal handler.
+    # Lines that a remote peer can cause (refusals, errors of one socket)
+    # also pass a global token bucket: at most LOG_BURST at once, then
+    # LOG_RATE a second, whatever the number of (spoofed) sources; what
+    # it holds back is counted and reported in one line now and then.
+
     def log(self, message):
+        """Write one line to the log without ever blocking the loop."""
+        line = "%s diagsvc: %s\n" % (time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                     message)
+        if self._log_writer is None:
+            self._write_log_line(line)  # no loop running: nothing to stall
+        elif len(self._log_lines) >= LOG_QUEUE_MAX:
+            self.log_lines_dropped += 1
+        else:
+            self._log_lines.append(line)
+            try:
+                self._log_wake_writer.send(b"\0")
+            except OSError:             # full (already woken) or closed
+                pass
+
+    def notice(self, message):
+        """log() for what a remote peer can cause: within the bucket."""
+        now = self.now
+        tokens = min(float(LOG_BURST), self._log_tokens +
+                     (now - self._log_tokens_stamp) * LOG_RATE)
+        self._log_tokens_stamp = now
+        if tokens < 1.0:
+            self._log_tokens = tokens
+            self.log_lines_suppressed += 1
+            return
+        self._log_tokens = tokens - 1.0
+        self.log(message)
+
+    def _report_suppressed(self):
+        held_back = self.log_lines_suppressed - self._suppressed_reported
+        if held_back and self.now - self._suppressed_report_time >= \
+                LOG_REPORT_INTERVAL:
+            self._suppressed_reported = self.log_lines_suppressed
+            self._suppressed_report_time = self.now
+            self.log("%d log lines suppressed (at most %d at once, then %g "
+                     "a second; the counters count every refusal)" % (
+                         held_back, LOG_BURST, LOG_RATE))
+
+    def _write_log_line(self, line):
         stream = self.log_file or sys.stderr
         try:
-            stream.write("%s diagsvc: %s\n" % (
-                time.strftime("%Y-%m-%dT%H:%M:%S"), message))
+            stream.write(line)
             stream.flush()
         except (OSError, ValueError):   # a closed or full stderr stops nothing
             pass
+
+    def _start_log_writer(self):
+        self._log_wake_reader, self._log_wake_writer = socket.socketpair()
+        self._log_wake_writer.setblocking(False)
+        self._log_writer = threading.Thread(target=self._run_log_writer,
+                                            name="diagsvc-log")
+        self._log_writer.daemon = True
+        self._log_writer.start()
+
+    def _run_log_writer(self):
+        lines = self._log_lines
+        while True:
+            try:
+                self._log_wake_reader.recv(4096)
+            except OSError:
+                return
+            while lines:
+                self._write_log_line(lines.popleft())
+            if self._log_closing:
+                return
+
+    def _stop_log_writer(self):
+        """Write out what is queued, waiting LOG_DRAIN_TIMEOUT at most."""
+        writer = self._log_writer
+        if writer is None:
+            return
+        self._log_closing = True
+        try:
+            self._log_wake_writer.send(b"\0")
+        except OSError:
+            pass
+        writer.join(LOG_DRAIN_TIMEOUT)
+        self._log_writer = None
+        if not writer.is_alive():       # else it still holds them
+            self._log_wake_reader.close()
+            self._log_wake_writer.close()
 
     def refuse(self, counters, reason, source, transport, service):
         """Count a refusal; log it once per source, reason and interval."""
@@ -1239,7 +1342,7 @@ class Server(object):
         if len(self._refusals_logged) >= 4096:
             self._refusals_logged.clear()
         self._refusals_logged[key] = self.now
-        self.log("refused %s/%s from %s: %s (logged once a %d s for this "
+        self.notice("refused %s/%s from %s: %s (logged once a %d s for this "
                  "source)" % (service.name, transport, source, reason,
                               REFUSAL_LOG_INTERVAL))
 
@@ -1310,7 +1413,7 @@ class Server(object):
         except (OSError, ValueError) as error:
             # select() cannot watch a descriptor above FD_SETSIZE, say.
             stream.sock.close()
-            self.log("cannot watch a new connection: %s" % (error,))
+            self.notice("cannot watch a new connection: %s" % (error,))
             return
         self.streams.add(stream)
         source = stream.source
@@ -1344,7 +1447,7 @@ class Server(object):
         last = self._accept_pause_logged
         if last is None or self.now - last >= REFUSAL_LOG_INTERVAL:
             self._accept_pause_logged = self.now
-            self.log("cannot accept: %s; pausing accepts for %.2f s at a "
+            self.notice("cannot accept: %s; pausing accepts for %.2f s at a "
                      "time (%d connections open; raise the open-file limit "
                      "or lower --max-connections; logged once a %d s)" % (
                          error.strerror or error, ACCEPT_PAUSE,
@@ -1483,6 +1586,7 @@ class Server(object):
             if self._rate_buckets:
                 self._prune_rate_buckets()
             self._age_loop_watch()
+            self._report_suppressed()
         self._set_next_timer()
 
     def _set_next_timer(self):
@@ -1498,6 +1602,8 @@ class Server(object):
         if self._running:
             raise RuntimeError("serve_forever() is already running")
         self._running = True
+        if self._log_writer is None:
+            self._start_log_writer()
         select = self.selector.select
         monotonic = time.monotonic
         self.now = monotonic()
@@ -1533,7 +1639,7 @@ class Server(object):
                         handler.source, error))
                 return
         elif isinstance(error, OSError):
-            self.log("%s/%s: %s" % (
+            self.notice("%s/%s: %s" % (
                 handler.service.name,
                 "tcp" if isinstance(handler, Listener) else "udp", error))
             return
@@ -1576,6 +1682,7 @@ class Server(object):
         self.endpoints = []
         self._waker.close()
         self.selector.close()
+        self._stop_log_writer()
         if self._ring_file_to_close is not None:
             os.close(self._ring_file_to_close)
             self._ring_file_to_close = self.chargen_ring_file = None
@@ -1605,6 +1712,10 @@ class Server(object):
                 "connections" if transport == "tcp" else "datagrams",
                 counters.bytes_in, counters.bytes_out,
                 "; refused: " + refusals if refusals else ""))
+        if self.log_lines_suppressed or self.log_lines_dropped:
+            self.log("log: %d lines suppressed by the bucket, %d dropped "
+                     "(the log was not keeping up)" % (
+                         self.log_lines_suppressed, self.log_lines_dropped))
 
 
 # --- Privileges ----------------------------------------------------------------

@@ -1775,5 +1775,74 @@ class LoopWatchTest(ServerTestCase):
                          {"loop-guard": 3})
 
 
+class LogLines(object):
+    """A log_file that keeps its lines (written from the writer thread)."""
+
+    def __init__(self):
+        self.lines = []
+
+    def write(self, text):
+        self.lines.extend(text.splitlines())
+
+    def flush(self):
+        pass
+
+
+class StuckLog(object):
+    """A log_file whose write() blocks until released: a full pipe."""
+
+    def __init__(self):
+        self.released = threading.Event()
+        self.entered = threading.Event()
+
+    def write(self, text):
+        self.entered.set()
+        self.released.wait(TIMEOUT * 3)
+
+    def flush(self):
+        pass
+
+
+class LogBoundTest(ServerTestCase):
+    """Item 2: a bound on log lines in total; no write stalls the loop."""
+
+    @needs_linux
+    def test_spoofed_sources_cannot_flood_the_log(self):
+        log = LogLines()
+        server = self.start_server(["echo"], transports=("udp",),
+                                   allow=["127.0.0.1"], verbosity=1,
+                                   log_file=log)
+        target = server.addresses["echo", "udp"][0]
+        for number in range(2, 202):    # 200 sources, one datagram each
+            sock = sock_from("127.0.0.%d" % number, 0, socket.SOCK_DGRAM)
+            sock.sendto(b"x", target)
+            sock.close()
+        wait_until(lambda: server.counters["echo", "udp"].refusals.get(
+            "denied") == 200, message="200 refusals")
+        self.assertEqual(server.counters["echo", "udp"].refusals,
+                         {"denied": 200})
+        refusal_lines = lambda: [line for line in log.lines
+                                 if "refused" in line]
+        suppressed = lambda: getattr(server, "log_lines_suppressed", 0)
+        wait_until(lambda: suppressed() + len(refusal_lines()) >= 200,
+                   message="every refusal written or counted")
+        self.assertLessEqual(len(refusal_lines()), 40)  # the burst, 20
+        self.assertEqual(suppressed() + len(refusal_lines()), 200)
+
+    def test_a_log_that_blocks_does_not_stop_the_loop(self):
+        log = StuckLog()
+        server = self.start_server(["echo"], verbosity=2, log_file=log)
+        self.addCleanup(log.released.set)     # runs before server.close
+        sock = self.udp_socket()
+        target = server.addresses["echo", "udp"][0]
+        for number in range(50):        # each is logged at -v
+            sock.sendto(b"%d" % number, target)
+            self.assertEqual(sock.recv(100), b"%d" % number)
+        self.assertTrue(log.entered.wait(TIMEOUT))
+        tcp = self.connect(server, "echo")
+        tcp.sendall(b"still here")
+        self.assertEqual(recv_exactly(tcp, 10), b"still here")
+
+
 if __name__ == "__main__":
     unittest.main()
