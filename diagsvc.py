@@ -605,6 +605,8 @@ DEFAULT_IDLE_TIMEOUT = 300.0        # seconds with no byte moving
 DEFAULT_MAX_OUTPUT = 64 * 1024      # bytes owed to one connection, at most
 DEFAULT_UDP_RATE = 10.0             # replies a second per source (amplifiers)
 DEFAULT_UDP_BURST = 50              # ... after a burst of this many
+DEFAULT_IPV4_PREFIX = 32            # per-source limits count an address...
+DEFAULT_IPV6_PREFIX = 64            # ... but an IPv6 /64 (one host's share)
 DESCRIPTOR_RESERVE = 32             # kept free for listeners, logs, files
 SELECT_LIMIT = 500 if _ON_WINDOWS else 1000     # select()'s FD_SETSIZE, less room
 LISTEN_BACKLOG = 4096               # the kernel caps it at its somaxconn
@@ -736,6 +738,30 @@ def _reply_key(address, payload, size):
     else:
         digest = crc32(payload[:size])
     return hash((address, size, digest))
+
+
+def source_group(host, ipv4_prefix=DEFAULT_IPV4_PREFIX,
+                 ipv6_prefix=DEFAULT_IPV6_PREFIX):
+    """The source that per-source limits count: the address's network.
+
+    One IPv6 host commonly holds a whole /64 (SLAAC, privacy addresses,
+    RFC 8273), so counting each address alone would give it 2**64 times
+    each limit.  IPv4 is counted by address (a /32) by default.  A scope
+    ("fe80::1%2") stays on the key: another link is another source.
+    """
+    address, percent, scope = host.partition("%")
+    if ":" in address:
+        family, bits, prefix = socket.AF_INET6, 128, ipv6_prefix
+    else:
+        family, bits, prefix = socket.AF_INET, 32, ipv4_prefix
+    if prefix >= bits:
+        return host
+    packed = socket.inet_pton(family, address)
+    shift = bits - prefix
+    number = int.from_bytes(packed, "big") >> shift << shift
+    return "%s/%d%s%s" % (
+        socket.inet_ntop(family, number.to_bytes(len(packed), "big")),
+        prefix, percent, scope)
 
 
 _UNKNOWN = object()                 # not in a cache yet
@@ -1044,6 +1070,10 @@ class Server(object):
     udp_rate, udp_burst   replies a second per source for the services
                       whose reply outgrows the request; rate 0: no limit
     allow, deny       addresses or CIDR networks
+    ipv4_prefix, ipv6_prefix
+                      per-source limits (max_per_source, the UDP rate,
+                      refusal log lines) count sources by network of this
+                      length (default 32 and 64)
     verbosity         0 errors, 1 notices, 2 every connection and datagram
     log_file          where the log goes (default: sys.stderr)
     """
@@ -1055,7 +1085,9 @@ class Server(object):
                  idle_timeout=DEFAULT_IDLE_TIMEOUT,
                  max_output=DEFAULT_MAX_OUTPUT, udp_guard=True,
                  udp_rate=DEFAULT_UDP_RATE, udp_burst=DEFAULT_UDP_BURST,
-                 allow=(), deny=(), verbosity=0, log_file=None):
+                 allow=(), deny=(), verbosity=0, log_file=None,
+                 ipv4_prefix=DEFAULT_IPV4_PREFIX,
+                 ipv6_prefix=DEFAULT_IPV6_PREFIX):
         services = list(services or SERVICE_NAMES)
         for name in list(services) + list(ports or ()):
             if name not in SERVICES:
@@ -1077,6 +1109,14 @@ class Server(object):
         self.udp_guard = udp_guard
         self.udp_rate = udp_rate
         self.udp_burst = max(1, udp_burst)
+        for name, value, bits in (("ipv4_prefix", ipv4_prefix, 32),
+                                  ("ipv6_prefix", ipv6_prefix, 128)):
+            if not 0 <= value <= bits:
+                raise ServerError("--%s must be 0 to %d, not %r" % (
+                    name.replace("_", "-"), bits, value))
+        self.ipv4_prefix = ipv4_prefix
+        self.ipv6_prefix = ipv6_prefix
+        self._source_groups = {}        # address -> source_group(), bounded
         self.access = AccessList(allow, deny) if (allow or deny) else None
         self.verbosity = verbosity
         self.log_file = log_file
@@ -1335,7 +1375,7 @@ class Server(object):
         counters.refuse(reason)
         if self.verbosity < 1:
             return
-        key = (reason, source)
+        key = (reason, self.group_of(source))
         last = self._refusals_logged.get(key)
         if last is not None and self.now - last < REFUSAL_LOG_INTERVAL:
             return
@@ -1359,7 +1399,8 @@ class Server(object):
         elif len(self.streams) >= self.max_connections:
             reason = "max-connections"
         elif (self.max_per_source and
-              self.per_source.get(source, 0) >= self.max_per_source):
+              self.per_source.get(self.group_of(source), 0) >=
+              self.max_per_source):
             reason = "max-per-source"
         if reason is not None:
             # Accept and close at once: the client learns now, and the
@@ -1416,19 +1457,19 @@ class Server(object):
             self.notice("cannot watch a new connection: %s" % (error,))
             return
         self.streams.add(stream)
-        source = stream.source
-        self.per_source[source] = self.per_source.get(source, 0) + 1
+        group = self.group_of(stream.source)
+        self.per_source[group] = self.per_source.get(group, 0) + 1
 
     def close_stream(self, stream):
         if stream not in self.streams:
             return                      # closed earlier in this same pass
         self.streams.discard(stream)
-        source = stream.source
-        remaining = self.per_source[source] - 1
+        group = self.group_of(stream.source)
+        remaining = self.per_source[group] - 1
         if remaining:
-            self.per_source[source] = remaining
+            self.per_source[group] = remaining
         else:
-            del self.per_source[source]
+            del self.per_source[group]
         try:
             self.selector.unregister(stream.sock)
         except (KeyError, ValueError, OSError):
@@ -1459,6 +1500,16 @@ class Server(object):
             self.selector.register(listener.sock, EVENT_READ, listener)
 
     # -- UDP --
+
+    def group_of(self, source):
+        """source_group() of an address, cached (bounded)."""
+        group = self._source_groups.get(source)
+        if group is None:
+            group = source_group(source, self.ipv4_prefix, self.ipv6_prefix)
+            if len(self._source_groups) >= SOURCE_CACHE_MAX:
+                self._source_groups.clear()
+            self._source_groups[source] = group
+        return group
 
     def udp_source_refusal(self, source):
         """What a datagram's source address alone says: None, or why to
@@ -1536,6 +1587,7 @@ class Server(object):
     def rate_limited(self, source):
         """A token bucket per source: udp_burst replies, then udp_rate/s."""
         now = self.now
+        source = self._source_groups.get(source) or self.group_of(source)
         bucket = self._rate_buckets.get(source)
         if bucket is None:
             if len(self._rate_buckets) >= RATE_TABLE_MAX:
@@ -2803,6 +2855,15 @@ def _build_parser():
     limits.add_argument("--udp-burst", type=_non_negative(int),
                         default=DEFAULT_UDP_BURST, metavar="N",
                         help="... after a burst of N (default %(default)s)")
+    limits.add_argument("--ipv4-prefix", type=_non_negative(int),
+                        default=DEFAULT_IPV4_PREFIX, metavar="BITS",
+                        help="per-source limits count IPv4 sources by "
+                        "network of this length (default %(default)s: by "
+                        "address)")
+    limits.add_argument("--ipv6-prefix", type=_non_negative(int),
+                        default=DEFAULT_IPV6_PREFIX, metavar="BITS",
+                        help="... and IPv6 sources (default %(default)s: a "
+                        "/64 is one host's share)")
     limits.add_argument("--no-udp-guard", dest="udp_guard",
                         action="store_false", help="answer datagrams from "
                         "ports below 1024 and group addresses too, and do "
@@ -2859,6 +2920,7 @@ def _serve_main(argv):
             max_output=options.max_output, udp_guard=options.udp_guard,
             udp_rate=options.udp_rate, udp_burst=options.udp_burst,
             allow=options.allow, deny=options.deny,
+            ipv4_prefix=options.ipv4_prefix, ipv6_prefix=options.ipv6_prefix,
             verbosity=max(0, 1 + options.verbose - options.quiet))
     except (ServerError, QuoteFileError) as error:
         sys.stderr.write("%s: error: %s\n" % (prog, error))

@@ -1844,5 +1844,100 @@ class LogBoundTest(ServerTestCase):
         self.assertEqual(recv_exactly(tcp, 10), b"still here")
 
 
+class SourceGroupTest(unittest.TestCase):
+    """Item 3: per-source limits count an IPv6 /64 as one source."""
+
+    def test_source_group_keys(self):
+        group = diagsvc.source_group
+        self.assertEqual(group("192.0.2.7"), "192.0.2.7")
+        self.assertEqual(group("192.0.2.7", ipv4_prefix=24), "192.0.2.0/24")
+        self.assertEqual(group("2001:db8:1:2:3:4:5:6"), "2001:db8:1:2::/64")
+        self.assertEqual(group("2001:db8:1:2::9"), group("2001:db8:1:2:ffff::"))
+        self.assertNotEqual(group("2001:db8:1:2::9"), group("2001:db8:1:3::9"))
+        self.assertEqual(group("2001:db8::1", ipv6_prefix=128), "2001:db8::1")
+        self.assertEqual(group("2001:db8:1:2::9", ipv6_prefix=48),
+                         "2001:db8:1::/48")
+        self.assertEqual(group("2001:db8::1", ipv6_prefix=0), "::/0")
+        self.assertEqual(group("fe80::1%2"), "fe80::/64%2")
+        self.assertEqual(group("fe80::1%eth0"), "fe80::/64%eth0")
+
+    def test_prefix_lengths_are_checked(self):
+        for options in ({"ipv4_prefix": 33}, {"ipv6_prefix": 129},
+                        {"ipv6_prefix": -1}):
+            with self.assertRaises(diagsvc.ServerError) as caught:
+                diagsvc.Server(["echo"], bind=["127.0.0.1"], port_offset=None,
+                               **options)
+            self.assertIn("prefix must be 0 to", str(caught.exception))
+
+    def test_one_slash_64_is_one_source_for_every_limit(self):
+        hosts = ["fd00:1::%d" % n for n in range(2, 8)]
+        result = in_namespace(self, "; ".join(
+            ["ip -6 addr add fd00:1::1/64 dev lo nodad",
+             "ip -6 addr add fd00:2::1/64 dev lo nodad"] +
+            ["ip -6 addr add %s/64 dev lo nodad" % host for host in hosts]),
+            """
+hosts = %r
+def served(server, host):
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    sock.bind((host, 0))
+    sock.settimeout(5.0)
+    sock.connect(server.addresses["echo", "tcp"][0])
+    sock.sendall(b"x")
+    try:
+        answer = sock.recv(1)
+    except OSError:
+        answer = b""
+    opened.append(sock)
+    return answer == b"x"
+result = {}
+opened = []
+for prefix in (64, 128):
+    options = {} if prefix == 64 else {"ipv6_prefix": prefix}  # the default
+    try:
+        server = diagsvc.Server(["echo", "daytime"], bind=["fd00:1::1"],
+                                port_offset=None, max_per_source=3,
+                                udp_rate=0.01, udp_burst=3, **options)
+    except TypeError as error:
+        result[str(prefix)] = str(error)
+        continue
+    with server:
+        server.start()
+        tcp = [served(server, host) for host in hosts[:5]]
+        other = served(server, "fd00:2::1")
+        clients = []
+        for host in hosts[:5]:
+            udp = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+            udp.bind((host, 0))
+            udp.sendto(b"", server.addresses["daytime", "udp"][0])
+            clients.append(udp)
+        # One loop thread: once a later echo is back, every daytime reply
+        # that will ever come is queued.
+        marker = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        marker.bind(("fd00:2::1", 0))
+        marker.settimeout(5.0)
+        marker.sendto(b"marker", server.addresses["echo", "udp"][0])
+        assert marker.recv(100) == b"marker"
+        marker.close()
+        replies = 0
+        for udp in clients:
+            udp.setblocking(False)
+            try:
+                udp.recv(100)
+                replies += 1
+            except BlockingIOError:
+                pass
+            udp.close()
+        stats = server.stats()
+        result[str(prefix)] = [tcp.count(True), other, replies,
+                               stats["echo", "tcp"]["refusals"],
+                               stats["daytime", "udp"]["refusals"]]
+    for sock in opened:
+        sock.close()
+print(json.dumps(result))
+""" % (hosts,))
+        self.assertEqual(result["64"], [3, True, 3, {"max-per-source": 2},
+                                        {"rate-limit": 2}])
+        self.assertEqual(result["128"], [5, True, 5, {}, {}])
+
 if __name__ == "__main__":
     unittest.main()
