@@ -661,12 +661,47 @@ class Counters(object):
                 "refusals": dict(self.refusals)}
 
 
+def interface_index(scope):
+    """An IPv6 scope ("eth0", or already a number) as an interface index."""
+    if scope.isdigit():
+        return int(scope)
+    if not hasattr(socket, "if_nametoindex"):
+        raise ServerError("this platform cannot look up interface %r; give "
+                          "its index instead (fe80::1%%2)" % (scope,))
+    try:
+        return socket.if_nametoindex(scope)
+    except OSError:
+        raise ServerError("no network interface named %r on this host" % (
+            scope,))
+
+
+def interface_name(index):
+    """The name of an interface index, or the number where none is known."""
+    try:
+        return socket.if_indextoname(index)
+    except (AttributeError, OSError):
+        return str(index)
+
+
+def scoped_source(address):
+    """The source text of an IPv6 sockaddr with a scope: "fe80::1%2".
+
+    Python 3.6 writes the scope into the host ("fe80::1%eth0"), 3.7 and
+    later leave it out (bpo-32221): only address[3] is the same on all.
+    """
+    return "%s%%%d" % (address[0].partition("%")[0], address[3])
+
+
 class AccessList(object):
     """--allow / --deny: addresses or CIDR networks, IPv4 and IPv6.
 
     A source is refused if it matches a deny entry, or if there are allow
-    entries and it matches none (ncat's --allow/--deny).  Decisions are
-    cached per address, so a flood costs a dict look-up a packet.
+    entries and it matches none (ncat's --allow/--deny).  An IPv6 entry may
+    name a scope (fe80::1%eth0, fe80::/64%eth0 or an index, fe80::1%2): it
+    then matches that interface's sources only.  ipaddress cannot do this
+    itself: before 3.9 it refuses "%", and from 3.9 on `in` ignores the
+    scope.  Decisions are cached per address, so a flood costs a dict
+    look-up a packet.
     """
 
     CACHE_MAX = 4096
@@ -674,26 +709,51 @@ class AccessList(object):
     def __init__(self, allow=(), deny=()):
         import ipaddress                # only paid for when lists are given
         self._ip_address = ipaddress.ip_address
-        self.allow = [self._network(ipaddress, entry) for entry in allow]
-        self.deny = [self._network(ipaddress, entry) for entry in deny]
+        self.allow = [self._rule(ipaddress, entry) for entry in allow]
+        self.deny = [self._rule(ipaddress, entry) for entry in deny]
         self._cache = {}
 
     @staticmethod
-    def _network(ipaddress, entry):
+    def _rule(ipaddress, entry):
+        """(network, interface index or None) from ADDR[/BITS][%SCOPE] or
+        ADDR%SCOPE/BITS."""
+        text, percent, scope = entry.partition("%")
+        if percent and "/" in scope:
+            scope, bits = scope.split("/", 1)
+            text += "/" + bits
         try:
-            return ipaddress.ip_network(entry, strict=False)
+            network = ipaddress.ip_network(text, strict=False)
         except ValueError:
             raise ServerError(
                 "%r is not an IP address or network; give e.g. 192.0.2.7, "
-                "192.0.2.0/24 or 2001:db8::/32" % (entry,))
+                "192.0.2.0/24, 2001:db8::/32 or fe80::1%%eth0" % (entry,))
+        if not percent:
+            return network, None
+        if network.version != 6 or not scope:
+            raise ServerError("%r: only an IPv6 address takes a scope "
+                              "(fe80::1%%eth0)" % (entry,))
+        try:
+            return network, interface_index(scope)
+        except ServerError as error:
+            raise ServerError("%r: %s" % (entry, error))
+
+    @staticmethod
+    def _matches(rules, address, index):
+        for network, scope in rules:
+            if address in network and (scope is None or scope == index):
+                return True
+        return False
 
     def permits(self, host):
+        """host: an address, with "%" and its interface for a scoped one."""
         decision = self._cache.get(host)
         if decision is None:
-            address = self._ip_address(host.split("%", 1)[0])
-            decision = not any(address in network for network in self.deny)
+            text, _, scope = host.partition("%")
+            address = self._ip_address(text)
+            index = interface_index(scope) if scope else 0
+            decision = not self._matches(self.deny, address, index)
             if decision and self.allow:
-                decision = any(address in network for network in self.allow)
+                decision = self._matches(self.allow, address, index)
             if len(self._cache) >= self.CACHE_MAX:
                 self._cache.clear()
             self._cache[host] = decision
@@ -767,6 +827,16 @@ def source_group(host, ipv4_prefix=DEFAULT_IPV4_PREFIX,
 _UNKNOWN = object()                 # not in a cache yet
 
 
+def _bound_address(sock):
+    """(host, port) of a bound socket; a scoped IPv6 host keeps its
+    interface by name ("fe80::1%eth0"), as --bind takes it."""
+    sockaddr = sock.getsockname()
+    if len(sockaddr) > 3 and sockaddr[3]:
+        return ("%s%%%s" % (sockaddr[0].partition("%")[0],
+                            interface_name(sockaddr[3])), sockaddr[1])
+    return sockaddr[:2]
+
+
 class Listener(object):
     """A listening TCP socket: accepts in bounded batches."""
 
@@ -778,7 +848,7 @@ class Listener(object):
         self.sock = sock
         self.service = service
         self.counters = counters
-        self.address = sock.getsockname()[:2]
+        self.address = _bound_address(sock)
         self.family = int(sock.family)
 
     def _accept(self):
@@ -809,14 +879,15 @@ class DatagramEndpoint(object):
     """A UDP socket: drains in bounded batches, answers each datagram."""
 
     __slots__ = ("server", "sock", "service", "counters", "address",
-                 "pktinfo", "chargen_line")
+                 "scoped", "pktinfo", "chargen_line")
 
     def __init__(self, server, sock, service, counters, pktinfo):
         self.server = server
         self.sock = sock
         self.service = service
         self.counters = counters
-        self.address = sock.getsockname()[:2]
+        self.address = _bound_address(sock)
+        self.scoped = sock.family == socket.AF_INET6
         self.pktinfo = pktinfo          # 0, or 4 / 6: reply from the dst
         self.chargen_line = 0
 
@@ -842,6 +913,7 @@ class DatagramEndpoint(object):
         loop_blocked = server.loop_blocked
         replied, replied_before = server.replied, server.replied_before
         verbose = server.verbosity > 1
+        scoped = self.scoped
         for _ in range(DATAGRAM_BATCH):
             try:
                 if pktinfo:
@@ -861,6 +933,8 @@ class DatagramEndpoint(object):
             if pktinfo:
                 reply_info, destination = self._reply_from(ancillary)
             source = address[0]
+            if scoped and address[3]:
+                source = scoped_source(address)     # fe80::1%2
             if address[1] < lowest_port or address[1] in guarded_ports:
                 refusal = "loop-guard"
             elif loop_blocked and address in loop_blocked:
@@ -996,7 +1070,9 @@ def raise_open_file_limit():
 
 
 def _resolve_bind(hosts):
-    """(family, host) for each bind address; names give all their addresses."""
+    """(family, host, scope) for each bind address; names give all their
+    addresses.  An IPv6 scope ("fe80::1%eth0") is kept as its interface
+    index, sockaddr[3]: binding (host, port) alone would drop it."""
     found = []
     for host in hosts:
         try:
@@ -1009,7 +1085,8 @@ def _resolve_bind(hosts):
         for family, _, _, _, sockaddr in infos:
             if family not in (socket.AF_INET, socket.AF_INET6):
                 continue
-            entry = (family, sockaddr[0])
+            scope = sockaddr[3] if family == socket.AF_INET6 else 0
+            entry = (family, sockaddr[0].partition("%")[0], scope)
             if entry not in found:
                 found.append(entry)
     return found
@@ -1184,9 +1261,9 @@ class Server(object):
         if bind:
             targets = _resolve_bind(bind)
         else:
-            targets = [(socket.AF_INET, "0.0.0.0")]
+            targets = [(socket.AF_INET, "0.0.0.0", 0)]
             if _ipv6_available():
-                targets.append((socket.AF_INET6, "::"))
+                targets.append((socket.AF_INET6, "::", 0))
             else:
                 self.notes.append("no IPv6 on this host: serving IPv4 only")
         wildcard_udp_without_pktinfo = False
@@ -1203,8 +1280,9 @@ class Server(object):
                                   "check --port-offset and --port" % (name, port))
             chosen = port
             for transport in self.transports:
-                for family, host in targets:
-                    sock = self._bind(name, transport, family, host, chosen)
+                for family, host, scope in targets:
+                    sock = self._bind(name, transport, family, host, chosen,
+                                      scope)
                     if chosen == 0:
                         chosen = sock.getsockname()[1]
                     counters = self.counters[name, transport]
@@ -1226,7 +1304,7 @@ class Server(object):
                 "address leave from the kernel's choice of source address; "
                 "on a multi-homed host use --bind for each address")
 
-    def _bind(self, name, transport, family, host, port):
+    def _bind(self, name, transport, family, host, port, scope=0):
         kind = socket.SOCK_STREAM if transport == "tcp" else socket.SOCK_DGRAM
         try:
             sock = socket.socket(family, kind)
@@ -1246,9 +1324,15 @@ class Server(object):
                 else:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
-                sock.bind((host, port))
+                if family == socket.AF_INET6:
+                    sock.bind((host, port, 0, scope))
+                else:
+                    sock.bind((host, port))
             except OSError as error:
-                raise ServerError(_bind_error(name, transport, host, port,
+                where = host
+                if scope:
+                    where += "%" + interface_name(scope)
+                raise ServerError(_bind_error(name, transport, where, port,
                                               error))
             if kind == socket.SOCK_STREAM:
                 sock.listen(LISTEN_BACKLOG)
@@ -1391,6 +1475,8 @@ class Server(object):
     def admit(self, listener, sock, address):
         """A connection was accepted: refuse it, answer it, or keep it."""
         source = address[0]
+        if len(address) > 3 and address[3]:
+            source = scoped_source(address)
         counters = listener.counters
         service = listener.service
         reason = None

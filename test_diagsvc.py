@@ -1939,5 +1939,105 @@ print(json.dumps(result))
                                         {"rate-limit": 2}])
         self.assertEqual(result["128"], [5, True, 5, {}, {}])
 
+class ScopeTest(unittest.TestCase):
+    """Item 10, the server: scoped IPv6 addresses in --bind and --allow."""
+
+    def test_access_rules_with_a_scope_match_that_scope_only(self):
+        rules = diagsvc.AccessList(allow=["fe80::1%1", "fe80::/64%3",
+                                          "fe80::%4/64", "2001:db8::/32"])
+        self.assertTrue(rules.permits("fe80::1%1"))
+        self.assertFalse(rules.permits("fe80::1%2"))
+        self.assertTrue(rules.permits("fe80::99%3"))
+        self.assertTrue(rules.permits("fe80::99%4"))
+        self.assertFalse(rules.permits("fe80::99%5"))
+        self.assertTrue(rules.permits("2001:db8::1"))
+        denied = diagsvc.AccessList(deny=["fe80::1%1"])
+        self.assertFalse(denied.permits("fe80::1%1"))
+        self.assertTrue(denied.permits("fe80::1%2"))
+        unscoped = diagsvc.AccessList(allow=["fe80::/64"])
+        self.assertTrue(unscoped.permits("fe80::1%7"))
+
+    @unittest.skipUnless(hasattr(socket, "if_nametoindex") and ON_LINUX,
+                         "needs interface names (Linux's lo)")
+    def test_access_rules_take_interface_names(self):
+        index = socket.if_nametoindex("lo")
+        rules = diagsvc.AccessList(allow=["fe80::1%lo"])
+        self.assertTrue(rules.permits("fe80::1%%%d" % index))
+        self.assertFalse(rules.permits("fe80::1%%%d" % (index + 1)))
+
+    def test_bad_scopes_are_one_line_errors(self):
+        for entry, text in (("fe80::1%nosuchif0", "no network interface "
+                             "named 'nosuchif0'"),
+                            ("192.0.2.1%1", "only an IPv6 address takes a "
+                             "scope")):
+            with self.assertRaises(diagsvc.ServerError) as caught:
+                diagsvc.AccessList(allow=[entry])
+            self.assertIn(text, str(caught.exception))
+            self.assertNotIn("\n", str(caught.exception))
+        result = run_command("echo", "--port", "echo=0", "--bind",
+                             "127.0.0.1", "--allow", "fe80::1%nosuchif0")
+        self.assertEqual(result.returncode, 2)
+        self.assertEqual(result.stderr, "diagsvc: error: 'fe80::1%nosuchif0':"
+                         " no network interface named 'nosuchif0' on this "
+                         "host\n")
+
+    def test_bind_and_allow_on_a_link_local_address(self):
+        result = in_namespace(self, (
+            "ip link add br0 type bridge; ip link set br0 up; "
+            "ip link add br1 type bridge; ip link set br1 up; "
+            "ip -6 addr add fe80::1/64 dev br0 nodad; "
+            "ip -6 addr add fe80::2/64 dev br0 nodad"), """
+index = socket.if_nametoindex("br0")
+result = {}
+for allowed in ("fe80::2%br0", "fe80::2%br1"):
+    with diagsvc.Server(["echo"], bind=["fe80::1%br0"], port_offset=None,
+                        allow=[allowed]) as server:
+        server.start()
+        host, port = server.addresses["echo", "udp"][0]
+        udp = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        udp.bind(("fe80::2", 0, 0, index))
+        udp.settimeout(5.0)
+        udp.sendto(b"scoped", ("fe80::1", port, 0, index))
+        tcp = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        tcp.bind(("fe80::2", 0, 0, index))
+        tcp.settimeout(5.0)
+        tcp.connect(("fe80::1", server.addresses["echo", "tcp"][0][1], 0,
+                     index))
+        tcp.sendall(b"scoped")
+        try:
+            echoed = tcp.recv(100).decode()
+        except OSError:                 # refused: closed with data unread
+            echoed = ""
+        tcp.close()
+        deadline = time.monotonic() + 5.0
+        while server.counters["echo", "udp"].datagrams < 1 and \
+                time.monotonic() < deadline:
+            time.sleep(0.01)
+        if server.counters["echo", "udp"].refusals:
+            udp_echoed = ""
+        else:
+            udp_echoed = udp.recv(100).decode()
+        udp.close()
+        result[allowed] = [host, echoed, udp_echoed,
+                           server.stats()["echo", "udp"]["refusals"],
+                           server.stats()["echo", "tcp"]["refusals"]]
+command = subprocess.Popen(
+    [sys.executable, SCRIPT_PATH, "echo", "--udp", "--port", "echo=0",
+     "--bind", "fe80::1%br0"], stdout=subprocess.PIPE, universal_newlines=True)
+result["start line"] = command.stdout.readline().strip()
+command.terminate()
+command.wait()
+command.stdout.close()
+print(json.dumps(result))
+""".replace("SCRIPT_PATH", repr(SCRIPT)))
+        self.assertEqual(result["fe80::2%br0"],
+                         ["fe80::1%br0", "scoped", "scoped", {}, {}])
+        self.assertEqual(result["fe80::2%br1"],
+                         ["fe80::1%br0", "", "", {"denied": 1},
+                          {"denied": 1}])
+        self.assertTrue(START_LINE.match(result["start line"]))
+        self.assertIn("on fe80::1%br0 port", result["start line"])
+
+
 if __name__ == "__main__":
     unittest.main()
