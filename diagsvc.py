@@ -1782,7 +1782,7 @@ class Server(object):
                 "tcp" if isinstance(handler, Listener) else "udp", error))
             return
         import traceback
-        self.log("unexpected error, the server carries on:\n" + "".join(
+        self.notice("unexpected error, the server carries on:\n" + "".join(
             traceback.format_exception(type(error), error,
                                        error.__traceback__)).rstrip())
 
