@@ -909,6 +909,7 @@ class DatagramEndpoint(object):
         guarded_ports = server.guarded_ports if udp_guard else ()
         known_sources = server.source_refusals
         rate_limited = server.udp_rate and service.amplifies
+        echo_limited = server.udp_echo_rate and echoes
         watch_loops = udp_guard and service is not SERVICES["discard"]
         loop_blocked = server.loop_blocked
         replied, replied_before = server.replied, server.replied_before
@@ -948,6 +949,8 @@ class DatagramEndpoint(object):
                     refusal = "group-destination"
                 if refusal is None and rate_limited:
                     refusal = server.rate_limited(source)
+                elif refusal is None and echo_limited:
+                    refusal = server.rate_limited(source, echo=True)
                 if refusal is None and watch_loops:
                     key = _reply_key(address, buffer, count)
                     if key in replied or key in replied_before:
@@ -1146,6 +1149,8 @@ class Server(object):
                       and stop loops that started anyway
     udp_rate, udp_burst   replies a second per source for the services
                       whose reply outgrows the request; rate 0: no limit
+    udp_echo_rate     echo replies a second per source, after a second's
+                      worth at once; 0 (the default): no limit
     allow, deny       addresses or CIDR networks
     ipv4_prefix, ipv6_prefix
                       per-source limits (max_per_source, the UDP rate,
@@ -1164,7 +1169,7 @@ class Server(object):
                  udp_rate=DEFAULT_UDP_RATE, udp_burst=DEFAULT_UDP_BURST,
                  allow=(), deny=(), verbosity=0, log_file=None,
                  ipv4_prefix=DEFAULT_IPV4_PREFIX,
-                 ipv6_prefix=DEFAULT_IPV6_PREFIX):
+                 ipv6_prefix=DEFAULT_IPV6_PREFIX, udp_echo_rate=0.0):
         services = list(services or SERVICE_NAMES)
         for name in list(services) + list(ports or ()):
             if name not in SERVICES:
@@ -1186,6 +1191,7 @@ class Server(object):
         self.udp_guard = udp_guard
         self.udp_rate = udp_rate
         self.udp_burst = max(1, udp_burst)
+        self.udp_echo_rate = udp_echo_rate
         for name, value, bits in (("ipv4_prefix", ipv4_prefix, 32),
                                   ("ipv6_prefix", ipv6_prefix, 128)):
             if not 0 <= value <= bits:
@@ -1211,6 +1217,7 @@ class Server(object):
         self.listeners = []
         self.endpoints = []
         self._rate_buckets = {}
+        self._echo_buckets = {}
         self.source_refusals = {}       # UDP source address -> None/reason
         # The UDP loop watch: keys of replies sent in this generation and
         # the one before (see _reply_key), the peers whose datagrams were
@@ -1670,19 +1677,26 @@ class Server(object):
                             in self.loop_blocked.items() if until <= now]:
                 del self.loop_blocked[address]
 
-    def rate_limited(self, source):
-        """A token bucket per source: udp_burst replies, then udp_rate/s."""
+    def rate_limited(self, source, echo=False):
+        """A token bucket per source: udp_burst replies, then udp_rate/s;
+        for echo (where udp_echo_rate is set) a second's worth at once,
+        then udp_echo_rate/s."""
         now = self.now
         source = self._source_groups.get(source) or self.group_of(source)
-        bucket = self._rate_buckets.get(source)
+        if echo:
+            buckets, rate = self._echo_buckets, self.udp_echo_rate
+            burst = max(1.0, rate)
+        else:
+            buckets, rate = self._rate_buckets, self.udp_rate
+            burst = float(self.udp_burst)
+        bucket = buckets.get(source)
         if bucket is None:
-            if len(self._rate_buckets) >= RATE_TABLE_MAX:
+            if len(buckets) >= RATE_TABLE_MAX:
                 self._prune_rate_buckets()
-                if len(self._rate_buckets) >= RATE_TABLE_MAX:
+                if len(buckets) >= RATE_TABLE_MAX:
                     return "rate-table-full"
-            bucket = self._rate_buckets[source] = [float(self.udp_burst), now]
-        tokens = min(float(self.udp_burst),
-                     bucket[0] + (now - bucket[1]) * self.udp_rate)
+            bucket = buckets[source] = [burst, now]
+        tokens = min(burst, bucket[0] + (now - bucket[1]) * rate)
         bucket[1] = now
         if tokens < 1.0:
             bucket[0] = tokens
@@ -1691,12 +1705,15 @@ class Server(object):
         return None
 
     def _prune_rate_buckets(self):
-        now, burst, rate = self.now, self.udp_burst, self.udp_rate
-        full = [source for source, (tokens, stamp)
-                in self._rate_buckets.items()
-                if tokens + (now - stamp) * rate >= burst]
-        for source in full:
-            del self._rate_buckets[source]
+        now = self.now
+        for buckets, rate, burst in (
+                (self._rate_buckets, self.udp_rate, self.udp_burst),
+                (self._echo_buckets, self.udp_echo_rate,
+                 max(1.0, self.udp_echo_rate))):
+            full = [source for source, (tokens, stamp) in buckets.items()
+                    if tokens + (now - stamp) * rate >= burst]
+            for source in full:
+                del buckets[source]
 
     # -- Timers: checked once a loop pass, nothing per byte --
 
@@ -1721,7 +1738,7 @@ class Server(object):
                         self.log("closing idle connection from %s" %
                                  stream.source)
                     self.close_stream(stream)
-            if self._rate_buckets:
+            if self._rate_buckets or self._echo_buckets:
                 self._prune_rate_buckets()
             self._age_loop_watch()
             self._report_suppressed()
@@ -2941,6 +2958,12 @@ def _build_parser():
     limits.add_argument("--udp-burst", type=_non_negative(int),
                         default=DEFAULT_UDP_BURST, metavar="N",
                         help="... after a burst of N (default %(default)s)")
+    limits.add_argument("--udp-echo-rate", type=_non_negative(float),
+                        default=0.0, metavar="PER_SECOND",
+                        help="UDP echo replies a second per source, after "
+                        "a second's worth at once (default 0: no limit; it "
+                        "ends echo loops with a foreign service that "
+                        "answers with new bytes)")
     limits.add_argument("--ipv4-prefix", type=_non_negative(int),
                         default=DEFAULT_IPV4_PREFIX, metavar="BITS",
                         help="per-source limits count IPv4 sources by "
@@ -3005,6 +3028,7 @@ def _serve_main(argv):
             idle_timeout=options.idle_timeout,
             max_output=options.max_output, udp_guard=options.udp_guard,
             udp_rate=options.udp_rate, udp_burst=options.udp_burst,
+            udp_echo_rate=options.udp_echo_rate,
             allow=options.allow, deny=options.deny,
             ipv4_prefix=options.ipv4_prefix, ipv6_prefix=options.ipv6_prefix,
             verbosity=max(0, 1 + options.verbose - options.quiet))

@@ -1735,6 +1735,24 @@ class LoopWatchTest(ServerTestCase):
         self.assertEqual(ours.counters["daytime", "udp"].refusals,
                          {"loop-detected": 1})
 
+    def test_echo_rate_ends_a_loop_with_a_foreign_chargen(self):
+        # A chargen answers each datagram with new bytes: no content tells
+        # it from a client.  --udp-echo-rate bounds it: the first datagram
+        # over the rate is dropped, and with it the loop.
+        foreign = self.start_server(["chargen"], transports=("udp",),
+                                    udp_guard=False, udp_rate=0)
+        echo = self.start_server(["echo"], transports=("udp",),
+                                 udp_echo_rate=200)
+        foreign.endpoints[0].sock.sendto(
+            b"start", echo.addresses["echo", "udp"][0])
+        wait_until(settled(lambda: echo.counters["echo", "udp"].datagrams),
+                   message="the chargen-echo loop to stop")
+        self.assertEqual(echo.counters["echo", "udp"].refusals,
+                         {"rate-limit": 1})
+        # A client still gets a second's worth at once, then the rate.
+        self.assertEqual(self.udp_exchange(echo, "echo", b"client"),
+                         b"client")
+
     def test_a_client_sending_distinct_datagrams_gets_every_reply(self):
         server = self.start_server(["echo"], transports=("udp",))
         sock = self.udp_socket()
