@@ -618,8 +618,9 @@ UDP_LOWEST_SOURCE_PORT = 1024       # below: a service, never a client
 LOOP_RETURNS = 8                    # our own replies back from one peer...
 LOOP_MEMORY = 1.0                   # ... each sent within 1 to 2 s ...
 LOOP_BLOCK = 10.0                   # ... and that peer is refused this long
-LOOP_TABLE_MAX = 65536              # replies remembered per generation
-LOOP_DIGEST_SPAN = 512              # bytes digested at each end of a payload
+LOOP_TABLE_MAX = 8192               # replies remembered per generation
+LOOP_DIGEST_WHOLE = 1024            # payloads digested whole up to this size
+LOOP_DIGEST_SPAN = 512              # ... past it, this much of each end
 RATE_TABLE_MAX = 65536              # sources tracked by the UDP rate limit
 SOURCE_CACHE_MAX = 4096             # UDP source decisions remembered
 MAX_TIMER_WAIT = 1.0                # the loop wakes at least this often
@@ -781,23 +782,27 @@ def _needs_interface(packed):
     return packed[0] == 0xFF or (packed[0] == 0xFE and packed[1] & 0xC0 == 0x80)
 
 
-def _reply_key(address, payload, size):
+def _reply_key(address, payload):
     """Who a datagram came from or went to, and a digest of its bytes.
 
     A loop returns our reply unchanged, so any digest finds it; a cheaper
-    one can only make two different payloads look alike.  Past twice
-    LOOP_DIGEST_SPAN bytes only the length, the head and the tail are
+    one can only make two different payloads look alike.  Past
+    LOOP_DIGEST_WHOLE bytes only the length, the head and the tail are
     read: a 64 KB echo costs a 1 KB checksum, not a 64 KB one.  A client
     would have to send large datagrams that differ only in the middle,
     again and again, to be taken for a loop (a sequence number, where
-    there is one, sits in the head).
+    there is one, sits in the head).  (DatagramEndpoint.on_event has the
+    short case inline: it is most datagrams.)
     """
-    if size > 2 * LOOP_DIGEST_SPAN:
-        digest = crc32(payload[size - LOOP_DIGEST_SPAN:size],
-                       crc32(payload[:LOOP_DIGEST_SPAN]))
-    else:
-        digest = crc32(payload[:size])
-    return hash((address, size, digest))
+    size = len(payload)
+    if size > LOOP_DIGEST_WHOLE:
+        return _sampled_reply_key(address, payload, size)
+    return hash((address, crc32(payload)))
+
+
+def _sampled_reply_key(address, payload, size):
+    return hash((address, size, crc32(payload[size - LOOP_DIGEST_SPAN:],
+                                      crc32(payload[:LOOP_DIGEST_SPAN]))))
 
 
 def source_group(host, ipv4_prefix=DEFAULT_IPV4_PREFIX,
@@ -913,6 +918,7 @@ class DatagramEndpoint(object):
         watch_loops = udp_guard and service is not SERVICES["discard"]
         loop_blocked = server.loop_blocked
         replied, replied_before = server.replied, server.replied_before
+        table_max = LOOP_TABLE_MAX
         verbose = server.verbosity > 1
         scoped = self.scoped
         for _ in range(DATAGRAM_BATCH):
@@ -952,7 +958,11 @@ class DatagramEndpoint(object):
                 elif refusal is None and echo_limited:
                     refusal = server.rate_limited(source, echo=True)
                 if refusal is None and watch_loops:
-                    key = _reply_key(address, buffer, count)
+                    payload = buffer[:count]
+                    if count > LOOP_DIGEST_WHOLE:
+                        key = _sampled_reply_key(address, payload, count)
+                    else:
+                        key = hash((address, crc32(payload)))
                     if key in replied or key in replied_before:
                         refusal = server.reply_came_back(address)
                     elif server.loop_suspects:
@@ -961,7 +971,7 @@ class DatagramEndpoint(object):
                 server.refuse(counters, refusal, source, "udp", service)
                 continue
             if echoes:
-                reply = buffer[:count]
+                reply = payload if watch_loops else buffer[:count]
             else:
                 reply = service.datagram_reply(server, buffer[:count], self)
                 if reply is None:
@@ -981,9 +991,9 @@ class DatagramEndpoint(object):
             if watch_loops:
                 # Remember what went where: echo's reply is the payload.
                 if not echoes:
-                    key = _reply_key(address, reply, len(reply))
+                    key = _reply_key(address, reply)
                 replied.add(key)
-                if len(replied) >= LOOP_TABLE_MAX:
+                if len(replied) >= table_max:
                     server.forget_old_replies()
                     replied = server.replied
                     replied_before = server.replied_before
