@@ -1652,12 +1652,16 @@ with diagsvc.Server(["echo"], bind=["::"], port_offset=None,
     client = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
     client.bind(("::1", 0))
     client.settimeout(3.0)
-    client.sendto(b"via lo", ("fd00::2", port))
-    try:
-        data, source = client.recvfrom(100)
-        print(json.dumps([data.decode(), source[0], source[1] == port]))
-    except socket.timeout:
-        print(json.dumps(None))
+    answer = None
+    for _ in range(3):                  # UDP may lose one; a busy host
+        client.sendto(b"via lo", ("fd00::2", port))
+        try:
+            data, source = client.recvfrom(100)
+        except socket.timeout:
+            continue
+        answer = [data.decode(), source[0], source[1] == port]
+        break
+    print(json.dumps(answer or server.stats()["echo", "udp"]))
 """)
         self.assertEqual(reply, ["via lo", "fd00::2", True])
 
