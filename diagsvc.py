@@ -988,8 +988,12 @@ class DatagramEndpoint(object):
                 counters.bytes_out -= len(reply)
                 counters.refuse("send-failed")
                 continue
-            if watch_loops:
-                # Remember what went where: echo's reply is the payload.
+            # Remember what went where: echo's reply is the payload.  An
+            # empty reply of chargen's is not remembered: its clients (and
+            # those of daytime and time) send the same request, often an
+            # empty one, again and again, and one empty reply would make
+            # each of them look like our reply coming back.
+            if watch_loops and (echoes or reply):
                 if not echoes:
                     key = _reply_key(address, reply)
                 replied.add(key)

@@ -1757,6 +1757,20 @@ class LoopWatchTest(ServerTestCase):
         self.assertEqual(self.udp_exchange(echo, "echo", b"client"),
                          b"client")
 
+    def test_empty_requests_after_an_empty_chargen_reply_are_answered(self):
+        # RFC 864 allows 0 characters.  A chargen client sends the same
+        # empty datagram each time: after an empty reply, that request is
+        # not our reply coming back.
+        real = diagsvc._random_below
+        diagsvc._random_below = lambda limit: 0     # every reply empty
+        self.addCleanup(setattr, diagsvc, "_random_below", real)
+        server = self.start_server(["chargen"], transports=("udp",))
+        sock = self.udp_socket()
+        for _ in range(20):
+            sock.sendto(b"", server.addresses["chargen", "udp"][0])
+            self.assertEqual(sock.recv(100), b"")
+        self.assertEqual(server.counters["chargen", "udp"].refusals, {})
+
     def test_a_client_sending_distinct_datagrams_gets_every_reply(self):
         server = self.start_server(["echo"], transports=("udp",))
         sock = self.udp_socket()
