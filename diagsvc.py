@@ -600,7 +600,7 @@ TRANSPORTS = ("tcp", "udp")
 # --- The event loop and the server ------------------------------------------
 
 # Defaults; the README's "Safety" section gives the reason for each.
-DEFAULT_MAX_PER_SOURCE = 256        # TCP connections from one address
+DEFAULT_MAX_PER_SOURCE = 256        # TCP connections from one source
 DEFAULT_IDLE_TIMEOUT = 300.0        # seconds with no byte moving
 DEFAULT_MAX_OUTPUT = 64 * 1024      # bytes owed to one connection, at most
 DEFAULT_UDP_RATE = 10.0             # replies a second per source (amplifiers)
@@ -1156,7 +1156,8 @@ class Server(object):
     quotes            qotd quotes, bytes with CRLF (see load_quotes())
     selector          a selectors class (default: the best one here)
     max_connections   TCP connections at once (default: from RLIMIT_NOFILE)
-    max_per_source    TCP connections from one address; 0: no limit
+    max_per_source    TCP connections from one source (an address, or
+                      an IPv6 /64: see ipv6_prefix); 0: no limit
     idle_timeout      close a TCP connection idle this long; 0: never
     max_output        bytes owed to one TCP connection, at most
     udp_guard         refuse datagrams that could start a loop or a flood,
@@ -2954,7 +2955,8 @@ def _build_parser():
                         DESCRIPTOR_RESERVE)
     limits.add_argument("--max-per-source", type=_non_negative(int),
                         default=DEFAULT_MAX_PER_SOURCE, metavar="N",
-                        help="TCP connections from one address (default "
+                        help="TCP connections from one source (an IPv4 "
+                        "address, an IPv6 /64; default "
                         "%(default)s; 0: no limit)")
     limits.add_argument("--idle-timeout", type=_non_negative(float),
                         default=DEFAULT_IDLE_TIMEOUT, metavar="SECONDS",
