@@ -30,9 +30,10 @@ Import it, for example to get an echo server inside a test suite:
 Safety: the server is meant to be left running on exposed hosts.  Every TCP
 connection costs bounded memory (at most ``max_output`` bytes owed to it) and
 is closed after ``idle_timeout`` seconds with no byte moving; connections are
-limited in total and per source address; UDP replies are never sent to the
-diagnostic ports or to broadcast or multicast addresses (the echo-chargen loop,
-CVE-1999-0103) and are rate-limited per source for the services whose reply
+limited in total and per source address; UDP replies are never sent to
+ports below 1024 or to broadcast or multicast addresses (the echo-chargen loop,
+CVE-1999-0103), nor to a peer that keeps sending our own replies back (a loop
+on any ports), and are rate-limited per source for the services whose reply
 can be larger than the request; ``allow``/``deny`` lists filter both
 transports; started as root, the command line drops to ``nobody`` once every
 socket is bound.  The README lists each default and the reason for it.
@@ -51,13 +52,16 @@ __all__ = [
     "parse_quotes", "load_quotes", "probe", "measure", "main",
 ]
 
+import collections
 import errno
 import os
 import selectors
 import socket
 import struct
 import sys
+import threading                    # the log writer (and Server.start)
 import time
+from binascii import crc32
 
 # --- Compatibility: computed once, by feature detection ---------------------
 
@@ -596,11 +600,13 @@ TRANSPORTS = ("tcp", "udp")
 # --- The event loop and the server ------------------------------------------
 
 # Defaults; the README's "Safety" section gives the reason for each.
-DEFAULT_MAX_PER_SOURCE = 256        # TCP connections from one address
+DEFAULT_MAX_PER_SOURCE = 256        # TCP connections from one source
 DEFAULT_IDLE_TIMEOUT = 300.0        # seconds with no byte moving
 DEFAULT_MAX_OUTPUT = 64 * 1024      # bytes owed to one connection, at most
 DEFAULT_UDP_RATE = 10.0             # replies a second per source (amplifiers)
 DEFAULT_UDP_BURST = 50              # ... after a burst of this many
+DEFAULT_IPV4_PREFIX = 32            # per-source limits count an address...
+DEFAULT_IPV6_PREFIX = 64            # ... but an IPv6 /64 (one host's share)
 DESCRIPTOR_RESERVE = 32             # kept free for listeners, logs, files
 SELECT_LIMIT = 500 if _ON_WINDOWS else 1000     # select()'s FD_SETSIZE, less room
 LISTEN_BACKLOG = 4096               # the kernel caps it at its somaxconn
@@ -608,9 +614,21 @@ ACCEPT_BATCH = 64                   # accepts per readiness event
 DATAGRAM_BATCH = 64                 # datagrams per readiness event
 ACCEPT_PAUSE = 0.25                 # seconds without accepting after EMFILE
 REFUSAL_LOG_INTERVAL = 60.0         # one log line per source and reason
+UDP_LOWEST_SOURCE_PORT = 1024       # below: a service, never a client
+LOOP_RETURNS = 8                    # our own replies back from one peer...
+LOOP_MEMORY = 1.0                   # ... each sent within 1 to 2 s ...
+LOOP_BLOCK = 10.0                   # ... and that peer is refused this long
+LOOP_TABLE_MAX = 8192               # replies remembered per generation
+LOOP_DIGEST_WHOLE = 1024            # payloads digested whole up to this size
+LOOP_DIGEST_SPAN = 512              # ... past it, this much of each end
 RATE_TABLE_MAX = 65536              # sources tracked by the UDP rate limit
 SOURCE_CACHE_MAX = 4096             # UDP source decisions remembered
 MAX_TIMER_WAIT = 1.0                # the loop wakes at least this often
+LOG_BURST = 20                      # log lines a peer can cause at once...
+LOG_RATE = 1.0                      # ... then this many a second, in all
+LOG_REPORT_INTERVAL = 10.0          # "N log lines suppressed", at most this often
+LOG_QUEUE_MAX = 10000               # lines waiting for a slow log, at most
+LOG_DRAIN_TIMEOUT = 2.0             # close() waits this long for the log
 STREAM_BUFFER_SIZE = 256 * 1024     # shared by every TCP read
 DATAGRAM_BUFFER_SIZE = 65536        # the largest UDP payload, IPv4 or IPv6
 
@@ -644,12 +662,47 @@ class Counters(object):
                 "refusals": dict(self.refusals)}
 
 
+def interface_index(scope):
+    """An IPv6 scope ("eth0", or already a number) as an interface index."""
+    if scope.isdigit():
+        return int(scope)
+    if not hasattr(socket, "if_nametoindex"):
+        raise ServerError("this platform cannot look up interface %r; give "
+                          "its index instead (fe80::1%%2)" % (scope,))
+    try:
+        return socket.if_nametoindex(scope)
+    except OSError:
+        raise ServerError("no network interface named %r on this host" % (
+            scope,))
+
+
+def interface_name(index):
+    """The name of an interface index, or the number where none is known."""
+    try:
+        return socket.if_indextoname(index)
+    except (AttributeError, OSError):
+        return str(index)
+
+
+def scoped_source(address):
+    """The source text of an IPv6 sockaddr with a scope: "fe80::1%2".
+
+    Python 3.6 writes the scope into the host ("fe80::1%eth0"), 3.7 and
+    later leave it out (bpo-32221): only address[3] is the same on all.
+    """
+    return "%s%%%d" % (address[0].partition("%")[0], address[3])
+
+
 class AccessList(object):
     """--allow / --deny: addresses or CIDR networks, IPv4 and IPv6.
 
     A source is refused if it matches a deny entry, or if there are allow
-    entries and it matches none (ncat's --allow/--deny).  Decisions are
-    cached per address, so a flood costs a dict look-up a packet.
+    entries and it matches none (ncat's --allow/--deny).  An IPv6 entry may
+    name a scope (fe80::1%eth0, fe80::/64%eth0 or an index, fe80::1%2): it
+    then matches that interface's sources only.  ipaddress cannot do this
+    itself: before 3.9 it refuses "%", and from 3.9 on `in` ignores the
+    scope.  Decisions are cached per address, so a flood costs a dict
+    look-up a packet.
     """
 
     CACHE_MAX = 4096
@@ -657,26 +710,51 @@ class AccessList(object):
     def __init__(self, allow=(), deny=()):
         import ipaddress                # only paid for when lists are given
         self._ip_address = ipaddress.ip_address
-        self.allow = [self._network(ipaddress, entry) for entry in allow]
-        self.deny = [self._network(ipaddress, entry) for entry in deny]
+        self.allow = [self._rule(ipaddress, entry) for entry in allow]
+        self.deny = [self._rule(ipaddress, entry) for entry in deny]
         self._cache = {}
 
     @staticmethod
-    def _network(ipaddress, entry):
+    def _rule(ipaddress, entry):
+        """(network, interface index or None) from ADDR[/BITS][%SCOPE] or
+        ADDR%SCOPE/BITS."""
+        text, percent, scope = entry.partition("%")
+        if percent and "/" in scope:
+            scope, bits = scope.split("/", 1)
+            text += "/" + bits
         try:
-            return ipaddress.ip_network(entry, strict=False)
+            network = ipaddress.ip_network(text, strict=False)
         except ValueError:
             raise ServerError(
                 "%r is not an IP address or network; give e.g. 192.0.2.7, "
-                "192.0.2.0/24 or 2001:db8::/32" % (entry,))
+                "192.0.2.0/24, 2001:db8::/32 or fe80::1%%eth0" % (entry,))
+        if not percent:
+            return network, None
+        if network.version != 6 or not scope:
+            raise ServerError("%r: only an IPv6 address takes a scope "
+                              "(fe80::1%%eth0)" % (entry,))
+        try:
+            return network, interface_index(scope)
+        except ServerError as error:
+            raise ServerError("%r: %s" % (entry, error))
+
+    @staticmethod
+    def _matches(rules, address, index):
+        for network, scope in rules:
+            if address in network and (scope is None or scope == index):
+                return True
+        return False
 
     def permits(self, host):
+        """host: an address, with "%" and its interface for a scoped one."""
         decision = self._cache.get(host)
         if decision is None:
-            address = self._ip_address(host.split("%", 1)[0])
-            decision = not any(address in network for network in self.deny)
+            text, _, scope = host.partition("%")
+            address = self._ip_address(text)
+            index = interface_index(scope) if scope else 0
+            decision = not self._matches(self.deny, address, index)
             if decision and self.allow:
-                decision = any(address in network for network in self.allow)
+                decision = self._matches(self.allow, address, index)
             if len(self._cache) >= self.CACHE_MAX:
                 self._cache.clear()
             self._cache[host] = decision
@@ -698,7 +776,70 @@ def _is_group_destination(packed):
     return packed[0] >= 224 or packed == b"\xff\xff\xff\xff"
 
 
+def _needs_interface(packed):
+    """An IPv6 address that means something only with its interface:
+    link-local (fe80::/10) or multicast (ff00::/8)."""
+    return packed[0] == 0xFF or (packed[0] == 0xFE and packed[1] & 0xC0 == 0x80)
+
+
+def _reply_key(address, payload):
+    """Who a datagram came from or went to, and a digest of its bytes.
+
+    A loop returns our reply unchanged, so any digest finds it; a cheaper
+    one can only make two different payloads look alike.  Past
+    LOOP_DIGEST_WHOLE bytes only the length, the head and the tail are
+    read: a 64 KB echo costs a 1 KB checksum, not a 64 KB one.  A client
+    would have to send large datagrams that differ only in the middle,
+    again and again, to be taken for a loop (a sequence number, where
+    there is one, sits in the head).  (DatagramEndpoint.on_event has the
+    short case inline: it is most datagrams.)
+    """
+    size = len(payload)
+    if size > LOOP_DIGEST_WHOLE:
+        return _sampled_reply_key(address, payload, size)
+    return hash((address, crc32(payload)))
+
+
+def _sampled_reply_key(address, payload, size):
+    return hash((address, size, crc32(payload[size - LOOP_DIGEST_SPAN:],
+                                      crc32(payload[:LOOP_DIGEST_SPAN]))))
+
+
+def source_group(host, ipv4_prefix=DEFAULT_IPV4_PREFIX,
+                 ipv6_prefix=DEFAULT_IPV6_PREFIX):
+    """The source that per-source limits count: the address's network.
+
+    One IPv6 host commonly holds a whole /64 (SLAAC, privacy addresses,
+    RFC 8273), so counting each address alone would give it 2**64 times
+    each limit.  IPv4 is counted by address (a /32) by default.  A scope
+    ("fe80::1%2") stays on the key: another link is another source.
+    """
+    address, percent, scope = host.partition("%")
+    if ":" in address:
+        family, bits, prefix = socket.AF_INET6, 128, ipv6_prefix
+    else:
+        family, bits, prefix = socket.AF_INET, 32, ipv4_prefix
+    if prefix >= bits:
+        return host
+    packed = socket.inet_pton(family, address)
+    shift = bits - prefix
+    number = int.from_bytes(packed, "big") >> shift << shift
+    return "%s/%d%s%s" % (
+        socket.inet_ntop(family, number.to_bytes(len(packed), "big")),
+        prefix, percent, scope)
+
+
 _UNKNOWN = object()                 # not in a cache yet
+
+
+def _bound_address(sock):
+    """(host, port) of a bound socket; a scoped IPv6 host keeps its
+    interface by name ("fe80::1%eth0"), as --bind takes it."""
+    sockaddr = sock.getsockname()
+    if len(sockaddr) > 3 and sockaddr[3]:
+        return ("%s%%%s" % (sockaddr[0].partition("%")[0],
+                            interface_name(sockaddr[3])), sockaddr[1])
+    return sockaddr[:2]
 
 
 class Listener(object):
@@ -712,7 +853,7 @@ class Listener(object):
         self.sock = sock
         self.service = service
         self.counters = counters
-        self.address = sock.getsockname()[:2]
+        self.address = _bound_address(sock)
         self.family = int(sock.family)
 
     def _accept(self):
@@ -743,14 +884,15 @@ class DatagramEndpoint(object):
     """A UDP socket: drains in bounded batches, answers each datagram."""
 
     __slots__ = ("server", "sock", "service", "counters", "address",
-                 "pktinfo", "chargen_line")
+                 "scoped", "pktinfo", "chargen_line")
 
     def __init__(self, server, sock, service, counters, pktinfo):
         self.server = server
         self.sock = sock
         self.service = service
         self.counters = counters
-        self.address = sock.getsockname()[:2]
+        self.address = _bound_address(sock)
+        self.scoped = sock.family == socket.AF_INET6
         self.pktinfo = pktinfo          # 0, or 4 / 6: reply from the dst
         self.chargen_line = 0
 
@@ -763,14 +905,22 @@ class DatagramEndpoint(object):
         echoes = service.stream_class is EchoStream
         # Per datagram only what must be: the guard's port check, one
         # cached decision per source address, the rate limit where the
-        # reply outgrows the request.  Counted before the reply leaves, so
-        # that a client holding the reply sees it counted.
+        # reply outgrows the request, and the loop watch (a checksum and
+        # two set look-ups).  Counted before the reply leaves, so that a
+        # client holding the reply sees it counted.
         counters = self.counters
         udp_guard = server.udp_guard
+        lowest_port = UDP_LOWEST_SOURCE_PORT if udp_guard else 0
         guarded_ports = server.guarded_ports if udp_guard else ()
         known_sources = server.source_refusals
         rate_limited = server.udp_rate and service.amplifies
+        echo_limited = server.udp_echo_rate and echoes
+        watch_loops = udp_guard and service is not SERVICES["discard"]
+        loop_blocked = server.loop_blocked
+        replied, replied_before = server.replied, server.replied_before
+        table_max = LOOP_TABLE_MAX
         verbose = server.verbosity > 1
+        scoped = self.scoped
         for _ in range(DATAGRAM_BATCH):
             try:
                 if pktinfo:
@@ -790,8 +940,12 @@ class DatagramEndpoint(object):
             if pktinfo:
                 reply_info, destination = self._reply_from(ancillary)
             source = address[0]
-            if address[1] in guarded_ports:
+            if scoped and address[3]:
+                source = scoped_source(address)     # fe80::1%2
+            if address[1] < lowest_port or address[1] in guarded_ports:
                 refusal = "loop-guard"
+            elif loop_blocked and address in loop_blocked:
+                refusal = "loop-detected"
             else:
                 refusal = known_sources.get(source, _UNKNOWN)
                 if refusal is _UNKNOWN:
@@ -801,11 +955,23 @@ class DatagramEndpoint(object):
                     refusal = "group-destination"
                 if refusal is None and rate_limited:
                     refusal = server.rate_limited(source)
+                elif refusal is None and echo_limited:
+                    refusal = server.rate_limited(source, echo=True)
+                if refusal is None and watch_loops:
+                    payload = buffer[:count]
+                    if count > LOOP_DIGEST_WHOLE:
+                        key = _sampled_reply_key(address, payload, count)
+                    else:
+                        key = hash((address, crc32(payload)))
+                    if key in replied or key in replied_before:
+                        refusal = server.reply_came_back(address)
+                    elif server.loop_suspects:
+                        server.fresh_payload(address)
             if refusal is not None:
                 server.refuse(counters, refusal, source, "udp", service)
                 continue
             if echoes:
-                reply = buffer[:count]
+                reply = payload if watch_loops else buffer[:count]
             else:
                 reply = service.datagram_reply(server, buffer[:count], self)
                 if reply is None:
@@ -822,6 +988,19 @@ class DatagramEndpoint(object):
                 counters.bytes_out -= len(reply)
                 counters.refuse("send-failed")
                 continue
+            # Remember what went where: echo's reply is the payload.  An
+            # empty reply of chargen's is not remembered: its clients (and
+            # those of daytime and time) send the same request, often an
+            # empty one, again and again, and one empty reply would make
+            # each of them look like our reply coming back.
+            if watch_loops and (echoes or reply):
+                if not echoes:
+                    key = _reply_key(address, reply)
+                replied.add(key)
+                if len(replied) >= table_max:
+                    server.forget_old_replies()
+                    replied = server.replied
+                    replied_before = server.replied_before
             if verbose:
                 server.log("%s/udp from %s port %d: %d bytes in, %d out" % (
                     service.name, source, address[1], count, len(reply)))
@@ -835,8 +1014,17 @@ class DatagramEndpoint(object):
                 return [(socket.IPPROTO_IP, IP_PKTINFO,
                          b"\0\0\0\0" + destination + b"\0\0\0\0")], destination
             if self.pktinfo == 6 and kind == IPV6_PKTINFO:
-                # in6_pktinfo: the destination and its interface, as is.
-                return [(socket.IPPROTO_IPV6, IPV6_PKTINFO, data)], data[:16]
+                # in6_pktinfo: the source to use, and an interface index
+                # only where the address needs one (link-local; multicast
+                # is refused anyway).  The index it arrived on would force
+                # the reply out of that interface, and a datagram from ::1
+                # to an address of eth0 arrived "on eth0": its reply, sent
+                # out of eth0 to ::1, would never arrive.  Index 0 lets the
+                # kernel route it as it routes anything else.
+                destination = data[:16]
+                if not _needs_interface(destination):
+                    data = destination + b"\0\0\0\0"
+                return [(socket.IPPROTO_IPV6, IPV6_PKTINFO, data)], destination
         return None, None
 
 
@@ -899,7 +1087,9 @@ def raise_open_file_limit():
 
 
 def _resolve_bind(hosts):
-    """(family, host) for each bind address; names give all their addresses."""
+    """(family, host, scope) for each bind address; names give all their
+    addresses.  An IPv6 scope ("fe80::1%eth0") is kept as its interface
+    index, sockaddr[3]: binding (host, port) alone would drop it."""
     found = []
     for host in hosts:
         try:
@@ -912,7 +1102,8 @@ def _resolve_bind(hosts):
         for family, _, _, _, sockaddr in infos:
             if family not in (socket.AF_INET, socket.AF_INET6):
                 continue
-            entry = (family, sockaddr[0])
+            scope = sockaddr[3] if family == socket.AF_INET6 else 0
+            entry = (family, sockaddr[0].partition("%")[0], scope)
             if entry not in found:
                 found.append(entry)
     return found
@@ -950,6 +1141,9 @@ class Server(object):
     counters          {(service, transport): Counters}
     stats()           the counters as plain dicts
     log_counters()    write the counters to the log
+    log_lines_suppressed, log_lines_dropped
+                      log lines held back by the log's bucket, and lost
+                      because the log was not keeping up
 
     Arguments (all optional; the command line has the same):
 
@@ -962,13 +1156,21 @@ class Server(object):
     quotes            qotd quotes, bytes with CRLF (see load_quotes())
     selector          a selectors class (default: the best one here)
     max_connections   TCP connections at once (default: from RLIMIT_NOFILE)
-    max_per_source    TCP connections from one address; 0: no limit
+    max_per_source    TCP connections from one source (an address, or
+                      an IPv6 /64: see ipv6_prefix); 0: no limit
     idle_timeout      close a TCP connection idle this long; 0: never
     max_output        bytes owed to one TCP connection, at most
-    udp_guard         refuse datagrams that could start a loop or a flood
+    udp_guard         refuse datagrams that could start a loop or a flood,
+                      and stop loops that started anyway
     udp_rate, udp_burst   replies a second per source for the services
                       whose reply outgrows the request; rate 0: no limit
+    udp_echo_rate     echo replies a second per source, after a second's
+                      worth at once; 0 (the default): no limit
     allow, deny       addresses or CIDR networks
+    ipv4_prefix, ipv6_prefix
+                      per-source limits (max_per_source, the UDP rate,
+                      refusal log lines) count sources by network of this
+                      length (default 32 and 64)
     verbosity         0 errors, 1 notices, 2 every connection and datagram
     log_file          where the log goes (default: sys.stderr)
     """
@@ -980,7 +1182,9 @@ class Server(object):
                  idle_timeout=DEFAULT_IDLE_TIMEOUT,
                  max_output=DEFAULT_MAX_OUTPUT, udp_guard=True,
                  udp_rate=DEFAULT_UDP_RATE, udp_burst=DEFAULT_UDP_BURST,
-                 allow=(), deny=(), verbosity=0, log_file=None):
+                 allow=(), deny=(), verbosity=0, log_file=None,
+                 ipv4_prefix=DEFAULT_IPV4_PREFIX,
+                 ipv6_prefix=DEFAULT_IPV6_PREFIX, udp_echo_rate=0.0):
         services = list(services or SERVICE_NAMES)
         for name in list(services) + list(ports or ()):
             if name not in SERVICES:
@@ -1002,6 +1206,15 @@ class Server(object):
         self.udp_guard = udp_guard
         self.udp_rate = udp_rate
         self.udp_burst = max(1, udp_burst)
+        self.udp_echo_rate = udp_echo_rate
+        for name, value, bits in (("ipv4_prefix", ipv4_prefix, 32),
+                                  ("ipv6_prefix", ipv6_prefix, 128)):
+            if not 0 <= value <= bits:
+                raise ServerError("--%s must be 0 to %d, not %r" % (
+                    name.replace("_", "-"), bits, value))
+        self.ipv4_prefix = ipv4_prefix
+        self.ipv6_prefix = ipv6_prefix
+        self._source_groups = {}        # address -> source_group(), bounded
         self.access = AccessList(allow, deny) if (allow or deny) else None
         self.verbosity = verbosity
         self.log_file = log_file
@@ -1019,8 +1232,26 @@ class Server(object):
         self.listeners = []
         self.endpoints = []
         self._rate_buckets = {}
+        self._echo_buckets = {}
         self.source_refusals = {}       # UDP source address -> None/reason
+        # The UDP loop watch: keys of replies sent in this generation and
+        # the one before (see _reply_key), the peers whose datagrams were
+        # our own replies, and the peers refused for that until a time.
+        self.replied = set()
+        self.replied_before = set()
+        self._replies_aged = self.now
+        self.loop_suspects = {}         # (host, port) -> returns, net
+        self.loop_blocked = {}          # (host, port) -> refused until
         self._refusals_logged = {}
+        self._log_lines = collections.deque()
+        self._log_writer = None         # the thread, while a loop may log
+        self._log_closing = False
+        self._log_tokens = float(LOG_BURST)
+        self._log_tokens_stamp = self.now
+        self.log_lines_suppressed = 0   # held back by the bucket
+        self.log_lines_dropped = 0      # the queue was full
+        self._suppressed_reported = 0
+        self._suppressed_report_time = self.now
         self._accept_paused_until = None
         self._accept_pause_logged = None
         self._next_sweep = self.now + self._sweep_interval()
@@ -1052,9 +1283,9 @@ class Server(object):
         if bind:
             targets = _resolve_bind(bind)
         else:
-            targets = [(socket.AF_INET, "0.0.0.0")]
+            targets = [(socket.AF_INET, "0.0.0.0", 0)]
             if _ipv6_available():
-                targets.append((socket.AF_INET6, "::"))
+                targets.append((socket.AF_INET6, "::", 0))
             else:
                 self.notes.append("no IPv6 on this host: serving IPv4 only")
         wildcard_udp_without_pktinfo = False
@@ -1071,8 +1302,9 @@ class Server(object):
                                   "check --port-offset and --port" % (name, port))
             chosen = port
             for transport in self.transports:
-                for family, host in targets:
-                    sock = self._bind(name, transport, family, host, chosen)
+                for family, host, scope in targets:
+                    sock = self._bind(name, transport, family, host, chosen,
+                                      scope)
                     if chosen == 0:
                         chosen = sock.getsockname()[1]
                     counters = self.counters[name, transport]
@@ -1094,7 +1326,7 @@ class Server(object):
                 "address leave from the kernel's choice of source address; "
                 "on a multi-homed host use --bind for each address")
 
-    def _bind(self, name, transport, family, host, port):
+    def _bind(self, name, transport, family, host, port, scope=0):
         kind = socket.SOCK_STREAM if transport == "tcp" else socket.SOCK_DGRAM
         try:
             sock = socket.socket(family, kind)
@@ -1114,9 +1346,15 @@ class Server(object):
                 else:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
-                sock.bind((host, port))
+                if family == socket.AF_INET6:
+                    sock.bind((host, port, 0, scope))
+                else:
+                    sock.bind((host, port))
             except OSError as error:
-                raise ServerError(_bind_error(name, transport, host, port,
+                where = host
+                if scope:
+                    where += "%" + interface_name(scope)
+                raise ServerError(_bind_error(name, transport, where, port,
                                               error))
             if kind == socket.SOCK_STREAM:
                 sock.listen(LISTEN_BACKLOG)
@@ -1145,28 +1383,112 @@ class Server(object):
 
     # -- Logging and refusals --
 
+    # The loop never writes the log itself: a reader that stops reading
+    # stderr (a full pipe) would stop every service.  Lines go into a
+    # bounded queue that a daemon thread writes out; when the queue is
+    # full a line is dropped and counted.  stderr stays blocking (its
+    # descriptor is shared with the parent).  The writer is woken through
+    # a socketpair, not a lock, so log() is safe in a signal handler.
+    # Lines that a remote peer can cause (refusals, errors of one socket)
+    # also pass a global token bucket: at most LOG_BURST at once, then
+    # LOG_RATE a second, whatever the number of (spoofed) sources; what
+    # it holds back is counted and reported in one line now and then.
+
     def log(self, message):
+        """Write one line to the log without ever blocking the loop."""
+        line = "%s diagsvc: %s\n" % (time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                     message)
+        if self._log_writer is None:
+            self._write_log_line(line)  # no loop running: nothing to stall
+        elif len(self._log_lines) >= LOG_QUEUE_MAX:
+            self.log_lines_dropped += 1
+        else:
+            self._log_lines.append(line)
+            try:
+                self._log_wake_writer.send(b"\0")
+            except OSError:             # full (already woken) or closed
+                pass
+
+    def notice(self, message):
+        """log() for what a remote peer can cause: within the bucket."""
+        now = self.now
+        tokens = min(float(LOG_BURST), self._log_tokens +
+                     (now - self._log_tokens_stamp) * LOG_RATE)
+        self._log_tokens_stamp = now
+        if tokens < 1.0:
+            self._log_tokens = tokens
+            self.log_lines_suppressed += 1
+            return
+        self._log_tokens = tokens - 1.0
+        self.log(message)
+
+    def _report_suppressed(self):
+        held_back = self.log_lines_suppressed - self._suppressed_reported
+        if held_back and self.now - self._suppressed_report_time >= \
+                LOG_REPORT_INTERVAL:
+            self._suppressed_reported = self.log_lines_suppressed
+            self._suppressed_report_time = self.now
+            self.log("%d log lines suppressed (at most %d at once, then %g "
+                     "a second; the counters count every refusal)" % (
+                         held_back, LOG_BURST, LOG_RATE))
+
+    def _write_log_line(self, line):
         stream = self.log_file or sys.stderr
         try:
-            stream.write("%s diagsvc: %s\n" % (
-                time.strftime("%Y-%m-%dT%H:%M:%S"), message))
+            stream.write(line)
             stream.flush()
         except (OSError, ValueError):   # a closed or full stderr stops nothing
             pass
+
+    def _start_log_writer(self):
+        self._log_wake_reader, self._log_wake_writer = socket.socketpair()
+        self._log_wake_writer.setblocking(False)
+        self._log_writer = threading.Thread(target=self._run_log_writer,
+                                            name="diagsvc-log")
+        self._log_writer.daemon = True
+        self._log_writer.start()
+
+    def _run_log_writer(self):
+        lines = self._log_lines
+        while True:
+            try:
+                self._log_wake_reader.recv(4096)
+            except OSError:
+                return
+            while lines:
+                self._write_log_line(lines.popleft())
+            if self._log_closing:
+                return
+
+    def _stop_log_writer(self):
+        """Write out what is queued, waiting LOG_DRAIN_TIMEOUT at most."""
+        writer = self._log_writer
+        if writer is None:
+            return
+        self._log_closing = True
+        try:
+            self._log_wake_writer.send(b"\0")
+        except OSError:
+            pass
+        writer.join(LOG_DRAIN_TIMEOUT)
+        self._log_writer = None
+        if not writer.is_alive():       # else it still holds them
+            self._log_wake_reader.close()
+            self._log_wake_writer.close()
 
     def refuse(self, counters, reason, source, transport, service):
         """Count a refusal; log it once per source, reason and interval."""
         counters.refuse(reason)
         if self.verbosity < 1:
             return
-        key = (reason, source)
+        key = (reason, self.group_of(source))
         last = self._refusals_logged.get(key)
         if last is not None and self.now - last < REFUSAL_LOG_INTERVAL:
             return
         if len(self._refusals_logged) >= 4096:
             self._refusals_logged.clear()
         self._refusals_logged[key] = self.now
-        self.log("refused %s/%s from %s: %s (logged once a %d s for this "
+        self.notice("refused %s/%s from %s: %s (logged once a %d s for this "
                  "source)" % (service.name, transport, source, reason,
                               REFUSAL_LOG_INTERVAL))
 
@@ -1175,6 +1497,8 @@ class Server(object):
     def admit(self, listener, sock, address):
         """A connection was accepted: refuse it, answer it, or keep it."""
         source = address[0]
+        if len(address) > 3 and address[3]:
+            source = scoped_source(address)
         counters = listener.counters
         service = listener.service
         reason = None
@@ -1183,7 +1507,8 @@ class Server(object):
         elif len(self.streams) >= self.max_connections:
             reason = "max-connections"
         elif (self.max_per_source and
-              self.per_source.get(source, 0) >= self.max_per_source):
+              self.per_source.get(self.group_of(source), 0) >=
+              self.max_per_source):
             reason = "max-per-source"
         if reason is not None:
             # Accept and close at once: the client learns now, and the
@@ -1237,22 +1562,22 @@ class Server(object):
         except (OSError, ValueError) as error:
             # select() cannot watch a descriptor above FD_SETSIZE, say.
             stream.sock.close()
-            self.log("cannot watch a new connection: %s" % (error,))
+            self.notice("cannot watch a new connection: %s" % (error,))
             return
         self.streams.add(stream)
-        source = stream.source
-        self.per_source[source] = self.per_source.get(source, 0) + 1
+        group = self.group_of(stream.source)
+        self.per_source[group] = self.per_source.get(group, 0) + 1
 
     def close_stream(self, stream):
         if stream not in self.streams:
             return                      # closed earlier in this same pass
         self.streams.discard(stream)
-        source = stream.source
-        remaining = self.per_source[source] - 1
+        group = self.group_of(stream.source)
+        remaining = self.per_source[group] - 1
         if remaining:
-            self.per_source[source] = remaining
+            self.per_source[group] = remaining
         else:
-            del self.per_source[source]
+            del self.per_source[group]
         try:
             self.selector.unregister(stream.sock)
         except (KeyError, ValueError, OSError):
@@ -1271,7 +1596,7 @@ class Server(object):
         last = self._accept_pause_logged
         if last is None or self.now - last >= REFUSAL_LOG_INTERVAL:
             self._accept_pause_logged = self.now
-            self.log("cannot accept: %s; pausing accepts for %.2f s at a "
+            self.notice("cannot accept: %s; pausing accepts for %.2f s at a "
                      "time (%d connections open; raise the open-file limit "
                      "or lower --max-connections; logged once a %d s)" % (
                          error.strerror or error, ACCEPT_PAUSE,
@@ -1283,6 +1608,16 @@ class Server(object):
             self.selector.register(listener.sock, EVENT_READ, listener)
 
     # -- UDP --
+
+    def group_of(self, source):
+        """source_group() of an address, cached (bounded)."""
+        group = self._source_groups.get(source)
+        if group is None:
+            group = source_group(source, self.ipv4_prefix, self.ipv6_prefix)
+            if len(self._source_groups) >= SOURCE_CACHE_MAX:
+                self._source_groups.clear()
+            self._source_groups[source] = group
+        return group
 
     def udp_source_refusal(self, source):
         """What a datagram's source address alone says: None, or why to
@@ -1299,18 +1634,84 @@ class Server(object):
         self.source_refusals[source] = refusal
         return refusal
 
-    def rate_limited(self, source):
-        """A token bucket per source: udp_burst replies, then udp_rate/s."""
+    # An echo-echo loop, whatever the ports: what comes back from the
+    # peer is exactly what we last sent it.  So is an echo-daytime or
+    # echo-time loop within a second, and our chargen, qotd, daytime or
+    # time against a foreign echo.  A client sending distinct payloads
+    # never shows this; one that retries a lost reply (probe sends the
+    # same bytes up to 3 times) or a person typing a line twice shows it
+    # a few times.  So each datagram that repeats a reply sent to that
+    # same peer (host and port) in the last 1-2 s counts one up, each new
+    # payload from it one down, and every second takes one off: at
+    # LOOP_RETURNS the peer is refused ("loop-detected") for LOOP_BLOCK
+    # seconds.  Replies are remembered by peer and digest, not just the
+    # last one, so a spoofer who starts many loops at once (interleaved
+    # payloads) is caught as fast: each of them counts.  A foreign
+    # service that answers with new bytes every time (a chargen on a
+    # non-standard port) cannot be told from a client by content; the
+    # README says how to bound that.
+
+    def reply_came_back(self, address):
+        """A datagram from address repeats a reply we sent it: None, or
+        "loop-detected" once it has happened LOOP_RETURNS times."""
+        returns = self.loop_suspects.get(address, 0) + 1
+        if returns < LOOP_RETURNS:
+            if len(self.loop_suspects) >= LOOP_TABLE_MAX:
+                self.loop_suspects.clear()
+            self.loop_suspects[address] = returns
+            return None
+        del self.loop_suspects[address]
+        if len(self.loop_blocked) >= LOOP_TABLE_MAX:
+            self.loop_blocked.clear()   # this datagram still ends its loop
+        self.loop_blocked[address] = self.now + LOOP_BLOCK
+        return "loop-detected"
+
+    def fresh_payload(self, address):
+        returns = self.loop_suspects.get(address)
+        if returns is not None:
+            if returns > 1:
+                self.loop_suspects[address] = returns - 1
+            else:
+                del self.loop_suspects[address]
+
+    def forget_old_replies(self):
+        """A new generation of remembered replies: the old one goes."""
+        self.replied_before = self.replied
+        self.replied = set()
+        self._replies_aged = self.now
+
+    def _age_loop_watch(self):
         now = self.now
-        bucket = self._rate_buckets.get(source)
+        if now - self._replies_aged >= LOOP_MEMORY:
+            self.forget_old_replies()
+            self.loop_suspects = dict(
+                (address, returns - 1) for address, returns
+                in self.loop_suspects.items() if returns > 1)
+        if self.loop_blocked:
+            for address in [address for address, until
+                            in self.loop_blocked.items() if until <= now]:
+                del self.loop_blocked[address]
+
+    def rate_limited(self, source, echo=False):
+        """A token bucket per source: udp_burst replies, then udp_rate/s;
+        for echo (where udp_echo_rate is set) a second's worth at once,
+        then udp_echo_rate/s."""
+        now = self.now
+        source = self._source_groups.get(source) or self.group_of(source)
+        if echo:
+            buckets, rate = self._echo_buckets, self.udp_echo_rate
+            burst = max(1.0, rate)
+        else:
+            buckets, rate = self._rate_buckets, self.udp_rate
+            burst = float(self.udp_burst)
+        bucket = buckets.get(source)
         if bucket is None:
-            if len(self._rate_buckets) >= RATE_TABLE_MAX:
+            if len(buckets) >= RATE_TABLE_MAX:
                 self._prune_rate_buckets()
-                if len(self._rate_buckets) >= RATE_TABLE_MAX:
+                if len(buckets) >= RATE_TABLE_MAX:
                     return "rate-table-full"
-            bucket = self._rate_buckets[source] = [float(self.udp_burst), now]
-        tokens = min(float(self.udp_burst),
-                     bucket[0] + (now - bucket[1]) * self.udp_rate)
+            bucket = buckets[source] = [burst, now]
+        tokens = min(burst, bucket[0] + (now - bucket[1]) * rate)
         bucket[1] = now
         if tokens < 1.0:
             bucket[0] = tokens
@@ -1319,12 +1720,15 @@ class Server(object):
         return None
 
     def _prune_rate_buckets(self):
-        now, burst, rate = self.now, self.udp_burst, self.udp_rate
-        full = [source for source, (tokens, stamp)
-                in self._rate_buckets.items()
-                if tokens + (now - stamp) * rate >= burst]
-        for source in full:
-            del self._rate_buckets[source]
+        now = self.now
+        for buckets, rate, burst in (
+                (self._rate_buckets, self.udp_rate, self.udp_burst),
+                (self._echo_buckets, self.udp_echo_rate,
+                 max(1.0, self.udp_echo_rate))):
+            full = [source for source, (tokens, stamp) in buckets.items()
+                    if tokens + (now - stamp) * rate >= burst]
+            for source in full:
+                del buckets[source]
 
     # -- Timers: checked once a loop pass, nothing per byte --
 
@@ -1349,8 +1753,10 @@ class Server(object):
                         self.log("closing idle connection from %s" %
                                  stream.source)
                     self.close_stream(stream)
-            if self._rate_buckets:
+            if self._rate_buckets or self._echo_buckets:
                 self._prune_rate_buckets()
+            self._age_loop_watch()
+            self._report_suppressed()
         self._set_next_timer()
 
     def _set_next_timer(self):
@@ -1366,6 +1772,8 @@ class Server(object):
         if self._running:
             raise RuntimeError("serve_forever() is already running")
         self._running = True
+        if self._log_writer is None:
+            self._start_log_writer()
         select = self.selector.select
         monotonic = time.monotonic
         self.now = monotonic()
@@ -1401,12 +1809,12 @@ class Server(object):
                         handler.source, error))
                 return
         elif isinstance(error, OSError):
-            self.log("%s/%s: %s" % (
+            self.notice("%s/%s: %s" % (
                 handler.service.name,
                 "tcp" if isinstance(handler, Listener) else "udp", error))
             return
         import traceback
-        self.log("unexpected error, the server carries on:\n" + "".join(
+        self.notice("unexpected error, the server carries on:\n" + "".join(
             traceback.format_exception(type(error), error,
                                        error.__traceback__)).rstrip())
 
@@ -1444,6 +1852,7 @@ class Server(object):
         self.endpoints = []
         self._waker.close()
         self.selector.close()
+        self._stop_log_writer()
         if self._ring_file_to_close is not None:
             os.close(self._ring_file_to_close)
             self._ring_file_to_close = self.chargen_ring_file = None
@@ -1473,6 +1882,10 @@ class Server(object):
                 "connections" if transport == "tcp" else "datagrams",
                 counters.bytes_in, counters.bytes_out,
                 "; refused: " + refusals if refusals else ""))
+        if self.log_lines_suppressed or self.log_lines_dropped:
+            self.log("log: %d lines suppressed by the bucket, %d dropped "
+                     "(the log was not keeping up)" % (
+                         self.log_lines_suppressed, self.log_lines_dropped))
 
 
 # --- Privileges ----------------------------------------------------------------
@@ -2542,7 +2955,8 @@ def _build_parser():
                         DESCRIPTOR_RESERVE)
     limits.add_argument("--max-per-source", type=_non_negative(int),
                         default=DEFAULT_MAX_PER_SOURCE, metavar="N",
-                        help="TCP connections from one address (default "
+                        help="TCP connections from one source (an IPv4 "
+                        "address, an IPv6 /64; default "
                         "%(default)s; 0: no limit)")
     limits.add_argument("--idle-timeout", type=_non_negative(float),
                         default=DEFAULT_IDLE_TIMEOUT, metavar="SECONDS",
@@ -2560,10 +2974,26 @@ def _build_parser():
     limits.add_argument("--udp-burst", type=_non_negative(int),
                         default=DEFAULT_UDP_BURST, metavar="N",
                         help="... after a burst of N (default %(default)s)")
+    limits.add_argument("--udp-echo-rate", type=_non_negative(float),
+                        default=0.0, metavar="PER_SECOND",
+                        help="UDP echo replies a second per source, after "
+                        "a second's worth at once (default 0: no limit; it "
+                        "ends echo loops with a foreign service that "
+                        "answers with new bytes)")
+    limits.add_argument("--ipv4-prefix", type=_non_negative(int),
+                        default=DEFAULT_IPV4_PREFIX, metavar="BITS",
+                        help="per-source limits count IPv4 sources by "
+                        "network of this length (default %(default)s: by "
+                        "address)")
+    limits.add_argument("--ipv6-prefix", type=_non_negative(int),
+                        default=DEFAULT_IPV6_PREFIX, metavar="BITS",
+                        help="... and IPv6 sources (default %(default)s: a "
+                        "/64 is one host's share)")
     limits.add_argument("--no-udp-guard", dest="udp_guard",
                         action="store_false", help="answer datagrams from "
-                        "the diagnostic ports and group addresses too (lab "
-                        "use: this is how reflection loops start)")
+                        "ports below 1024 and group addresses too, and do "
+                        "not watch for loops (lab use: this is how "
+                        "reflection loops start)")
 
     access = parser.add_argument_group("access and privileges")
     access.add_argument("--allow", action="append", default=[],
@@ -2614,7 +3044,9 @@ def _serve_main(argv):
             idle_timeout=options.idle_timeout,
             max_output=options.max_output, udp_guard=options.udp_guard,
             udp_rate=options.udp_rate, udp_burst=options.udp_burst,
+            udp_echo_rate=options.udp_echo_rate,
             allow=options.allow, deny=options.deny,
+            ipv4_prefix=options.ipv4_prefix, ipv6_prefix=options.ipv6_prefix,
             verbosity=max(0, 1 + options.verbose - options.quiet))
     except (ServerError, QuoteFileError) as error:
         sys.stderr.write("%s: error: %s\n" % (prog, error))

@@ -1600,5 +1600,499 @@ class CommandLineTest(unittest.TestCase):
         self.assertEqual(result.stdout.strip(), "diagsvc " + diagsvc.__version__)
 
 
+
+# --- Trust: loops, the log, IPv6 prefixes, interfaces and scopes ------------
+
+
+def in_namespace(test, setup, body):
+    """Run body (Python, with diagsvc imported, printing one JSON value) in
+    a fresh network namespace after the shell commands in setup; return
+    the value.  Skips where that cannot be done (not root, no unshare/ip).
+    """
+    import shutil
+    if not ON_LINUX or os.geteuid() != 0:
+        test.skipTest("needs root on Linux for a network namespace")
+    for tool in ("unshare", "ip"):
+        if shutil.which(tool) is None:
+            test.skipTest("needs the %s command" % tool)
+    script = "\n".join([
+        "import json, os, socket, subprocess, sys, time",
+        "sys.path.insert(0, %r)" % HERE,
+        "import diagsvc",
+        "subprocess.check_call(%r, shell=True)" % (
+            "ip link set lo up; " + setup),
+        body])
+    try:
+        result = subprocess.run(
+            ["unshare", "-n", sys.executable, "-c", script],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            universal_newlines=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        test.fail("the namespace test did not finish within 60 s")
+    if result.returncode != 0 and "unshare failed" in result.stderr:
+        test.skipTest("cannot make a network namespace: " +
+                      result.stderr.strip())
+    test.assertEqual(result.returncode, 0, result.stderr)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+class InterfaceTest(unittest.TestCase):
+    """Item 7: an IPv6 UDP reply is routed, not pinned to an interface."""
+
+    def test_ipv6_reply_to_loopback_from_an_address_of_another_link(self):
+        # fd00::2 lives on br0; a datagram from ::1 to it arrives on br0's
+        # index.  The reply (from fd00::2 to ::1) must go by the route (lo).
+        reply = in_namespace(self, (
+            "ip link add br0 type bridge; ip link set br0 up; "
+            "ip -6 addr add fd00::2/64 dev br0 nodad"), """
+with diagsvc.Server(["echo"], bind=["::"], port_offset=None,
+                    transports=("udp",)) as server:
+    server.start()
+    port = server.addresses["echo", "udp"][0][1]
+    client = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    client.bind(("::1", 0))
+    client.settimeout(3.0)
+    answer = None
+    for _ in range(3):                  # UDP may lose one; a busy host
+        client.sendto(b"via lo", ("fd00::2", port))
+        try:
+            data, source = client.recvfrom(100)
+        except socket.timeout:
+            continue
+        answer = [data.decode(), source[0], source[1] == port]
+        break
+    print(json.dumps(answer or server.stats()["echo", "udp"]))
+""")
+        self.assertEqual(reply, ["via lo", "fd00::2", True])
+
+
+def settled(read, quiet=0.5):
+    """A predicate for wait_until: read() gave the same value for quiet
+    seconds (a counter another thread was moving has stopped)."""
+    last = [read(), time.monotonic()]
+
+    def check():
+        value = read()
+        if value != last[0]:
+            last[:] = [value, time.monotonic()]
+            return False
+        return time.monotonic() - last[1] >= quiet
+    return check
+
+
+class LoopWatchTest(ServerTestCase):
+    """Item 1: no spoofed datagram starts a loop that lasts, whatever the
+    ports, and a real client is not cut off."""
+
+    def echo_pair(self):
+        first = self.start_server(["echo"], transports=("udp",))
+        second = self.start_server(["echo"], transports=("udp",))
+        return first, second
+
+    def datagrams(self, *servers):
+        return tuple(server.counters["echo", "udp"].datagrams
+                     for server in servers)
+
+    def loop_refusals(self, *servers):
+        return sum(server.counters["echo", "udp"].refusals.get(
+            "loop-detected", 0) for server in servers)
+
+    def inject(self, sender, receiver, payloads):
+        # A datagram to receiver with sender's address as its source: sent
+        # from sender's own socket, as a spoofer's would arrive.
+        target = receiver.addresses["echo", "udp"][0]
+        for payload in payloads:
+            sender.endpoints[0].sock.sendto(payload, target)
+
+    def assert_loop_stops(self, first, second):
+        wait_until(settled(lambda: self.datagrams(first, second)),
+                   message="the echo-echo loop to stop")
+        self.assertGreaterEqual(self.loop_refusals(first, second), 1)
+        self.assertLess(sum(self.datagrams(first, second)), 10000)
+        # Both still serve a real client.
+        for server in (first, second):
+            self.assertEqual(self.udp_exchange(server, "echo", b"after"),
+                             b"after")
+
+    def test_spoofed_datagram_between_two_echo_servers_stops(self):
+        first, second = self.echo_pair()
+        self.inject(second, first, [b"spoofed"])
+        self.assert_loop_stops(first, second)
+
+    def test_many_interleaved_loops_stop(self):
+        first, second = self.echo_pair()
+        self.inject(second, first, [b"loop %d" % n for n in range(40)])
+        self.assert_loop_stops(first, second)
+
+    def test_loop_through_our_daytime_and_a_foreign_echo_stops(self):
+        # A foreign echo (here: ours with the guard off) returns daytime's
+        # line unchanged; the daytime side must see its reply come back.
+        foreign = self.start_server(["echo"], transports=("udp",),
+                                    udp_guard=False)
+        ours = self.start_server(["daytime"], transports=("udp",),
+                                 udp_rate=0)
+        foreign.endpoints[0].sock.sendto(
+            b"", ours.addresses["daytime", "udp"][0])
+        counts = lambda: (foreign.counters["echo", "udp"].datagrams,
+                          ours.counters["daytime", "udp"].datagrams)
+        wait_until(settled(counts), message="the daytime-echo loop to stop")
+        self.assertEqual(ours.counters["daytime", "udp"].refusals,
+                         {"loop-detected": 1})
+
+    def test_echo_rate_ends_a_loop_with_a_foreign_chargen(self):
+        # A chargen answers each datagram with new bytes: no content tells
+        # it from a client.  --udp-echo-rate bounds it: the first datagram
+        # over the rate is dropped, and with it the loop.
+        foreign = self.start_server(["chargen"], transports=("udp",),
+                                    udp_guard=False, udp_rate=0)
+        echo = self.start_server(["echo"], transports=("udp",),
+                                 udp_echo_rate=200)
+        foreign.endpoints[0].sock.sendto(
+            b"start", echo.addresses["echo", "udp"][0])
+        wait_until(settled(lambda: echo.counters["echo", "udp"].datagrams),
+                   message="the chargen-echo loop to stop")
+        self.assertEqual(echo.counters["echo", "udp"].refusals,
+                         {"rate-limit": 1})
+        # A client still gets a second's worth at once, then the rate.
+        self.assertEqual(self.udp_exchange(echo, "echo", b"client"),
+                         b"client")
+
+    def test_empty_requests_after_an_empty_chargen_reply_are_answered(self):
+        # RFC 864 allows 0 characters.  A chargen client sends the same
+        # empty datagram each time: after an empty reply, that request is
+        # not our reply coming back.
+        real = diagsvc._random_below
+        diagsvc._random_below = lambda limit: 0     # every reply empty
+        self.addCleanup(setattr, diagsvc, "_random_below", real)
+        server = self.start_server(["chargen"], transports=("udp",))
+        sock = self.udp_socket()
+        for _ in range(20):
+            sock.sendto(b"", server.addresses["chargen", "udp"][0])
+            self.assertEqual(sock.recv(100), b"")
+        self.assertEqual(server.counters["chargen", "udp"].refusals, {})
+
+    def test_a_client_sending_distinct_datagrams_gets_every_reply(self):
+        server = self.start_server(["echo"], transports=("udp",))
+        sock = self.udp_socket()
+        sock.connect(server.addresses["echo", "udp"][0])
+        total, window, sent, received = 20000, 16, 0, []
+        while len(received) < total:
+            while sent < total and sent - len(received) < window:
+                sock.send(b"%031d\n" % sent)
+                sent += 1
+            received.append(sock.recv(64))
+        self.assertEqual(sorted(received),
+                         [b"%031d\n" % n for n in range(total)])
+        self.assertEqual(server.counters["echo", "udp"].refusals, {})
+
+    def test_a_client_retrying_one_payload_gets_every_reply(self):
+        server = self.start_server(["echo"], transports=("udp",))
+        sock = self.udp_socket()
+        target = server.addresses["echo", "udp"][0]
+        for _ in range(2):              # a probe's three tries, twice
+            for _ in range(3):
+                sock.sendto(b"diagsvc probe 1234\r\n", target)
+                self.assertEqual(sock.recv(100), b"diagsvc probe 1234\r\n")
+            sock.sendto(b"typed twice", target)
+            self.assertEqual(sock.recv(100), b"typed twice")
+        self.assertEqual(server.counters["echo", "udp"].refusals, {})
+
+    @needs_linux
+    def test_source_ports_below_1024_are_refused(self):
+        if os.geteuid() != 0:
+            self.skipTest("binding a port below 1024 needs root")
+        server = self.start_server(["echo"], transports=("udp",))
+        # An address of this process's own (two suites may run at once),
+        # and ports that a host service may hold skipped.
+        pid = os.getpid()
+        host = "127.%d.%d.%d" % (100 + pid % 100, pid // 100 % 250 + 1,
+                                 pid // 25000 % 250 + 1)
+        refused = 0
+        for port in (1023, 1, 555, 777, 999):
+            try:
+                low = sock_from(host, port, socket.SOCK_DGRAM)
+            except OSError as error:
+                if error.errno != errno.EADDRINUSE:
+                    raise
+                continue
+            self.addCleanup(low.close)
+            low.sendto(b"service?", server.addresses["echo", "udp"][0])
+            self.assert_no_reply(low, server, "127.0.0.1")
+            refused += 1
+        self.assertGreaterEqual(refused, 3)
+        self.assertEqual(server.counters["echo", "udp"].refusals,
+                         {"loop-guard": refused})
+
+
+class LogLines(object):
+    """A log_file that keeps its lines (written from the writer thread)."""
+
+    def __init__(self):
+        self.lines = []
+
+    def write(self, text):
+        self.lines.extend(text.splitlines())
+
+    def flush(self):
+        pass
+
+
+class StuckLog(object):
+    """A log_file whose write() blocks until released: a full pipe."""
+
+    def __init__(self):
+        self.released = threading.Event()
+        self.entered = threading.Event()
+
+    def write(self, text):
+        self.entered.set()
+        self.released.wait(TIMEOUT * 3)
+
+    def flush(self):
+        pass
+
+
+class LogBoundTest(ServerTestCase):
+    """Item 2: a bound on log lines in total; no write stalls the loop."""
+
+    @needs_linux
+    def test_spoofed_sources_cannot_flood_the_log(self):
+        log = LogLines()
+        server = self.start_server(["echo"], transports=("udp",),
+                                   allow=["127.0.0.1"], verbosity=1,
+                                   log_file=log)
+        target = server.addresses["echo", "udp"][0]
+        for number in range(2, 202):    # 200 sources, one datagram each
+            sock = sock_from("127.0.0.%d" % number, 0, socket.SOCK_DGRAM)
+            sock.sendto(b"x", target)
+            sock.close()
+        wait_until(lambda: server.counters["echo", "udp"].refusals.get(
+            "denied") == 200, message="200 refusals")
+        self.assertEqual(server.counters["echo", "udp"].refusals,
+                         {"denied": 200})
+        refusal_lines = lambda: [line for line in log.lines
+                                 if "refused" in line]
+        suppressed = lambda: getattr(server, "log_lines_suppressed", 0)
+        wait_until(lambda: suppressed() + len(refusal_lines()) >= 200,
+                   message="every refusal written or counted")
+        self.assertLessEqual(len(refusal_lines()), 40)  # the burst, 20
+        self.assertEqual(suppressed() + len(refusal_lines()), 200)
+
+    def test_a_log_that_blocks_does_not_stop_the_loop(self):
+        log = StuckLog()
+        server = self.start_server(["echo"], verbosity=2, log_file=log)
+        self.addCleanup(log.released.set)     # runs before server.close
+        sock = self.udp_socket()
+        target = server.addresses["echo", "udp"][0]
+        for number in range(50):        # each is logged at -v
+            sock.sendto(b"%d" % number, target)
+            self.assertEqual(sock.recv(100), b"%d" % number)
+        self.assertTrue(log.entered.wait(TIMEOUT))
+        tcp = self.connect(server, "echo")
+        tcp.sendall(b"still here")
+        self.assertEqual(recv_exactly(tcp, 10), b"still here")
+
+
+class SourceGroupTest(unittest.TestCase):
+    """Item 3: per-source limits count an IPv6 /64 as one source."""
+
+    def test_source_group_keys(self):
+        group = diagsvc.source_group
+        self.assertEqual(group("192.0.2.7"), "192.0.2.7")
+        self.assertEqual(group("192.0.2.7", ipv4_prefix=24), "192.0.2.0/24")
+        self.assertEqual(group("2001:db8:1:2:3:4:5:6"), "2001:db8:1:2::/64")
+        self.assertEqual(group("2001:db8:1:2::9"), group("2001:db8:1:2:ffff::"))
+        self.assertNotEqual(group("2001:db8:1:2::9"), group("2001:db8:1:3::9"))
+        self.assertEqual(group("2001:db8::1", ipv6_prefix=128), "2001:db8::1")
+        self.assertEqual(group("2001:db8:1:2::9", ipv6_prefix=48),
+                         "2001:db8:1::/48")
+        self.assertEqual(group("2001:db8::1", ipv6_prefix=0), "::/0")
+        self.assertEqual(group("fe80::1%2"), "fe80::/64%2")
+        self.assertEqual(group("fe80::1%eth0"), "fe80::/64%eth0")
+
+    def test_prefix_lengths_are_checked(self):
+        for options in ({"ipv4_prefix": 33}, {"ipv6_prefix": 129},
+                        {"ipv6_prefix": -1}):
+            with self.assertRaises(diagsvc.ServerError) as caught:
+                diagsvc.Server(["echo"], bind=["127.0.0.1"], port_offset=None,
+                               **options)
+            self.assertIn("prefix must be 0 to", str(caught.exception))
+
+    def test_one_slash_64_is_one_source_for_every_limit(self):
+        hosts = ["fd00:1::%d" % n for n in range(2, 8)]
+        result = in_namespace(self, "; ".join(
+            ["ip -6 addr add fd00:1::1/64 dev lo nodad",
+             "ip -6 addr add fd00:2::1/64 dev lo nodad"] +
+            ["ip -6 addr add %s/64 dev lo nodad" % host for host in hosts]),
+            """
+hosts = %r
+def served(server, host):
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    sock.bind((host, 0))
+    sock.settimeout(5.0)
+    sock.connect(server.addresses["echo", "tcp"][0])
+    sock.sendall(b"x")
+    try:
+        answer = sock.recv(1)
+    except OSError:
+        answer = b""
+    opened.append(sock)
+    return answer == b"x"
+result = {}
+opened = []
+for prefix in (64, 128):
+    options = {} if prefix == 64 else {"ipv6_prefix": prefix}  # the default
+    try:
+        server = diagsvc.Server(["echo", "daytime"], bind=["fd00:1::1"],
+                                port_offset=None, max_per_source=3,
+                                udp_rate=0.01, udp_burst=3, **options)
+    except TypeError as error:
+        result[str(prefix)] = str(error)
+        continue
+    with server:
+        server.start()
+        tcp = [served(server, host) for host in hosts[:5]]
+        other = served(server, "fd00:2::1")
+        clients = []
+        for host in hosts[:5]:
+            udp = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+            udp.bind((host, 0))
+            udp.sendto(b"", server.addresses["daytime", "udp"][0])
+            clients.append(udp)
+        # One loop thread: once a later echo is back, every daytime reply
+        # that will ever come is queued.
+        marker = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        marker.bind(("fd00:2::1", 0))
+        marker.settimeout(5.0)
+        marker.sendto(b"marker", server.addresses["echo", "udp"][0])
+        assert marker.recv(100) == b"marker"
+        marker.close()
+        replies = 0
+        for udp in clients:
+            udp.setblocking(False)
+            try:
+                udp.recv(100)
+                replies += 1
+            except BlockingIOError:
+                pass
+            udp.close()
+        stats = server.stats()
+        result[str(prefix)] = [tcp.count(True), other, replies,
+                               stats["echo", "tcp"]["refusals"],
+                               stats["daytime", "udp"]["refusals"]]
+    for sock in opened:
+        sock.close()
+print(json.dumps(result))
+""" % (hosts,))
+        self.assertEqual(result["64"], [3, True, 3, {"max-per-source": 2},
+                                        {"rate-limit": 2}])
+        self.assertEqual(result["128"], [5, True, 5, {}, {}])
+
+class ScopeTest(unittest.TestCase):
+    """Item 10, the server: scoped IPv6 addresses in --bind and --allow."""
+
+    def test_access_rules_with_a_scope_match_that_scope_only(self):
+        rules = diagsvc.AccessList(allow=["fe80::1%1", "fe80::/64%3",
+                                          "fe80::%4/64", "2001:db8::/32"])
+        self.assertTrue(rules.permits("fe80::1%1"))
+        self.assertFalse(rules.permits("fe80::1%2"))
+        self.assertTrue(rules.permits("fe80::99%3"))
+        self.assertTrue(rules.permits("fe80::99%4"))
+        self.assertFalse(rules.permits("fe80::99%5"))
+        self.assertTrue(rules.permits("2001:db8::1"))
+        denied = diagsvc.AccessList(deny=["fe80::1%1"])
+        self.assertFalse(denied.permits("fe80::1%1"))
+        self.assertTrue(denied.permits("fe80::1%2"))
+        unscoped = diagsvc.AccessList(allow=["fe80::/64"])
+        self.assertTrue(unscoped.permits("fe80::1%7"))
+
+    @unittest.skipUnless(hasattr(socket, "if_nametoindex") and ON_LINUX,
+                         "needs interface names (Linux's lo)")
+    def test_access_rules_take_interface_names(self):
+        index = socket.if_nametoindex("lo")
+        rules = diagsvc.AccessList(allow=["fe80::1%lo"])
+        self.assertTrue(rules.permits("fe80::1%%%d" % index))
+        self.assertFalse(rules.permits("fe80::1%%%d" % (index + 1)))
+
+    def test_bad_scopes_are_one_line_errors(self):
+        for entry, text in (("fe80::1%nosuchif0", "no network interface "
+                             "named 'nosuchif0'"),
+                            ("192.0.2.1%1", "only an IPv6 address takes a "
+                             "scope")):
+            with self.assertRaises(diagsvc.ServerError) as caught:
+                diagsvc.AccessList(allow=[entry])
+            self.assertIn(text, str(caught.exception))
+            self.assertNotIn("\n", str(caught.exception))
+        result = run_command("echo", "--port", "echo=0", "--bind",
+                             "127.0.0.1", "--allow", "fe80::1%nosuchif0")
+        self.assertEqual(result.returncode, 2)
+        self.assertEqual(result.stderr, "diagsvc: error: 'fe80::1%nosuchif0':"
+                         " no network interface named 'nosuchif0' on this "
+                         "host\n")
+
+    def test_bind_and_allow_on_a_link_local_address(self):
+        result = in_namespace(self, (
+            "ip link add br0 type bridge; ip link set br0 up; "
+            "ip link add br1 type bridge; ip link set br1 up; "
+            "ip -6 addr add fe80::1/64 dev br0 nodad; "
+            "ip -6 addr add fe80::2/64 dev br0 nodad"), """
+index = socket.if_nametoindex("br0")
+result = {}
+for allowed in ("fe80::2%br0", "fe80::2%br1"):
+    with diagsvc.Server(["echo"], bind=["fe80::1%br0"], port_offset=None,
+                        allow=[allowed]) as server:
+        server.start()
+        host, port = server.addresses["echo", "udp"][0]
+        udp = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        udp.bind(("fe80::2", 0, 0, index))
+        udp.settimeout(5.0)
+        tcp = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        tcp.bind(("fe80::2", 0, 0, index))
+        tcp.settimeout(10.0)
+        tcp.connect(("fe80::1", server.addresses["echo", "tcp"][0][1], 0,
+                     index))
+        tcp.sendall(b"scoped")
+        try:
+            echoed = tcp.recv(100).decode()
+        except OSError:                 # refused: closed with data unread
+            echoed = ""
+        tcp.close()
+        udp_echoed = ""
+        if allowed.endswith("br1"):     # refused: wait for the count
+            udp.sendto(b"scoped", ("fe80::1", port, 0, index))
+            deadline = time.monotonic() + 10.0
+            while not server.counters["echo", "udp"].refusals and \
+                    time.monotonic() < deadline:
+                time.sleep(0.01)
+        else:
+            for _ in range(3):          # UDP may lose one; a busy host
+                udp.sendto(b"scoped", ("fe80::1", port, 0, index))
+                try:
+                    udp_echoed = udp.recv(100).decode()
+                    break
+                except socket.timeout:
+                    pass
+        udp.close()
+        result[allowed] = [host, echoed, udp_echoed,
+                           server.stats()["echo", "udp"]["refusals"],
+                           server.stats()["echo", "tcp"]["refusals"]]
+command = subprocess.Popen(
+    [sys.executable, SCRIPT_PATH, "echo", "--udp", "--port", "echo=0",
+     "--bind", "fe80::1%br0"], stdout=subprocess.PIPE, universal_newlines=True)
+result["start line"] = command.stdout.readline().strip()
+command.terminate()
+command.wait()
+command.stdout.close()
+print(json.dumps(result))
+""".replace("SCRIPT_PATH", repr(SCRIPT)))
+        self.assertEqual(result["fe80::2%br0"],
+                         ["fe80::1%br0", "scoped", "scoped", {}, {}])
+        self.assertEqual(result["fe80::2%br1"],
+                         ["fe80::1%br0", "", "", {"denied": 1},
+                          {"denied": 1}])
+        self.assertTrue(START_LINE.match(result["start line"]))
+        self.assertIn("on fe80::1%br0 port", result["start line"])
+
+
 if __name__ == "__main__":
     unittest.main()
