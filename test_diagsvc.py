@@ -2094,5 +2094,401 @@ print(json.dumps(result))
         self.assertIn("on fe80::1%br0 port", result["start line"])
 
 
+# --- Trust: descriptors select() cannot watch, one-shot closes, close() ------
+# (issue 8, items 4, 5, 6 and 16)
+
+HAVE_SELECT_SELECTOR = hasattr(__import__("selectors"), "SelectSelector")
+
+
+def open_descriptor_count():
+    return len(os.listdir("/proc/self/fd"))
+
+
+class UnwatchableDescriptorTest(ServerTestCase):
+    """select() takes descriptors below FD_SETSIZE only (item 4)."""
+
+    @unittest.skipUnless(ON_LINUX and HAVE_SELECT_SELECTOR,
+                         "needs Linux's FD_SETSIZE of 1024 on values")
+    def test_select_refuses_descriptors_past_fd_setsize_and_serves_on(self):
+        import resource
+        import selectors
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        needed = 1300
+        if soft != resource.RLIM_INFINITY and soft < needed:
+            if hard != resource.RLIM_INFINITY and hard < needed:
+                self.skipTest("RLIMIT_NOFILE hard limit below %d" % needed)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+            self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE,
+                            (soft, hard))
+        server = self.start_server(["echo"], transports=["tcp"],
+                                   selector=selectors.SelectSelector,
+                                   max_per_source=0)
+        self.assertEqual(server.max_connections,
+                         diagsvc.SELECT_LIMIT - diagsvc.DESCRIPTOR_RESERVE)
+        # A library user's process that holds 1,100 open files: every free
+        # descriptor below that is taken, so the next accept lands above
+        # FD_SETSIZE.
+        held = []
+        self.addCleanup(lambda: [os.close(fd) for fd in held])
+        while not held or held[-1] < 1100:
+            held.append(os.open(os.devnull, os.O_RDONLY))
+        high = self.connect(server, "echo")
+        self.assertEqual(high.recv(100), b"")       # refused at once
+        self.assertEqual(server.counters["echo", "tcp"].refusals,
+                         {"unwatchable": 1})
+        # Still serving: free one low descriptor, and the next connection
+        # (its client socket made before, so high) is accepted into it.
+        client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.addCleanup(client.close)
+        client.settimeout(TIMEOUT)
+        self.assertGreater(client.fileno(), 1024)
+        os.close(held.pop(0))
+        client.connect(server.addresses["echo", "tcp"][0])
+        client.sendall(b"low descriptor")
+        self.assertEqual(recv_exactly(client, 14), b"low descriptor")
+        self.assertTrue(server._running)
+        self.assertEqual(server.counters["echo", "tcp"].connections, 1)
+
+    @unittest.skipUnless(HAVE_SELECT_SELECTOR, "no SelectSelector")
+    def test_select_cap_is_fd_setsize_less_the_reserve(self):
+        import selectors
+        cap = diagsvc.default_max_connections(selectors.SelectSelector)
+        self.assertLessEqual(cap, diagsvc.SELECT_LIMIT - 32)
+        self.assertEqual(diagsvc.SELECT_LIMIT,
+                         512 if sys.platform == "win32" else 1024)
+        with self.assertRaisesRegex(diagsvc.ServerError,
+                                    r"^--max-connections 5000 is more than "
+                                    r"select\(\) can watch here \(at most "
+                                    r"%d" % cap):
+            diagsvc.Server(["echo"], bind=["127.0.0.1"], port_offset=None,
+                           selector=selectors.SelectSelector,
+                           max_connections=5000)
+        result = run_command("echo", "--tcp", "--bind", "127.0.0.1", "--port",
+                             "echo=0", "--selector", "SelectSelector",
+                             "--max-connections", "5000")
+        self.assertEqual(result.returncode, 2)
+        self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
+        self.assertIn("more than select() can watch", result.stderr)
+
+    def test_a_selector_error_is_logged_never_silent(self):
+        selector_class = diagsvc.SELECTORS[0]
+
+        class FailingSelector(selector_class):
+            fail = False
+
+            def select(self, timeout=None):
+                if self.fail:
+                    raise RuntimeError("injected selector failure")
+                return selector_class.select(self, timeout)
+
+        log = io.StringIO()
+        server = diagsvc.Server(["echo"], bind=["127.0.0.1"],
+                                port_offset=None, selector=FailingSelector,
+                                log_file=log)
+        self.addCleanup(server.close)
+        outcome = []
+
+        def run():
+            try:
+                server.serve_forever()
+                outcome.append("returned")
+            except RuntimeError as error:
+                outcome.append(str(error))
+        loop = threading.Thread(target=run)
+        loop.daemon = True
+        loop.start()
+        self.assertEqual(self.udp_exchange(server, "echo", b"up"), b"up")
+        server.selector.fail = True
+        server._waker.wake()
+        loop.join(TIMEOUT)
+        self.assertEqual(outcome, ["injected selector failure"])
+        self.assertIn("injected selector failure", log.getvalue())
+        self.assertIn("the event loop stops", log.getvalue())
+
+
+class OneShotCloseTest(ServerTestCase):
+    """daytime, qotd, time: the whole reply, then FIN, never RST (item 5)."""
+
+    def check_reply(self, server, service, reply):
+        if service == "daytime":
+            self.assertRegex(reply, DAYTIME)
+        elif service == "qotd":
+            self.assertIn(reply, server.quotes)
+        else:
+            self.assertEqual(len(reply), 4)
+
+    def read_reply_and_eof(self, sock):
+        """The reply and a normal close; a reset raises here."""
+        reply = recv_to_eof(sock)
+        self.assertEqual(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR),
+                         0, "the server reset the connection")
+        return reply
+
+    def test_input_already_queued_at_accept(self):
+        # Deterministic: the clients' data is queued before the loop runs,
+        # as it is when a client sends at once and the server is busy.
+        services = ["daytime", "qotd", "time"]
+        server = diagsvc.Server(services, bind=["127.0.0.1"],
+                                port_offset=None, transports=["tcp"])
+        self.addCleanup(server.close)
+        clients = []
+        for service in services:
+            for _ in range(10):
+                sock = socket.create_connection(
+                    server.addresses[service, "tcp"][0], TIMEOUT)
+                self.addCleanup(sock.close)
+                sock.sendall(b"n" * 100)        # as nmap and ncat may
+                clients.append((service, sock))
+        server.start()
+        for service, sock in clients:
+            with self.subTest(service=service):
+                self.check_reply(server, service, self.read_reply_and_eof(sock))
+                sock.close()
+        wait_until(lambda: not server.streams,
+                   message="the one-shot connections to close")
+        for service in services:
+            counters = server.counters[service, "tcp"]
+            self.assertEqual(counters.bytes_in, 1000)
+            self.assertEqual(counters.refusals, {})
+
+    def test_client_that_sends_at_once_many_times(self):
+        server = self.start_server(["daytime", "qotd", "time"],
+                                   transports=["tcp"], max_per_source=0)
+        for service in ("daytime", "qotd", "time"):
+            address = server.addresses[service, "tcp"][0]
+            with self.subTest(service=service):
+                for _ in range(200):
+                    with socket.create_connection(address, TIMEOUT) as sock:
+                        sock.sendall(b"x" * 100)
+                        self.check_reply(server, service,
+                                         self.read_reply_and_eof(sock))
+
+    def test_a_client_that_never_closes_gets_eof_and_is_let_go(self):
+        server = self.start_server(["time"], transports=["tcp"])
+        sock = self.connect(server, "time")
+        self.assertEqual(len(recv_to_eof(sock)), 4)     # FIN came at once
+        wait_until(lambda: server.counters["time", "tcp"].connections,
+                   message="the connection to be counted")
+        wait_until(lambda: not server.streams,
+                   timeout=diagsvc.ONE_SHOT_LINGER + TIMEOUT,
+                   message="the linger to end")
+        self.assertEqual(server.counters["time", "tcp"].refusals, {})
+
+
+class CloseTest(unittest.TestCase):
+    """close(): from any thread, any number of times, whoever runs the
+    loop; when it returns no loop runs and every descriptor is closed
+    (item 6)."""
+
+    def make_server(self, **options):
+        server = diagsvc.Server(["echo", "chargen"], bind=["127.0.0.1"],
+                                port_offset=None, **options)
+        self.addCleanup(server.close)
+        return server
+
+    def sockets_of(self, server):
+        return [h.sock for h in server.listeners + server.endpoints] + [
+            s.sock for s in server.streams]
+
+    def test_close_stops_a_loop_that_a_user_thread_runs(self):
+        for _ in range(5):
+            server = self.make_server()
+            # No timer for an hour: only close() can end the loop's wait.
+            server._next_timer = time.monotonic() + 3600
+            loop = threading.Thread(target=server.serve_forever)
+            loop.daemon = True
+            loop.start()
+            client = socket.create_connection(
+                server.addresses["chargen", "tcp"][0], TIMEOUT)
+            self.addCleanup(client.close)
+            self.assertEqual(len(recv_exactly(client, 100)), 100)
+            sockets = self.sockets_of(server)
+            server.close()
+            self.assertFalse(server._running,
+                             "the loop still ran after close() returned")
+            for sock in sockets:
+                self.assertEqual(sock.fileno(), -1)
+            loop.join(TIMEOUT)
+            self.assertFalse(loop.is_alive())
+
+    @unittest.skipUnless(ON_LINUX, "counts descriptors in /proc")
+    def test_close_from_many_threads_at_once(self):
+        before = open_descriptor_count()
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(1e-6)         # interleave the closers finely
+        self.addCleanup(sys.setswitchinterval, interval)
+        errors = []
+        for _ in range(10):
+            server = self.make_server()
+            server.start()
+            client = socket.create_connection(
+                server.addresses["chargen", "tcp"][0], TIMEOUT)
+            recv_exactly(client, 100)
+            barrier = threading.Barrier(8)
+
+            def close():
+                barrier.wait(TIMEOUT)
+                try:
+                    server.close()
+                except BaseException as error:      # noqa: B902
+                    errors.append(error)
+            closers = [threading.Thread(target=close) for _ in range(8)]
+            for closer in closers:
+                closer.start()
+            for closer in closers:
+                closer.join(TIMEOUT)
+            client.close()
+            self.assertEqual(errors, [])
+            self.assertFalse(server._running)
+        sys.setswitchinterval(interval)
+        gc.collect()
+        self.assertEqual(open_descriptor_count(), before)
+
+    def test_close_before_serve_forever_ever_ran(self):
+        server = self.make_server()
+        server.close()
+        server.close()
+        outcome = []
+
+        def run():
+            try:
+                server.serve_forever()
+                outcome.append("returned")
+            except Exception as error:
+                outcome.append(error)
+        loop = threading.Thread(target=run)
+        loop.daemon = True
+        loop.start()
+        loop.join(TIMEOUT)
+        self.assertEqual(outcome, ["returned"])
+        self.assertIs(server.start(), server)       # a thread that returns
+        server.close()
+
+    def test_close_from_a_handler_in_the_loop_thread(self):
+        server = self.make_server()
+        reader, writer = socket.socketpair()
+        self.addCleanup(reader.close)
+        self.addCleanup(writer.close)
+        done = threading.Event()
+        errors = []
+
+        class CloseOnEvent(object):
+            sock = reader
+
+            def on_event(self, events):
+                reader.recv(10)
+                try:
+                    server.close()
+                except BaseException as error:      # noqa: B902
+                    errors.append(error)
+                done.set()
+        server.selector.register(reader, diagsvc.EVENT_READ, CloseOnEvent())
+        sockets = self.sockets_of(server)
+        thread = server.start()._thread
+        writer.send(b"x")
+        self.assertTrue(done.wait(TIMEOUT))
+        self.assertEqual(errors, [])
+        for sock in sockets:
+            self.assertEqual(sock.fileno(), -1)
+        thread.join(TIMEOUT)
+        self.assertFalse(thread.is_alive())
+        server.close()
+
+    @unittest.skipUnless(hasattr(__import__("signal"), "SIGUSR2") and
+                         ON_LINUX, "needs SIGUSR2")
+    def test_close_from_a_signal_handler_while_the_loop_runs_here(self):
+        import signal
+        server = self.make_server()
+        sockets = self.sockets_of(server)
+        previous = signal.signal(signal.SIGUSR2,
+                                 lambda signum, frame: server.close())
+        self.addCleanup(signal.signal, signal.SIGUSR2, previous)
+
+        def signal_once_running():
+            wait_until(lambda: server._running, message="the loop to run")
+            os.kill(os.getpid(), signal.SIGUSR2)
+        sender = threading.Thread(target=signal_once_running)
+        sender.start()
+        server.serve_forever()              # in this, the main thread
+        sender.join()
+        for sock in sockets:
+            self.assertEqual(sock.fileno(), -1)
+
+
+class ConstructionTest(unittest.TestCase):
+    """Every OSError while constructing is a one-line ServerError, and
+    nothing is left open (item 16)."""
+
+    @unittest.skipUnless(ON_LINUX, "counts descriptors in /proc")
+    def test_os_errors_become_server_error_and_leak_nothing(self):
+        selector_class = diagsvc.SELECTORS[0]
+
+        class NoSelector(selector_class):
+            def __init__(self):
+                raise OSError(errno.EMFILE, "Too many open files")
+
+        class RefusingSelector(selector_class):
+            def register(self, fileobj, events, data=None):
+                if len(self.get_map()) >= 2:
+                    raise OSError(errno.ENOMEM, "Cannot allocate memory")
+                return selector_class.register(self, fileobj, events, data)
+
+        for selector, text in ((NoSelector, "Too many open files"),
+                               (RefusingSelector, "Cannot allocate memory")):
+            with self.subTest(selector=selector.__name__):
+                before = open_descriptor_count()
+                with self.assertRaises(diagsvc.ServerError) as caught:
+                    diagsvc.Server(["chargen", "echo"], bind=["127.0.0.1"],
+                                   port_offset=None, selector=selector)
+                self.assertEqual(str(caught.exception),
+                                 "cannot start: " + text)
+                gc.collect()
+                self.assertEqual(open_descriptor_count(), before)
+
+    def test_max_output_above_the_read_buffer(self):
+        big = diagsvc.STREAM_BUFFER_SIZE * 4
+        with diagsvc.Server(["echo"], bind=["127.0.0.1"], port_offset=None,
+                            transports=["tcp"], max_output=big) as server:
+            self.assertEqual(server.max_output, big)
+            server.start()
+            with socket.create_connection(server.addresses["echo", "tcp"][0],
+                                          TIMEOUT) as sock:
+                sock.sendall(b"before")
+                self.assertEqual(recv_exactly(sock, 6), b"before")
+                # Changed while a connection is open: it goes on echoing.
+                server.max_output = big * 2
+                payload = os.urandom(1 << 20)
+                sender = threading.Thread(target=lambda: (
+                    sock.sendall(payload), sock.shutdown(socket.SHUT_WR)))
+                sender.start()
+                received = recv_to_eof(sock)
+                sender.join()
+                self.assertTrue(received == payload)
+            self.assertEqual(server.counters["echo", "tcp"].refusals, {})
+
+    @unittest.skipIf(sys.platform == "win32", "signals")
+    def test_counters_at_exit_unless_quiet(self):
+        for quiet in ([], ["-q"]):
+            with self.subTest(quiet=quiet):
+                server = ServerProcess("echo", "--udp", "--bind", "127.0.0.1",
+                                       "--port", "echo=0", *quiet)
+                self.addCleanup(server.kill)
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                    sock.settimeout(TIMEOUT)
+                    sock.sendto(b"count", server.addresses["echo", "udp"][0])
+                    self.assertEqual(sock.recv(100), b"count")
+                process = server.process
+                process.terminate()
+                self.assertEqual(process.wait(TIMEOUT), 0)
+                log = process.stderr.read()
+                process.stdout.close()
+                process.stderr.close()
+                counted = "echo/udp: 1 datagrams, 5 bytes in, 5 bytes out"
+                if quiet:
+                    self.assertNotIn(counted, log)
+                else:
+                    self.assertIn(counted, log)
+
+
 if __name__ == "__main__":
     unittest.main()
