@@ -289,8 +289,9 @@ def _random_below(limit):
 #
 # Each service says, in one class, what it does with a UDP datagram and on a
 # TCP connection.  One-shot services (daytime, qotd, time) answer on accept
-# and close without the connection ever entering the event loop; streaming
-# services (echo, discard, chargen) name a Stream subclass that does.
+# and half-close; the connection then waits in the loop (OneShotStream) only
+# for the client's close.  Streaming services (echo, discard, chargen) name
+# a Stream subclass that does the work.
 
 
 class Stream(object):
@@ -1180,7 +1181,8 @@ class Server(object):
     start()           run it in a daemon thread; returns at once, the
                       sockets being bound already (installs no signals)
     shutdown()        stop the loop, from any thread or a signal handler
-    close()           shutdown(), join the thread, close every socket
+    close()           stop the loop whoever runs it, wait for it, close
+                      every socket; from any thread, any number of times
     addresses         {(service, transport): [(host, port), ...]}
     counters          {(service, transport): Counters}
     stats()           the counters as plain dicts
