@@ -2136,31 +2136,38 @@ def open_descriptor_count():
 class UnwatchableDescriptorTest(ServerTestCase):
     """select() takes descriptors below FD_SETSIZE only (item 4)."""
 
-    @unittest.skipUnless(ON_LINUX and HAVE_SELECT_SELECTOR,
-                         "needs Linux's FD_SETSIZE of 1024 on values")
-    def test_select_refuses_descriptors_past_fd_setsize_and_serves_on(self):
+    def allow_descriptors(self, needed):
         import resource
-        import selectors
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        needed = 1300
         if soft != resource.RLIM_INFINITY and soft < needed:
             if hard != resource.RLIM_INFINITY and hard < needed:
                 self.skipTest("RLIMIT_NOFILE hard limit below %d" % needed)
             resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
             self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE,
                             (soft, hard))
+
+    def hold_descriptors_up_to(self, highest):
+        """What a library user's process holding many open files looks
+        like: every free descriptor up to ``highest`` is taken."""
+        held = []
+        self.addCleanup(lambda: [os.close(fd) for fd in held])
+        while not held or held[-1] < highest:
+            held.append(os.open(os.devnull, os.O_RDONLY))
+        return held
+
+    @unittest.skipUnless(ON_LINUX and HAVE_SELECT_SELECTOR,
+                         "needs Linux's FD_SETSIZE of 1024 on values")
+    def test_select_refuses_descriptors_past_fd_setsize_and_serves_on(self):
+        import selectors
+        self.allow_descriptors(1300)
         server = self.start_server(["echo"], transports=["tcp"],
                                    selector=selectors.SelectSelector,
                                    max_per_source=0)
         self.assertEqual(server.max_connections,
                          diagsvc.SELECT_LIMIT - diagsvc.DESCRIPTOR_RESERVE)
-        # A library user's process that holds 1,100 open files: every free
-        # descriptor below that is taken, so the next accept lands above
+        # The process now holds 1,100 files, so the next accept lands above
         # FD_SETSIZE.
-        held = []
-        self.addCleanup(lambda: [os.close(fd) for fd in held])
-        while not held or held[-1] < 1100:
-            held.append(os.open(os.devnull, os.O_RDONLY))
+        held = self.hold_descriptors_up_to(1100)
         high = self.connect(server, "echo")
         self.assertEqual(high.recv(100), b"")       # refused at once
         self.assertEqual(server.counters["echo", "tcp"].refusals,
@@ -2177,6 +2184,58 @@ class UnwatchableDescriptorTest(ServerTestCase):
         self.assertEqual(recv_exactly(client, 14), b"low descriptor")
         self.assertTrue(server._running)
         self.assertEqual(server.counters["echo", "tcp"].connections, 1)
+
+    @unittest.skipUnless(ON_LINUX and HAVE_SELECT_SELECTOR,
+                         "needs Linux's FD_SETSIZE of 1024 on values")
+    def test_select_server_started_in_a_crowded_process(self):
+        # Its own sockets (many --bind addresses, or many open files) past
+        # FD_SETSIZE: a ServerError at construction, nothing left open.
+        import selectors
+        self.allow_descriptors(1300)
+        self.hold_descriptors_up_to(1100)
+        before = open_descriptor_count()
+        with self.assertRaisesRegex(diagsvc.ServerError,
+                                    r"^cannot watch the wake-up socket: "
+                                    r"select\(\) takes descriptors below "
+                                    r"FD_SETSIZE \(1024\), and this one is "
+                                    r"\d+; use --selector PollSelector"):
+            diagsvc.Server(["echo", "chargen"], bind=["127.0.0.1"],
+                           port_offset=None, selector=selectors.SelectSelector)
+        gc.collect()
+        self.assertEqual(open_descriptor_count(), before)
+
+    @unittest.skipUnless(ON_LINUX and HAVE_SELECT_SELECTOR,
+                         "needs Linux's FD_SETSIZE of 1024 on values")
+    def test_select_drops_what_it_cannot_watch_and_carries_on(self):
+        # Something registered past FD_SETSIZE anyway (here by hand): the
+        # selector raises; the loop logs it, drops it, and serves on.
+        import selectors
+        self.allow_descriptors(1300)
+        log = io.StringIO()
+        server = diagsvc.Server(["echo"], bind=["127.0.0.1"],
+                                port_offset=None, transports=["udp"],
+                                selector=selectors.SelectSelector,
+                                log_file=log)
+        self.addCleanup(server.close)
+        self.hold_descriptors_up_to(1100)
+        high_reader, high_writer = socket.socketpair()
+        self.addCleanup(high_reader.close)
+        self.addCleanup(high_writer.close)
+        self.assertGreaterEqual(high_reader.fileno(), 1024)
+
+        class Unwatchable(object):
+            sock = high_reader
+
+            def on_event(self, events):
+                pass
+        server.selector.register(high_reader, diagsvc.EVENT_READ,
+                                 Unwatchable())
+        server.start()
+        self.assertEqual(self.udp_exchange(server, "echo", b"alive"), b"alive")
+        self.assertTrue(server._running)
+        self.assertIn("filedescriptor out of range in select()", log.getvalue())
+        self.assertIn("dropped 1 descriptor(s) the selector cannot watch",
+                      log.getvalue())
 
     @unittest.skipUnless(HAVE_SELECT_SELECTOR, "no SelectSelector")
     def test_select_cap_is_fd_setsize_less_the_reserve(self):
