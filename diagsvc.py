@@ -1245,15 +1245,17 @@ class Server(object):
             parse_quotes("\n%\n".join(BUILTIN_QUOTES)))
         self.selector_class = selector or SELECTORS[0]
         select_based = _is_select_based(self.selector_class)
-        select_cap = default_max_connections(self.selector_class)
-        if max_connections and select_based and max_connections > select_cap:
+        default_limit = default_max_connections(self.selector_class)
+        if max_connections and select_based and max_connections > default_limit:
+            # Refused rather than clamped: the user asked for a number the
+            # loop cannot give, and should hear so at start.
             raise ServerError(
                 "--max-connections %d is more than select() can watch here "
                 "(at most %d: FD_SETSIZE %d less %d kept free); give %d or "
                 "less, or another --selector" % (
-                    max_connections, select_cap, SELECT_LIMIT,
-                    DESCRIPTOR_RESERVE, select_cap))
-        self.max_connections = max_connections or select_cap
+                    max_connections, default_limit, SELECT_LIMIT,
+                    DESCRIPTOR_RESERVE, default_limit))
+        self.max_connections = max_connections or default_limit
         self.max_per_source = max_per_source
         self.idle_timeout = idle_timeout
         self.max_output = max_output
