@@ -2130,6 +2130,7 @@ HAVE_SELECT_SELECTOR = hasattr(__import__("selectors"), "SelectSelector")
 
 
 def open_descriptor_count():
+    gc.collect()                # what earlier tests left to the collector
     return len(os.listdir("/proc/self/fd"))
 
 
@@ -2201,7 +2202,6 @@ class UnwatchableDescriptorTest(ServerTestCase):
                                     r"\d+; use --selector PollSelector"):
             diagsvc.Server(["echo", "chargen"], bind=["127.0.0.1"],
                            port_offset=None, selector=selectors.SelectSelector)
-        gc.collect()
         self.assertEqual(open_descriptor_count(), before)
 
     @unittest.skipUnless(ON_LINUX and HAVE_SELECT_SELECTOR,
@@ -2429,7 +2429,6 @@ class CloseTest(unittest.TestCase):
             self.assertEqual(errors, [])
             self.assertFalse(server._running)
         sys.setswitchinterval(interval)
-        gc.collect()
         self.assertEqual(open_descriptor_count(), before)
 
     def test_close_before_serve_forever_ever_ran(self):
@@ -2530,7 +2529,6 @@ class ConstructionTest(unittest.TestCase):
                                    port_offset=None, selector=selector)
                 self.assertEqual(str(caught.exception),
                                  "cannot start: " + text)
-                gc.collect()
                 self.assertEqual(open_descriptor_count(), before)
 
     def test_max_output_above_the_read_buffer(self):
