@@ -1157,13 +1157,18 @@ class ScopedAddressTest(unittest.TestCase):
         # namespace; fe80::1 on it, without duplicate address detection.
         rows = run_in_network_namespace(self, (
             "for command in ('ip link set lo up', 'ip link add br0 type "
-            "bridge', 'ip link set br0 up', 'ip -6 addr add fe80::1/64 dev "
-            "br0 nodad'):\n"
+            "bridge', 'ip link set br0 addrgenmode none', 'ip link set br0 "
+            "up', 'ip -6 addr add fe80::1/64 dev br0 nodad'):\n"
             "    subprocess.check_call(command.split())\n"
             "server = diagsvc.Server(bind=['::'], port_offset=None)\n"
             "server.start()\n"
             "ports = dict((name, server.addresses[name, 'tcp'][0][1]) for "
             "name in server.services)\n"
+            # The kernel finishes setting up a new address asynchronously
+            # (a work queue a loaded machine can delay): once one connect
+            # has gone through, the probe's 3 s are the path's, not setup's.
+            "diagsvc.socket.create_connection(('fe80::1%br0', "
+            "ports['echo']), 10).close()\n"
             "rows = diagsvc.probe('fe80::1%br0', ports=ports, timeout=3)\n"
             "rows += diagsvc.probe('2001:db8::1', ['echo'], ports=ports, "
             "timeout=2)\n"
