@@ -2238,6 +2238,7 @@ class UnwatchableDescriptorTest(ServerTestCase):
         server.start()
         self.assertEqual(self.udp_exchange(server, "echo", b"alive"), b"alive")
         self.assertTrue(server._running)
+        server.close()                  # writes out what the log queue holds
         self.assertIn("filedescriptor out of range in select()", log.getvalue())
         self.assertIn("dropped 1 descriptor(s) the selector cannot watch",
                       log.getvalue())
@@ -2295,6 +2296,7 @@ class UnwatchableDescriptorTest(ServerTestCase):
         server._waker.wake()
         loop.join(TIMEOUT)
         self.assertEqual(outcome, ["injected selector failure"])
+        server.close()                  # writes out what the log queue holds
         self.assertIn("injected selector failure", log.getvalue())
         self.assertIn("the event loop stops", log.getvalue())
 
