@@ -1448,13 +1448,13 @@ class LifecycleTest(unittest.TestCase):
         self.addCleanup(lambda: [holder.close() for holder in holders])
 
         class Unlucky(diagsvc.Server):
-            def _bind(self, name, transport, family, host, port):
+            def _bind(self, name, transport, family, host, port, *scope):
                 if transport == "udp" and not holders:
                     holder = socket.socket(family, socket.SOCK_DGRAM)
                     holder.bind((host, port))
                     holders.append(holder)
                 return diagsvc.Server._bind(self, name, transport, family,
-                                            host, port)
+                                            host, port, *scope)
         with Unlucky(["echo"], bind=["127.0.0.1"], port_offset=None) as server:
             (tcp,) = server.addresses["echo", "tcp"]
             (udp,) = server.addresses["echo", "udp"]
