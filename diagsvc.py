@@ -289,8 +289,9 @@ def _random_below(limit):
 #
 # Each service says, in one class, what it does with a UDP datagram and on a
 # TCP connection.  One-shot services (daytime, qotd, time) answer on accept
-# and close without the connection ever entering the event loop; streaming
-# services (echo, discard, chargen) name a Stream subclass that does.
+# and half-close; the connection then waits in the loop (OneShotStream) only
+# for the client's close.  Streaming services (echo, discard, chargen) name
+# a Stream subclass that does the work.
 
 
 class Stream(object):
@@ -355,7 +356,7 @@ class EchoStream(Stream):
             return
         server = self.server
         buffer = server.stream_buffer
-        count = self.sock.recv_into(buffer, server.max_output)
+        count = self.sock.recv_into(buffer, server.echo_read_size)
         if not count:
             # EOF: nothing is owed (we read only when nothing is), so the
             # whole echo has been sent: close.
@@ -471,16 +472,42 @@ class ChargenStream(Stream):
             self.last_active = self.server.now
 
 
-class OwedStream(Stream):
-    """A one-shot reply that the socket did not take at once: finish, close."""
+class OneShotStream(Stream):
+    """A one-shot reply (daytime, qotd, time) after it was sent: the close.
+
+    Closing a socket with unread input makes the kernel send a reset, and
+    some stacks then drop the reply unread (RFC 1122 4.2.2.13; a client such
+    as ncat or nmap's daytime.nse sends something first).  So the reply is
+    followed by a half-close (FIN), and input is read and dropped until the
+    client closes too, for at most ONE_SHOT_LINGER seconds from the reply.
+    Until then, any part of the reply that the socket did not take at once
+    is ``owed`` and sent first.
+    """
 
     __slots__ = ()
 
-    initial_events = EVENT_WRITE
+    initial_events = EVENT_READ
 
     def on_event(self, events):
-        if self.send_owed():
+        if self.owed is not None:
+            if self.send_owed():
+                self.half_close()
+            return
+        # The accepted socket may still be blocking (send used
+        # MSG_DONTWAIT): never let select()'s spurious readiness block.
+        count = self.sock.recv_into(self.server.stream_buffer, 0,
+                                    _MSG_DONTWAIT)
+        if not count:
             self.close()
+            return
+        self.counters.bytes_in += count     # input is ignored; the linger
+                                            # is not extended by it
+
+    def half_close(self):
+        """The reply is all sent: FIN, then wait for the client's close."""
+        self.sock.shutdown(socket.SHUT_WR)
+        self.last_active = self.server.now
+        self.set_events(EVENT_READ)
 
 
 class Service(object):
@@ -608,7 +635,13 @@ DEFAULT_UDP_BURST = 50              # ... after a burst of this many
 DEFAULT_IPV4_PREFIX = 32            # per-source limits count an address...
 DEFAULT_IPV6_PREFIX = 64            # ... but an IPv6 /64 (one host's share)
 DESCRIPTOR_RESERVE = 32             # kept free for listeners, logs, files
-SELECT_LIMIT = 500 if _ON_WINDOWS else 1000     # select()'s FD_SETSIZE, less room
+# select()'s FD_SETSIZE: on Unix a bound on the descriptor's value (1024 on
+# Linux, macOS and the BSDs), on Windows on the number of sockets (512 in
+# CPython's build).  The default --max-connections under select() is this
+# less DESCRIPTOR_RESERVE; a descriptor past it is refused ("unwatchable").
+SELECT_LIMIT = 512 if _ON_WINDOWS else 1024
+ONE_SHOT_LINGER = 2.0               # seconds a one-shot waits for the close
+PORT_ZERO_ATTEMPTS = 8              # fresh ports tried for one port 0 service
 LISTEN_BACKLOG = 4096               # the kernel caps it at its somaxconn
 ACCEPT_BATCH = 64                   # accepts per readiness event
 DATAGRAM_BATCH = 64                 # datagrams per readiness event
@@ -638,6 +671,10 @@ class ServerError(Exception):
 
     str() is one line that says what and how to fix it.
     """
+
+
+class _PortTaken(ServerError):
+    """A bind that failed because the port is in use (EADDRINUSE)."""
 
 
 class Counters(object):
@@ -1055,8 +1092,16 @@ class _Waker(object):
         self.writer.close()
 
 
+def _is_select_based(selector_class):
+    """True for select(), whose FD_SETSIZE bounds what the loop can watch."""
+    select_selector = getattr(selectors, "SelectSelector", None)
+    return select_selector is not None and isinstance(
+        selector_class, type) and issubclass(selector_class, select_selector)
+
+
 def default_max_connections(selector_class=None):
-    """The total TCP connection limit: the open-file limit less a reserve."""
+    """The total TCP connection limit: the open-file limit less a reserve
+    (and under select(), FD_SETSIZE less the same reserve)."""
     limit = 1 << 20
     if resource is not None:
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
@@ -1064,7 +1109,7 @@ def default_max_connections(selector_class=None):
             limit = soft
     elif _ON_WINDOWS:
         limit = 16384
-    if selector_class is getattr(selectors, "SelectSelector", None):
+    if _is_select_based(selector_class):
         limit = min(limit, SELECT_LIMIT)
     return max(1, limit - DESCRIPTOR_RESERVE)
 
@@ -1136,7 +1181,8 @@ class Server(object):
     start()           run it in a daemon thread; returns at once, the
                       sockets being bound already (installs no signals)
     shutdown()        stop the loop, from any thread or a signal handler
-    close()           shutdown(), join the thread, close every socket
+    close()           stop the loop whoever runs it, wait for it, close
+                      every socket; from any thread, any number of times
     addresses         {(service, transport): [(host, port), ...]}
     counters          {(service, transport): Counters}
     stats()           the counters as plain dicts
@@ -1198,11 +1244,21 @@ class Server(object):
         self.quotes = tuple(quotes) if quotes else tuple(
             parse_quotes("\n%\n".join(BUILTIN_QUOTES)))
         self.selector_class = selector or SELECTORS[0]
-        self.max_connections = (max_connections if max_connections
-                                else default_max_connections(self.selector_class))
+        select_based = _is_select_based(self.selector_class)
+        default_limit = default_max_connections(self.selector_class)
+        if max_connections and select_based and max_connections > default_limit:
+            # Refused rather than clamped: the user asked for a number the
+            # loop cannot give, and should hear so at start.
+            raise ServerError(
+                "--max-connections %d is more than select() can watch here "
+                "(at most %d: FD_SETSIZE %d less %d kept free); give %d or "
+                "less, or another --selector" % (
+                    max_connections, default_limit, SELECT_LIMIT,
+                    DESCRIPTOR_RESERVE, default_limit))
+        self.max_connections = max_connections or default_limit
         self.max_per_source = max_per_source
         self.idle_timeout = idle_timeout
-        self.max_output = max(1, min(max_output, STREAM_BUFFER_SIZE))
+        self.max_output = max_output
         self.udp_guard = udp_guard
         self.udp_rate = udp_rate
         self.udp_burst = max(1, udp_burst)
@@ -1259,19 +1315,37 @@ class Server(object):
         self._stop_requested = False
         self._running = False
         self._closed = False
+        self._closing = False
         self._thread = None
+        # Lifecycle: close() may come from any thread, a signal handler or
+        # the loop itself, while serve_forever() runs in any thread.  The
+        # lock is re-entrant because a signal handler can interrupt the
+        # thread that holds it; the event is set whenever no loop runs.
+        self._state_lock = threading.RLock()
+        self._loop_idle = threading.Event()
+        self._loop_idle.set()
+        self._loop_thread_id = None
 
         self.chargen_ring_file = None
-        if "chargen" in self.services and "tcp" in self.transports:
-            self.chargen_ring_file = chargen_ring_file()
-        self._ring_file_to_close = self.chargen_ring_file
-        self.selector = self.selector_class()
-        self._waker = _Waker()
-        self.selector.register(self._waker.sock, EVENT_READ, self._waker)
+        self._ring_file_to_close = None
+        self.selector = None
+        self._waker = None
+        self._select_based = select_based
         try:
+            if "chargen" in self.services and "tcp" in self.transports:
+                self.chargen_ring_file = chargen_ring_file()
+            self._ring_file_to_close = self.chargen_ring_file
+            self.selector = self.selector_class()
+            self._waker = _Waker()
+            self._register_own(self._waker.sock, self._waker,
+                               "the wake-up socket")
             self._open_sockets(bind, port_offset, ports or {})
-        except BaseException:
+        except BaseException as error:
             self.close()
+            if isinstance(error, OSError):
+                # Out of descriptors or memory, say: one line, nothing kept.
+                raise ServerError("cannot start: %s" % (
+                    error.strerror or error))
             raise
         self.guarded_ports = frozenset(
             STANDARD_PORTS | set([0]) |
@@ -1300,13 +1374,10 @@ class Server(object):
             if not 0 <= port <= 65535:
                 raise ServerError("%s would be on port %d, outside 0-65535; "
                                   "check --port-offset and --port" % (name, port))
-            chosen = port
-            for transport in self.transports:
-                for family, host, scope in targets:
-                    sock = self._bind(name, transport, family, host, chosen,
-                                      scope)
-                    if chosen == 0:
-                        chosen = sock.getsockname()[1]
+            bound = self._bind_service(name, port, targets)
+            while bound:
+                transport, family, host, sock = bound[0]
+                try:
                     counters = self.counters[name, transport]
                     if transport == "tcp":
                         handler = Listener(self, sock, service, counters)
@@ -1318,13 +1389,49 @@ class Server(object):
                         handler = DatagramEndpoint(self, sock, service,
                                                    counters, pktinfo)
                         self.endpoints.append(handler)
-                    self.selector.register(sock, EVENT_READ, handler)
+                    bound.pop(0)        # close() closes it from here on
+                    self._register_own(sock, handler, "%s/%s on %s" % (
+                        name, transport, host))
                     self.addresses[name, transport].append(handler.address)
+                except BaseException:
+                    for _, _, _, left in bound:
+                        left.close()
+                    raise
         if wildcard_udp_without_pktinfo:
             self.notes.append(
                 "this platform has no IP_PKTINFO: UDP replies on a wildcard "
                 "address leave from the kernel's choice of source address; "
                 "on a multi-homed host use --bind for each address")
+
+    def _bind_service(self, name, port, targets):
+        """Bind one service's sockets: [(transport, family, host, sock)].
+
+        With port 0, every socket of the service takes the port the first
+        one got (one port per service).  Another program may hold that
+        number for the other transport (a client's ephemeral UDP port, say):
+        then the service starts over on a fresh port, a few times.
+        """
+        for attempt in range(PORT_ZERO_ATTEMPTS):
+            bound = []
+            chosen = port
+            try:
+                for transport in self.transports:
+                    for family, host, scope in targets:
+                        sock = self._bind(name, transport, family, host,
+                                          chosen, scope)
+                        bound.append((transport, family, host, sock))
+                        if chosen == 0:
+                            chosen = sock.getsockname()[1]
+                return bound
+            except _PortTaken:
+                for _, _, _, sock in bound:
+                    sock.close()
+                if port != 0 or attempt == PORT_ZERO_ATTEMPTS - 1:
+                    raise
+            except BaseException:
+                for _, _, _, sock in bound:
+                    sock.close()
+                raise
 
     def _bind(self, name, transport, family, host, port, scope=0):
         kind = socket.SOCK_STREAM if transport == "tcp" else socket.SOCK_DGRAM
@@ -1354,8 +1461,10 @@ class Server(object):
                 where = host
                 if scope:
                     where += "%" + interface_name(scope)
-                raise ServerError(_bind_error(name, transport, where, port,
-                                              error))
+                kind_of_error = (_PortTaken if error.errno == errno.EADDRINUSE
+                                 else ServerError)
+                raise kind_of_error(_bind_error(name, transport, where, port,
+                                                error))
             if kind == socket.SOCK_STREAM:
                 sock.listen(LISTEN_BACKLOG)
             sock.setblocking(False)
@@ -1380,6 +1489,38 @@ class Server(object):
         except OSError:
             pass
         return 0
+
+    @property
+    def max_output(self):
+        """Bytes owed to one TCP connection, at most (echo reads no more
+        than this, nor more than its buffer, before it is sent back)."""
+        return self._max_output
+
+    @max_output.setter
+    def max_output(self, value):
+        # Any value is kept as given; the read size is what bounds what is
+        # owed, and it never exceeds the shared buffer, so a change made
+        # while connections are open resets none of them.
+        self._max_output = value
+        self.echo_read_size = max(1, min(value, STREAM_BUFFER_SIZE))
+
+    def can_watch(self, sock):
+        """False where the loop's select() could not watch this socket."""
+        if not self._select_based:
+            return True
+        if _ON_WINDOWS:
+            return len(self.selector.get_map()) < SELECT_LIMIT
+        return sock.fileno() < SELECT_LIMIT
+
+    def _register_own(self, sock, handler, what):
+        """Register a listener, datagram socket or the waker, or say why not."""
+        if not self.can_watch(sock):
+            raise ServerError(
+                "cannot watch %s: select() takes descriptors below "
+                "FD_SETSIZE (%d), and this one is %d; use --selector "
+                "PollSelector or fewer --bind addresses" % (
+                    what, SELECT_LIMIT, sock.fileno()))
+        self.selector.register(sock, EVENT_READ, handler)
 
     # -- Logging and refusals --
 
@@ -1510,6 +1651,8 @@ class Server(object):
               self.per_source.get(self.group_of(source), 0) >=
               self.max_per_source):
             reason = "max-per-source"
+        elif self._select_based and not self.can_watch(sock):
+            reason = "unwatchable"      # select() past FD_SETSIZE
         if reason is not None:
             # Accept and close at once: the client learns now, and the
             # listen backlog does not fill up with clients we will not serve.
@@ -1534,7 +1677,8 @@ class Server(object):
         self._add_stream(service.stream_class(self, sock, source, counters))
 
     def _answer_once(self, sock, source, service, counters):
-        """daytime, qotd, time: send and close, never entering the loop."""
+        """daytime, qotd, time: send at once, half-close, and wait in the
+        loop for the client's close (OneShotStream says why)."""
         reply = service.tcp_reply(self)
         try:
             if _MSG_DONTWAIT:
@@ -1548,19 +1692,25 @@ class Server(object):
             sock.close()
             return
         counters.bytes_out += sent
-        if sent == len(reply):
-            sock.close()
-            return
-        sock.setblocking(False)
-        stream = OwedStream(self, sock, source, counters)
-        stream.owed = memoryview(reply)[sent:]
+        stream = OneShotStream(self, sock, source, counters)
+        if sent < len(reply):
+            sock.setblocking(False)
+            stream.owed = memoryview(reply)[sent:]
+            stream.events = EVENT_WRITE
+        else:
+            try:
+                sock.shutdown(socket.SHUT_WR)
+            except OSError:             # reset already: nothing to wait for
+                sock.close()
+                return
         self._add_stream(stream)
 
     def _add_stream(self, stream):
         try:
             self.selector.register(stream.sock, stream.events, stream)
         except (OSError, ValueError) as error:
-            # select() cannot watch a descriptor above FD_SETSIZE, say.
+            # A descriptor this selector cannot watch: refused, not fatal.
+            stream.counters.refuse("unwatchable")
             stream.sock.close()
             self.notice("cannot watch a new connection: %s" % (error,))
             return
@@ -1744,6 +1894,12 @@ class Server(object):
             self._resume_accepting()
         if now >= self._next_sweep:
             self._next_sweep = now + self._sweep_interval()
+            linger_deadline = now - ONE_SHOT_LINGER
+            for stream in [s for s in self.streams
+                           if type(s) is OneShotStream and
+                           s.owed is None and
+                           s.last_active < linger_deadline]:
+                self.close_stream(stream)   # the reply went long ago
             if self.idle_timeout:
                 deadline = now - self.idle_timeout
                 for stream in [s for s in self.streams
@@ -1768,33 +1924,88 @@ class Server(object):
     # -- The loop --
 
     def serve_forever(self):
-        """Run until shutdown().  Errors of one socket close that socket."""
-        if self._running:
-            raise RuntimeError("serve_forever() is already running")
-        self._running = True
-        if self._log_writer is None:
-            self._start_log_writer()
-        select = self.selector.select
-        monotonic = time.monotonic
-        self.now = monotonic()
+        """Run until shutdown() or close().  Errors of one socket close that
+        socket.  Returns at once if close() came first.  An error of the
+        selector itself is logged; the loop carries on if dropping the
+        registrations it cannot watch cures it, else the error is raised.
+        """
+        with self._state_lock:
+            if self._closing:
+                return                  # close() came first: nothing to run
+            if self._running:
+                raise RuntimeError("serve_forever() is already running")
+            self._running = True
+            self._loop_thread_id = threading.get_ident()
+            self._loop_idle.clear()
         try:
+            if self._log_writer is None:
+                self._start_log_writer()
+            select = self.selector.select
+            monotonic = time.monotonic
+            self.now = monotonic()
             while not self._stop_requested:
                 # One clock read a pass: the wait is measured from the
                 # last one, at most a pass's work late, and timers are
                 # coarse (the sweep is at most once a second).
                 wait = self._next_timer - self.now
-                ready = select(wait if wait > 0.0 else 0.0)
+                try:
+                    ready = select(wait if wait > 0.0 else 0.0)
+                except Exception as error:
+                    if self._stop_requested:
+                        break           # closed under us (a signal handler)
+                    if self._selector_failed(error):
+                        continue
+                    raise
                 self.now = monotonic()
                 for key, events in ready:
+                    if self._stop_requested:
+                        break           # a handler called close()
                     handler = key.data
                     try:
                         handler.on_event(events)
                     except Exception as error:
                         self._handler_failed(handler, error)
-                if self.now >= self._next_timer:
+                if self.now >= self._next_timer and not self._stop_requested:
                     self._run_timers()
         finally:
+            # Not under the lock: a close() waiting for this event may be
+            # holding it (re-entered from a signal handler).
+            self._loop_thread_id = None
             self._running = False
+            self._loop_idle.set()
+
+    def _selector_failed(self, error):
+        """select() itself raised: log it, drop what it cannot watch (a
+        closed descriptor, one past FD_SETSIZE).  True if that may cure it."""
+        import traceback
+        self.log("the event loop's %s failed:\n%s" % (
+            type(self.selector).__name__, "".join(
+                traceback.format_exception(type(error), error,
+                                           error.__traceback__)).rstrip()))
+        dropped = 0
+        for key in list(self.selector.get_map().values()):
+            fd = key.fileobj.fileno()
+            if fd >= 0 and not (self._select_based and not _ON_WINDOWS and
+                                fd >= SELECT_LIMIT):
+                continue
+            dropped += 1
+            handler = key.data
+            if isinstance(handler, Stream):
+                handler.counters.refuse("unwatchable")
+                self.close_stream(handler)
+            else:
+                try:
+                    self.selector.unregister(key.fileobj)
+                except (KeyError, ValueError, OSError):
+                    pass
+                self.log("stopped watching descriptor %d (%s)" % (
+                    fd, type(handler).__name__))
+        if dropped:
+            self.log("dropped %d descriptor(s) the selector cannot watch; "
+                     "the server carries on" % dropped)
+            return True
+        self.log("the event loop stops: the selector cannot go on")
+        return False
 
     def _handler_failed(self, handler, error):
         if isinstance(error, BlockingIOError):
@@ -1820,7 +2031,6 @@ class Server(object):
 
     def start(self):
         """serve_forever() in a daemon thread; return the server."""
-        import threading
         if self._thread is not None:
             raise RuntimeError("start() was called already")
         self._thread = threading.Thread(target=self.serve_forever,
@@ -1832,30 +2042,46 @@ class Server(object):
     def shutdown(self):
         """Stop serve_forever() at once; safe from any thread or signal."""
         self._stop_requested = True
-        if not self._closed:
-            self._waker.wake()
+        waker = self._waker
+        if waker is not None and not self._closed:
+            waker.wake()                # a closed waker is ignored
 
     def close(self):
-        """Stop, join the thread, and close every socket.  Idempotent."""
+        """Stop the loop, wait for it, and close every socket.
+
+        Safe from any thread, a signal handler or the loop itself, any
+        number of times.  When it returns, no loop runs (whoever started
+        it) and every descriptor is closed.  Called from the loop's own
+        thread (a handler), the loop ends as soon as that handler returns,
+        without touching a socket again.
+        """
         self.shutdown()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        if self._closed:
-            return
-        self._closed = True
-        for stream in list(self.streams):
-            self.close_stream(stream)
-        for handler in self.listeners + self.endpoints:
-            handler.sock.close()
-        self.listeners = []
-        self.endpoints = []
-        self._waker.close()
-        self.selector.close()
-        self._stop_log_writer()
-        if self._ring_file_to_close is not None:
-            os.close(self._ring_file_to_close)
-            self._ring_file_to_close = self.chargen_ring_file = None
+        with self._state_lock:
+            self._closing = True        # a serve_forever() yet to come
+            in_loop = self._loop_thread_id == threading.get_ident()
+        if not in_loop:
+            self._loop_idle.wait()
+            thread = self._thread
+            if thread is not None and thread is not threading.current_thread():
+                thread.join()
+        with self._state_lock:
+            if self._closed:
+                return
+            self._closed = True
+            for stream in list(self.streams):
+                self.close_stream(stream)
+            for handler in self.listeners + self.endpoints:
+                handler.sock.close()
+            self.listeners = []
+            self.endpoints = []
+            if self._waker is not None:
+                self._waker.close()
+            if self.selector is not None:
+                self.selector.close()
+            self._stop_log_writer()
+            if self._ring_file_to_close is not None:
+                os.close(self._ring_file_to_close)
+                self._ring_file_to_close = self.chargen_ring_file = None
 
     def __enter__(self):
         return self
