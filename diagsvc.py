@@ -2205,6 +2205,17 @@ def _socket_error(error):
     return error.strerror or str(error) or type(error).__name__
 
 
+def _require_duration(name, value):
+    """A timeout or a duration given to probe() or measure(): a finite
+    number above 0, or ValueError.  nan compares false with everything, so
+    a deadline of now + nan never comes and a loop waiting for it spins
+    for ever; inf overflows select(); 0 waits for nothing and calls every
+    port filtered."""
+    if not 0 < value < float("inf"):
+        raise ValueError("%s must be a finite number above 0, not %r"
+                         % (name, value))
+
+
 def _service_port(name, port_offset, ports):
     if ports and name in ports:
         return ports[name]
@@ -2552,11 +2563,13 @@ def probe(host, services=None, transports=TRANSPORTS, port_offset=0,
     Returns a list of dicts with the keys service, transport, address,
     port, verdict (open, open|filtered, refused, no-reply, timeout, wrong,
     error), rtt_ms (TCP: the connect; UDP: the request) and detail.
-    Everything runs concurrently: the whole probe takes about one timeout.
+    Everything runs concurrently: the whole probe takes about one timeout
+    (a finite number of seconds above 0, else ValueError).
     The loop sleeps until the next event or timer: a finished probe leaves
     the selector at once, or its readable socket (EOF) would wake it in a
     busy loop until the last probe is done.
     """
+    _require_duration("timeout", timeout)
     services = [name for name in SERVICE_NAMES if name in (services or
                                                           SERVICE_NAMES)]
     now = time.monotonic()
@@ -3030,6 +3043,8 @@ def measure(host, tests=None, seconds=5.0, parallel=1, port_offset=0,
     A figure that has no value (no round trip completed) is None.
     _measure_failures(rows) says what failed, if anything did.
     """
+    _require_duration("seconds", seconds)
+    _require_duration("timeout", timeout)
     tests = [name for name in MEASURE_TESTS if name in (tests or
                                                        MEASURE_TESTS)]
     target_family, address = _resolve_targets(host, family)[0]
@@ -3119,8 +3134,23 @@ def _non_negative(kind):
             value = kind(text)
         except ValueError:
             value = -1
-        if value < 0:
+        if value < 0 or value != value or value == float("inf"):
             raise argparse.ArgumentTypeError("%r is not a number >= 0" % text)
+        return value
+    return convert
+
+
+def _positive(kind):
+    """A duration or a timeout: a finite number above 0 (with 0, nothing
+    would be waited for; with nan, no deadline would ever come)."""
+    def convert(text):
+        import argparse
+        try:
+            value = kind(text)
+        except ValueError:
+            value = 0
+        if not 0 < value < float("inf"):
+            raise argparse.ArgumentTypeError("%r is not a number > 0" % text)
         return value
     return convert
 
@@ -3378,7 +3408,7 @@ def _client_parser(command):
     else:
         parser.add_argument("tests", nargs="*", metavar="TEST",
                             help="default: all of " + ", ".join(MEASURE_TESTS))
-        parser.add_argument("--seconds", type=_non_negative(float),
+        parser.add_argument("--seconds", type=_positive(float),
                             default=5.0, metavar="S",
                             help="each test's duration (default %(default)s)")
         parser.add_argument("--parallel", type=_non_negative(int), default=1,
@@ -3395,7 +3425,7 @@ def _client_parser(command):
                         help="IPv4 only")
     family.add_argument("-6", dest="family", action="store_const", const=6,
                         help="IPv6 only")
-    parser.add_argument("--timeout", type=_non_negative(float),
+    parser.add_argument("--timeout", type=_positive(float),
                         default=DEFAULT_PROBE_TIMEOUT, metavar="S",
                         help="per answer (default %(default)s)")
     parser.add_argument("--json", action="store_true",

@@ -1355,6 +1355,86 @@ class LatencyWaitTest(unittest.TestCase):
         self.assertEqual(result.stderr, "diagsvc measure: error: timed out\n")
 
 
+# --- The client after an outside review (issue 8, review of items 8-15) -----
+
+
+def run_python(code):
+    """Run CODE in a child interpreter that has imported diagsvc: a call that
+    hangs fails the test at the subprocess timeout, not the whole suite."""
+    return subprocess.run(
+        [sys.executable, "-c", "import sys\nsys.path.insert(0, %r)\n"
+         "import diagsvc\n%s" % (HERE, code)], stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, universal_newlines=True, timeout=60)
+
+
+class DurationTest(ServerTestCase):
+    """A timeout or a duration is a finite number above 0: nan never ended
+    a probe, inf crashed select(), 0 called every port filtered."""
+
+    def test_client_options_refuse_zero_nan_and_inf(self):
+        for args, text in (
+                (["probe", "--timeout", "nan"], "--timeout: 'nan' is not"),
+                (["probe", "--tcp", "--timeout", "inf"], "'inf' is not a"),
+                (["probe", "--timeout", "0"], "'0' is not a number > 0"),
+                (["measure", "--seconds", "nan"], "--seconds: 'nan' is not"),
+                (["measure", "--seconds", "inf"], "'inf' is not a number"),
+                (["measure", "--timeout", "nan"], "--timeout: 'nan' is not"),
+                (["measure", "--timeout", "0"], "'0' is not a number > 0")):
+            with self.subTest(args=args):
+                # The usage error comes before any socket (before the fix,
+                # --timeout nan hung here until the subprocess timeout).
+                result = run_command(args[0], "127.0.0.1", *(args[1:] + [
+                    "echo" if args[0] == "probe" else "latency"]))
+                self.assertEqual(result.returncode, 2, result.stdout)
+                self.assertEqual(result.stdout, "")
+                self.assertNotIn("Traceback", result.stderr)
+                last = result.stderr.splitlines()[-1]
+                self.assertIn(text, last)
+                self.assertTrue(last.startswith("diagsvc %s: error: argument "
+                                                % args[0]), last)
+
+    def test_server_options_refuse_nan_and_inf(self):
+        from unittest import mock
+        for option in ("--idle-timeout", "--udp-rate", "--udp-echo-rate"):
+            for value in ("nan", "inf", "-inf"):
+                with self.subTest(option=option, value=value):
+                    stderr = io.StringIO()
+                    with mock.patch.object(sys, "stderr", stderr), \
+                            self.assertRaises(SystemExit) as stop:
+                        diagsvc._build_parser().parse_args(
+                            ["--bind", "127.0.0.1", option + "=" + value])
+                    self.assertEqual(stop.exception.code, 2)
+                    self.assertIn("%r is not a number >= 0" % value,
+                                  stderr.getvalue())
+
+    def test_probe_and_measure_raise_value_error(self):
+        server = self.start_server(["echo"])
+        result = run_python(
+            "calls = [('probe', 'timeout', 0), ('probe', 'timeout', 'inf'),\n"
+            "         ('measure', 'seconds', 0), ('measure', 'seconds', 'nan'),\n"
+            "         ('measure', 'timeout', 'inf'),\n"
+            "         ('measure', 'timeout', 'nan'), ('probe', 'timeout', 'nan')]\n"
+            "for function, name, value in calls:\n"
+            "    try:\n"
+            "        getattr(diagsvc, function)('127.0.0.1', ports={'echo': %d},\n"
+            "            **{name: float(value), 'tests' if function == 'measure'\n"
+            "               else 'services': ['echo']})\n"
+            "    except ValueError as error:\n"
+            "        print(function, error)\n"
+            "    else:\n"
+            "        print(function, 'returned')\n"
+            "    sys.stdout.flush()\n" % ports_of(server)["echo"])
+        self.assertEqual(result.stdout.splitlines(), [
+            "probe timeout must be a finite number above 0, not 0.0",
+            "probe timeout must be a finite number above 0, not inf",
+            "measure seconds must be a finite number above 0, not 0.0",
+            "measure seconds must be a finite number above 0, not nan",
+            "measure timeout must be a finite number above 0, not inf",
+            "measure timeout must be a finite number above 0, not nan",
+            "probe timeout must be a finite number above 0, not nan"],
+            result.stderr)
+
+
 class IntermixedArgumentsTest(ServerTestCase):
     """Item 15: options and positionals in any order, on 3.6 too."""
 
