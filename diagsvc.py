@@ -2681,7 +2681,8 @@ def _connect(family, address, port, timeout):
 
 def _recv_rest(sock, received, size, timeout):
     """Read up to SIZE bytes in all, within one timeout: an echo that
-    trickles a byte at a time cannot stretch one round trip for ever."""
+    trickles a byte at a time cannot stretch one round trip for ever.
+    Fewer than SIZE bytes back means the echo closed the connection."""
     deadline = time.monotonic() + timeout
     while received and len(received) < size:
         sock.settimeout(max(0.001, deadline - time.monotonic()))
@@ -2690,26 +2691,41 @@ def _recv_rest(sock, received, size, timeout):
             break
         received += chunk
     sock.settimeout(timeout)
-    if len(received) < size:
-        raise ServerError("echo closed the connection")
     return received
 
 
+def _late_ping(reply, sequence):
+    """True for the echo of an earlier ping than SEQUENCE (a UDP reply that
+    came after its ping was counted lost).  Only a reply in the ping's own
+    form is parsed: anything else is a wrong reply, never a number."""
+    return (len(reply) == 32 and reply[:31].isdigit() and
+            reply[31:] == b"\n" and int(reply[:31]) < sequence)
+
+
 def _measure_latency(family, address, ports, seconds, progress, timeout):
-    """Echo ping-pong with 32-byte messages, TCP (TCP_NODELAY) and UDP."""
+    """Echo ping-pong with 32-byte messages, TCP (TCP_NODELAY) and UDP.
+
+    Each ping ends in a sample (its echo came back), a wrong reply
+    (anything else came back: counted, the next ping follows) or, for UDP,
+    a loss (nothing within the timeout, at most 1 s).  A socket error, or
+    an echo that closes, ends that transport's row with an error; the
+    other transport is still measured.
+    """
     rows = []
     clock = time.perf_counter
     for transport in ("tcp", "udp"):
         samples = []
-        lost = 0
-        if transport == "tcp":
-            sock = _connect(family, address, ports["echo"], timeout)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        else:
-            sock = socket.socket(family, socket.SOCK_DGRAM)
-            sock.settimeout(min(timeout, 1.0))
-            sock.connect(_endpoint(address, ports["echo"]))
+        lost = wrong = 0
+        error = None
+        sock = None
         try:
+            if transport == "tcp":
+                sock = _connect(family, address, ports["echo"], timeout)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            else:
+                sock = socket.socket(family, socket.SOCK_DGRAM)
+                sock.settimeout(min(timeout, 1.0))
+                sock.connect(_endpoint(address, ports["echo"]))
             end = time.monotonic() + seconds
             sequence = 0
             while time.monotonic() < end:
@@ -2721,28 +2737,37 @@ def _measure_latency(family, address, ports, seconds, progress, timeout):
                     reply = sock.recv(32)
                     if len(reply) < 32:
                         reply = _recv_rest(sock, reply, 32, timeout)
+                    if len(reply) < 32:
+                        error = "echo closed the connection"
+                        break
                 else:
                     try:
                         reply = sock.recv(64)
-                        while reply != message and reply[:31].isdigit() and \
-                                int(reply) < sequence:
+                        while _late_ping(reply, sequence):
                             reply = sock.recv(64)   # a late one: skip it
                     except socket.timeout:
                         lost += 1
                         continue
                 if reply != message:
-                    raise ServerError("echo returned %r for %r" % (reply,
-                                                                   message))
+                    wrong += 1
+                    continue
                 samples.append(clock() - started)
                 progress.show("latency %s: %d round trips" % (
                     transport, len(samples)))
+        except OSError as failure:
+            error = _socket_error(failure)
         finally:
-            sock.close()
+            if sock is not None:
+                sock.close()
         figures = _percentiles(samples)
         row = {"test": "latency", "transport": transport, "unit": "µs",
-               "value": figures.get("p50_us"), "count": len(samples)}
-        if transport == "udp":
-            row["loss_pct"] = round(100.0 * lost / max(1, lost + len(samples)), 2)
+               "value": figures.get("p50_us"), "count": len(samples),
+               "wrong_replies": wrong}
+        pings = lost + wrong + len(samples)     # those that ended
+        if transport == "udp" and pings:
+            row["loss_pct"] = round(100.0 * lost / pings, 2)
+        if error is not None:
+            row["error"] = error
         row.update(figures)
         rows.append(row)
     return rows
@@ -3040,8 +3065,11 @@ def measure(host, tests=None, seconds=5.0, parallel=1, port_offset=0,
     Returns a list of dicts: test, transport, address, unit, value, and
     the test's own figures (percentiles in µs, bytes, errors...).  A
     content error (a wrong chargen or echo byte) is counted in wrong_bytes.
-    A figure that has no value (no round trip completed) is None.
-    _measure_failures(rows) says what failed, if anything did.
+    A figure that has no value (no round trip completed) is None.  A test
+    that a socket error stopped fails alone: its row has only test,
+    transport, address, port, value None and error (the reason), and the
+    next test runs.  _measure_failures(rows) says what failed, if anything
+    did.
     """
     _require_duration("seconds", seconds)
     _require_duration("timeout", timeout)
@@ -3055,22 +3083,15 @@ def measure(host, tests=None, seconds=5.0, parallel=1, port_offset=0,
     rows = []
     try:
         for test in tests:
-            if test == "latency":
-                found = _measure_latency(target_family, address, all_ports,
-                                         seconds, status, timeout)
-            elif test == "download":
-                found = _measure_download(target_family, address, all_ports,
-                                          seconds, parallel, status, timeout)
-            elif test == "upload":
-                found = _measure_upload(target_family, address, all_ports,
-                                        seconds, parallel, status, timeout)
-            elif test == "echo":
-                found = _measure_echo(target_family, address, all_ports,
-                                      seconds, status, timeout)
-            else:
-                found = _measure_connect(target_family, address, all_ports,
-                                         seconds, parallel, status, timeout,
-                                         connect_service)
+            try:
+                found = _measure_one(test, target_family, address, all_ports,
+                                     seconds, parallel, status, timeout,
+                                     connect_service)
+            except (OSError, ServerError) as error:
+                # This test alone: the rows of the others are kept.
+                found = [{"test": test, "transport": "tcp", "value": None,
+                          "error": _socket_error(error)
+                          if isinstance(error, OSError) else str(error)}]
             for row in found:
                 row["address"] = shown
                 row["port"] = all_ports[_MEASURE_SERVICE.get(test,
@@ -3081,6 +3102,25 @@ def measure(host, tests=None, seconds=5.0, parallel=1, port_offset=0,
     return rows
 
 
+def _measure_one(test, family, address, ports, seconds, parallel, progress,
+                 timeout, connect_service):
+    """The rows of one measure test (one function each)."""
+    if test == "latency":
+        return _measure_latency(family, address, ports, seconds, progress,
+                                timeout)
+    if test == "download":
+        return _measure_download(family, address, ports, seconds, parallel,
+                                 progress, timeout)
+    if test == "upload":
+        return _measure_upload(family, address, ports, seconds, parallel,
+                               progress, timeout)
+    if test == "echo":
+        return _measure_echo(family, address, ports, seconds, progress,
+                             timeout)
+    return _measure_connect(family, address, ports, seconds, parallel,
+                            progress, timeout, connect_service)
+
+
 def _measure_row_failures(row):
     """What failed in one measure row, in words: [] when nothing did.
 
@@ -3089,8 +3129,15 @@ def _measure_row_failures(row):
     """
     test = row["test"]
     reasons = []
-    if test == "latency" and not row["count"]:
+    if "error" in row:
+        reasons.append(row["error"])
+        if "unit" not in row:           # stopped before it had any figure
+            return reasons
+    if test == "latency" and not row["count"] and "error" not in row:
         reasons.append("no round trip completed")
+    if row.get("wrong_replies"):
+        reasons.append("%d replies were not the ping's echo"
+                       % row["wrong_replies"])
     if test in ("download", "upload", "echo") and not row["bytes"]:
         reasons.append("no bytes got through")
     if row.get("wrong_bytes"):
@@ -3357,6 +3404,8 @@ def _figure(value):
 
 def _measure_detail(row):
     test = row["test"]
+    if "unit" not in row:               # a test an error stopped at once
+        return "port %d" % row["port"]
     if test == "latency":
         text = "%d round trips; min %s p90 %s p99 %s max %s µs" % (
             row["count"], _figure(row.get("min_us")),
@@ -3364,6 +3413,8 @@ def _measure_detail(row):
             _figure(row.get("max_us")))
         if "loss_pct" in row:
             text += "; loss %s %%" % row["loss_pct"]
+        if row["wrong_replies"]:
+            text += "; wrong replies %d" % row["wrong_replies"]
         return text
     if test in ("download", "echo"):
         text = "%.1f MB in %.1f s; wrong bytes %d" % (

@@ -1352,7 +1352,11 @@ class LatencyWaitTest(unittest.TestCase):
                              "0.1", "--timeout", "1", "--port",
                              "echo=%d" % echo.port)
         self.assertEqual(result.returncode, 1, result.stdout)
-        self.assertEqual(result.stderr, "diagsvc measure: error: timed out\n")
+        # The TCP row fails alone (the UDP row has its own fate: nothing
+        # listens there, or something else does).
+        self.assertEqual(result.stderr, "")
+        self.assertRegex(result.stdout, r"(?m)^latency +tcp +- +0 round "
+                                        r"trips; .*; FAILED: timed out$")
 
 
 # --- The client after an outside review (issue 8, review of items 8-15) -----
@@ -1433,6 +1437,134 @@ class DurationTest(ServerTestCase):
             "measure timeout must be a finite number above 0, not nan",
             "probe timeout must be a finite number above 0, not nan"],
             result.stderr)
+
+
+class MeasureTestsFailAloneTest(ServerTestCase):
+    """One test that cannot run costs its own row, not the run."""
+
+    def test_a_refused_echo_between_a_download_and_a_connect(self):
+        server = self.start_server(["chargen", "daytime"])
+        refusing = socket.socket()          # bound, not listening: a reset
+        self.addCleanup(refusing.close)
+        refusing.bind(("127.0.0.1", 0))
+        port = refusing.getsockname()[1]
+        options = ["--port=%s=%d" % item for item in
+                   sorted(ports_of(server).items())] + [
+            "--port", "echo=%d" % port, "--seconds", "0.3"]
+        result = run_command("measure", "127.0.0.1", "download", "echo",
+                             "connect", "--json", *options)
+        self.assertEqual(result.returncode, 1, result.stderr)
+        self.assertEqual(result.stderr, "")
+        download, echo, connect = json.loads(result.stdout)
+        self.assertEqual(echo, {"test": "echo", "transport": "tcp",
+                                "address": "127.0.0.1", "port": port,
+                                "value": None, "error": "Connection refused"})
+        self.assertGreater(download["bytes"], 0)
+        self.assertGreater(connect["count"], 0)
+        self.assertEqual(diagsvc._measure_failures([download, echo, connect]),
+                         ["echo/tcp: Connection refused"])
+        result = run_command("measure", "127.0.0.1", "download", "echo",
+                             "connect", *options)
+        self.assertEqual(result.returncode, 1, result.stderr)
+        self.assertRegex(result.stdout, r"(?m)^echo +tcp +- +port %d; "
+                                        r"FAILED: Connection refused$" % port)
+        self.assertRegex(result.stdout, r"(?m)^download +tcp +[0-9.]+ MB/s ")
+        self.assertRegex(result.stdout, r"(?m)^connect +tcp +[0-9.]+ conn/s ")
+
+
+class GarblingEchoServer(object):
+    """An echo on one port, TCP and UDP, that changes the last byte of what
+    it returns ('\\n' -> 'x'), as a broken middlebox might."""
+
+    def __init__(self, test):
+        for _ in range(10):
+            self.tcp = socket.socket()
+            self.tcp.bind(("127.0.0.1", 0))
+            self.port = self.tcp.getsockname()[1]
+            self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            try:
+                self.udp.bind(("127.0.0.1", self.port))
+                break
+            except OSError:             # taken for UDP: another port
+                self.tcp.close()
+                self.udp.close()
+        else:
+            test.skipTest("no port free on both transports")
+        self.tcp.listen(1)
+        self.tcp.settimeout(TIMEOUT)
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self.serve_tcp),
+                        threading.Thread(target=self.serve_udp)]
+        for thread in self.threads:
+            thread.start()
+
+    def serve_tcp(self):
+        try:
+            sock, _ = self.tcp.accept()
+        except OSError:
+            return
+        with sock:
+            try:
+                for data in iter(lambda: sock.recv(65536), b""):
+                    sock.sendall(data.replace(b"\n", b"x"))
+            except OSError:
+                pass
+
+    def serve_udp(self):
+        self.udp.settimeout(0.1)        # to see stop
+        while not self.stop.is_set():
+            try:
+                data, peer = self.udp.recvfrom(65536)
+                self.udp.sendto(data[:-1] + b"x", peer)
+            except (socket.timeout, ConnectionRefusedError):
+                pass
+            except OSError:
+                return
+
+    def close(self):
+        self.stop.set()
+        self.tcp.close()
+        for thread in self.threads:
+            thread.join()
+        self.udp.close()
+
+
+class LatencyWrongReplyTest(unittest.TestCase):
+    """A garbled latency reply is counted as wrong: no crash, exit 1."""
+
+    def test_garbled_replies_over_tcp_and_udp(self):
+        echo = GarblingEchoServer(self)
+        self.addCleanup(echo.close)
+        rows = diagsvc.measure("127.0.0.1", ["latency"], seconds=0.3,
+                               timeout=1, ports={"echo": echo.port})
+        for row in rows:
+            with self.subTest(transport=row["transport"]):
+                self.assertEqual(row["count"], 0, row)
+                self.assertGreater(row["wrong_replies"], 0, row)
+                self.assertNotIn("error", row)
+        self.assertEqual(rows[1]["loss_pct"], 0.0)
+        self.assertEqual(diagsvc._measure_failures(rows), [
+            "latency/tcp: no round trip completed",
+            "latency/tcp: %d replies were not the ping's echo"
+            % rows[0]["wrong_replies"],
+            "latency/udp: no round trip completed",
+            "latency/udp: %d replies were not the ping's echo"
+            % rows[1]["wrong_replies"]])
+
+    def test_the_command_exits_1_with_the_count(self):
+        echo = GarblingEchoServer(self)
+        self.addCleanup(echo.close)
+        result = run_command("measure", "127.0.0.1", "latency", "--seconds",
+                             "0.3", "--timeout", "1", "--port",
+                             "echo=%d" % echo.port)
+        self.assertEqual(result.returncode, 1, result.stderr)
+        self.assertEqual(result.stderr, "")
+        for transport in ("tcp", "udp"):
+            self.assertRegex(result.stdout, r"(?m)^latency +%s +- +0 round "
+                                            r"trips; .*; wrong replies (\d+); "
+                                            r"FAILED: no round trip completed; "
+                                            r"FAILED: \1 replies were not the "
+                                            r"ping's echo$" % transport)
 
 
 class IntermixedArgumentsTest(ServerTestCase):
