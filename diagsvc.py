@@ -2794,7 +2794,11 @@ def _stream_loop(connections, seconds, on_ready, progress, label):
 
 
 class _Flow(object):
-    __slots__ = ("sock", "events", "bytes", "offset", "wrong", "first_wrong")
+    """One connection of a stream test: its counts, and how it ended if
+    that was before the test's window closed."""
+
+    __slots__ = ("sock", "events", "bytes", "offset", "wrong", "first_wrong",
+                 "last", "ended_at", "ended_how")
 
     def __init__(self, sock, events):
         self.sock = sock
@@ -2803,6 +2807,41 @@ class _Flow(object):
         self.offset = None
         self.wrong = 0
         self.first_wrong = None
+        self.last = time.monotonic()    # when data last moved
+        self.ended_at = None
+        self.ended_how = None
+
+    def end(self, how, when=None):
+        """Record the first way this connection ended early."""
+        if self.ended_at is None:
+            self.ended_at = time.monotonic() if when is None else when
+            self.ended_how = how
+
+    def check_stall(self, now, stall):
+        """Nothing moved for STALL seconds before NOW: it stalled, when it
+        last moved data (a chargen that stops sending is no download)."""
+        if now - self.last >= stall:
+            self.end("stalled", self.last)
+
+
+def _stream_error(error):
+    """How a stream connection ended, from the socket error that said so."""
+    if isinstance(error, ConnectionResetError):
+        return "reset by the server"
+    if isinstance(error, BrokenPipeError):
+        return "closed by the server"
+    return _socket_error(error)
+
+
+def _endings(flows, started):
+    """A stream test's ended_early, and when and how the first one ended."""
+    ended = [flow for flow in flows if flow.ended_at is not None]
+    figures = {"ended_early": len(ended)}
+    if ended:
+        first = min(ended, key=lambda flow: flow.ended_at)
+        figures["ended_at_s"] = round(max(0.0, first.ended_at - started), 2)
+        figures["ended_how"] = first.ended_how
+    return figures
 
 
 def _count_wrong(received, expected):
@@ -2821,10 +2860,15 @@ def _measure_download(family, address, ports, seconds, parallel, progress,
     def on_ready(flow, events):
         try:
             count = flow.sock.recv_into(buffer)
-        except OSError:
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError as error:
+            flow.end(_stream_error(error))
             return False
-        if not count:
+        if not count:                   # a chargen never closes first
+            flow.end("closed by the server")
             return False
+        flow.last = time.monotonic()
         if flow.offset is None:         # where in the ring this server starts
             line = buffer[0] - 32 if 32 <= buffer[0] < 127 else 0
             flow.offset = line * CHARGEN_LINE_SIZE
@@ -2844,16 +2888,22 @@ def _measure_download(family, address, ports, seconds, parallel, progress,
         _stream_loop(flows, seconds, on_ready, progress, lambda: (
             "download: %.0f MB/s" % (sum(f.bytes for f in flows) / 1e6 /
                                      max(1e-6, time.monotonic() - started))))
+        stopped = time.monotonic()
+        for flow in flows:
+            flow.check_stall(stopped, timeout)
     finally:
         for flow in flows:
             flow.sock.close()
-    elapsed = time.monotonic() - started
+    # The window asked for, or longer if the loop overran it: connections
+    # that ended early do not shorten it into a burst's rate.
+    window = max(seconds, stopped - started)
     total = sum(flow.bytes for flow in flows)
     wrong = sum(flow.wrong for flow in flows)
     row = {"test": "download", "transport": "tcp", "unit": "MB/s",
-           "value": round(total / 1e6 / elapsed, 1), "bytes": total,
-           "seconds": round(elapsed, 2), "parallel": parallel,
+           "value": round(total / 1e6 / window, 1), "bytes": total,
+           "seconds": round(window, 2), "parallel": parallel,
            "wrong_bytes": wrong}
+    row.update(_endings(flows, started))
     firsts = [f.first_wrong for f in flows if f.first_wrong is not None]
     if firsts:
         row["first_wrong_byte"] = min(firsts)
@@ -2871,14 +2921,15 @@ def _measure_upload(family, address, ports, seconds, parallel, progress,
     def on_ready(flow, events):
         try:
             flow.bytes += flow.sock.send(block)
-        except BlockingIOError:
+        except (BlockingIOError, InterruptedError):
             pass
-        except OSError:
+        except OSError as error:        # the server closed or reset it
+            flow.end(_stream_error(error))
             return False
         return True
 
     buffer = bytearray(65536)
-    drain = {"closed": 0, "returned": 0}
+    drain = {"half_closed": 0, "closed": 0, "returned": 0}
 
     def on_drain(flow, events):
         try:
@@ -2901,24 +2952,34 @@ def _measure_upload(family, address, ports, seconds, parallel, progress,
         # counted was read by the server, not sitting in a buffer.  One
         # deadline for all the flows: a "discard" that streams back (say
         # --port discard=19, a chargen) or never closes cannot hold it.
+        # A connection that ended early has nothing to drain.
         for flow in flows:
-            flow.events = EVENT_READ
-            try:
-                flow.sock.shutdown(socket.SHUT_WR)
-            except OSError:
-                flow.events = 0
+            flow.events = 0
+            if flow.ended_at is None:
+                try:
+                    flow.sock.shutdown(socket.SHUT_WR)
+                except OSError as error:
+                    flow.end(_stream_error(error))
+                else:
+                    flow.events = EVENT_READ
+                    drain["half_closed"] += 1
         _stream_loop([flow for flow in flows if flow.events], max(
             timeout, 2.0), on_drain, progress, lambda: "upload: draining")
+        drained = time.monotonic()
     finally:
         for flow in flows:
             flow.sock.close()
-    elapsed = time.monotonic() - started
+    # From the start until the server's close showed every byte read (at
+    # least the window asked for: an early end does not shorten it).
+    window = max(seconds, drained - started)
     total = sum(flow.bytes for flow in flows)
-    return [{"test": "upload", "transport": "tcp", "unit": "MB/s",
-             "value": round(total / 1e6 / elapsed, 1), "bytes": total,
-             "seconds": round(elapsed, 2), "parallel": parallel,
-             "drained": drain["closed"] == len(flows),
-             "returned_bytes": drain["returned"]}]
+    row = {"test": "upload", "transport": "tcp", "unit": "MB/s",
+           "value": round(total / 1e6 / window, 1), "bytes": total,
+           "seconds": round(window, 2), "parallel": parallel,
+           "drained": 0 < drain["half_closed"] == drain["closed"],
+           "returned_bytes": drain["returned"]}
+    row.update(_endings(flows, started))
+    return [row]
 
 
 # The echo test's pattern: a prime period, so a lost, repeated or reordered
@@ -2942,19 +3003,31 @@ def _measure_echo(family, address, ports, seconds, progress, timeout):
     started = time.monotonic()
 
     def on_ready(flow, events):
+        # Until our half-close (while writing), any end is the server's
+        # early one; after it, its close is the normal end.
         if events & EVENT_WRITE and state["writing"]:
             offset = state["sent"] % _ECHO_PERIOD
             try:
                 state["sent"] += sock.send(pattern[offset:offset + 65536])
-            except BlockingIOError:
+            except (BlockingIOError, InterruptedError):
                 pass
+            except OSError as error:
+                flow.end(_stream_error(error))
+                return False
         if events & EVENT_READ:
             try:
                 count = sock.recv_into(buffer)
-            except BlockingIOError:
+            except (BlockingIOError, InterruptedError):
                 return True
-            if not count:
+            except OSError as error:
+                if state["writing"]:
+                    flow.end(_stream_error(error))
                 return False
+            if not count:
+                if state["writing"]:
+                    flow.end("closed by the server")
+                return False
+            flow.last = time.monotonic()
             offset = state["received"] % _ECHO_PERIOD
             expected = pattern[offset:offset + count]
             if not buffer.startswith(expected):
@@ -2966,21 +3039,31 @@ def _measure_echo(family, address, ports, seconds, progress, timeout):
         _stream_loop([flow], seconds, on_ready, progress, lambda: (
             "echo: %.0f MB/s" % (state["received"] / 1e6 /
                                  max(1e-6, time.monotonic() - started))))
-        window = time.monotonic() - started
+        stopped = time.monotonic()
         echoed_in_window = state["received"]
+        flow.check_stall(stopped, timeout)
         # Half-close and collect the rest: anything never echoed is missing.
         state["writing"] = False
-        sock.shutdown(socket.SHUT_WR)
-        flow.events = EVENT_READ
-        _stream_loop([flow], max(timeout, 3.0), on_ready, progress,
-                     lambda: "echo: draining")
+        if flow.ended_at is None:
+            try:
+                sock.shutdown(socket.SHUT_WR)
+            except OSError as error:
+                flow.end(_stream_error(error))
+            else:
+                flow.events = EVENT_READ
+                _stream_loop([flow], max(timeout, 3.0), on_ready, progress,
+                             lambda: "echo: draining")
     finally:
         sock.close()
-    return [{"test": "echo", "transport": "tcp", "unit": "MB/s",
-             "value": round(echoed_in_window / 1e6 / window, 1),
-             "bytes": echoed_in_window, "seconds": round(window, 2),
-             "wrong_bytes": state["wrong"],
-             "missing_bytes": state["sent"] - state["received"]}]
+    # The window asked for, or longer if the loop overran it.
+    window = max(seconds, stopped - started)
+    row = {"test": "echo", "transport": "tcp", "unit": "MB/s",
+           "value": round(echoed_in_window / 1e6 / window, 1),
+           "bytes": echoed_in_window, "seconds": round(window, 2),
+           "wrong_bytes": state["wrong"],
+           "missing_bytes": state["sent"] - state["received"]}
+    row.update(_endings([flow], started))
+    return [row]
 
 
 def _measure_connect(family, address, ports, seconds, parallel, progress,
@@ -3140,13 +3223,21 @@ def _measure_row_failures(row):
                        % row["wrong_replies"])
     if test in ("download", "upload", "echo") and not row["bytes"]:
         reasons.append("no bytes got through")
+    if row.get("ended_early"):
+        connections = row.get("parallel", 1)
+        reasons.append("%s: %s at %.2f s" % (
+            "the connection ended early" if connections == 1 else
+            "%d of %d connections ended early; the first" % (
+                row["ended_early"], connections),
+            row["ended_how"], row["ended_at_s"]))
     if row.get("wrong_bytes"):
         reasons.append("%d wrong bytes" % row["wrong_bytes"])
     if row.get("missing_bytes"):
         reasons.append("%d bytes never echoed" % row["missing_bytes"])
     if row.get("returned_bytes"):
         reasons.append("discard sent %d bytes back" % row["returned_bytes"])
-    if test == "upload" and not row["drained"]:
+    if test == "upload" and not row["drained"] and \
+            row["ended_early"] < row["parallel"]:
         reasons.append("not drained: the server did not close after our "
                        "half-close")
     if test == "connect" and not row["count"]:

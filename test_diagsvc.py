@@ -1439,6 +1439,130 @@ class DurationTest(ServerTestCase):
             result.stderr)
 
 
+class FakeStreamServer(object):
+    """A TCP server whose every connection gets DATA, then a close ('close'),
+    a reset ('reset'), or silence until close() ('stall'); with 'none', it
+    accepts and closes at once without reading (as diagsvc does for
+    --deny)."""
+
+    def __init__(self, ending, data=b""):
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.port = self.listener.getsockname()[1]
+        self.ending = ending
+        self.data = data
+        self.stop = threading.Event()
+        self.threads = []
+        self.accepter = threading.Thread(target=self.accept)
+        self.accepter.start()
+
+    def accept(self):
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except OSError:             # closed: the test is over
+                return
+            thread = threading.Thread(target=self.serve, args=(sock,))
+            thread.start()
+            self.threads.append(thread)
+
+    def serve(self, sock):
+        with sock:
+            try:
+                if self.ending != "none":
+                    sock.sendall(self.data)
+                if self.ending == "reset":
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                    struct.pack("ii", 1, 0))
+                elif self.ending == "stall":
+                    self.stop.wait(TIMEOUT * 3)
+            except OSError:
+                pass
+
+    def close(self):
+        self.stop.set()
+        # shutdown() wakes accept() in its thread on Linux; close() alone
+        # may not.
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.listener.close()
+        self.accepter.join()
+        for thread in self.threads:
+            thread.join()
+
+
+class StreamEndedEarlyTest(ServerTestCase):
+    """A stream that the server ends early, or that stalls, is a failure,
+    with when and how; a rate is over the window, never over a burst."""
+
+    def fake(self, ending, size=0):
+        server = FakeStreamServer(ending, expected_chargen(size // 74 + 1)
+                                  [:size])
+        self.addCleanup(server.close)
+        return server
+
+    def assert_rate_over_window(self, row, seconds):
+        self.assertGreaterEqual(row["seconds"], seconds, row)
+        self.assertEqual(row["value"], round(row["bytes"] / 1e6 /
+                                             max(seconds, row["seconds"]), 1))
+        # A few MB at most (what the buffers took), over 1 s or more.
+        self.assertLess(row["value"], 50, row)
+
+    def test_download_from_a_chargen_that_closes_resets_or_stalls(self):
+        for ending in ("close", "reset", "stall"):
+            with self.subTest(ending=ending):
+                chargen = self.fake(ending, 500000)
+                rows = diagsvc.measure("127.0.0.1", ["download"], seconds=1.5,
+                                       parallel=2, timeout=0.5,
+                                       ports={"chargen": chargen.port})
+                row = rows[0]
+                self.assertEqual(row["ended_early"], 2, row)
+                self.assertEqual(row["ended_how"], {
+                    "close": "closed by the server",
+                    "reset": "reset by the server",
+                    "stall": "stalled"}[ending])
+                self.assertLess(row["ended_at_s"], 1.0, row)
+                if ending != "reset":   # a reset may drop what was in flight
+                    self.assertEqual(row["bytes"], 1000000)
+                    self.assertEqual(row["wrong_bytes"], 0)
+                self.assert_rate_over_window(row, 1.5)
+                self.assertIn("download/tcp: 2 of 2 connections ended early; "
+                              "the first: %s at %.2f s" % (
+                                  row["ended_how"], row["ended_at_s"]),
+                              diagsvc._measure_failures(rows))
+
+    def test_a_real_chargen_does_not_end_early(self):
+        server = self.start_server(["chargen", "discard", "echo"])
+        rows = diagsvc.measure("127.0.0.1", ["download", "upload", "echo"],
+                               seconds=0.3, parallel=2, ports=ports_of(server))
+        self.assertEqual([row["ended_early"] for row in rows], [0, 0, 0])
+        self.assertEqual(diagsvc._measure_failures(rows), [])
+
+    def test_upload_and_echo_to_a_server_that_closes_at_once(self):
+        closer = self.fake("none")
+        rows = diagsvc.measure("127.0.0.1", ["upload", "echo"], seconds=1,
+                               timeout=1, ports={"discard": closer.port,
+                                                 "echo": closer.port})
+        self.assertEqual([(row["test"], row["ended_early"]) for row in rows],
+                         [("upload", 1), ("echo", 1)], rows)
+        failures = diagsvc._measure_failures(rows)
+        for row in rows:
+            with self.subTest(test=row["test"]):
+                self.assertNotIn("error", row)
+                self.assertIn(row["ended_how"], ("closed by the server",
+                                                 "reset by the server"))
+                self.assertIn("%s/tcp: the connection ended early: %s at "
+                              "%.2f s" % (row["test"], row["ended_how"],
+                                          row["ended_at_s"]), failures)
+                self.assert_rate_over_window(row, 1)
+        self.assertFalse(rows[0]["drained"])
+        # It closed before our half-close: no word of one.
+        self.assertNotIn("half-close", " ".join(failures))
+
+
 class MeasureTestsFailAloneTest(ServerTestCase):
     """One test that cannot run costs its own row, not the run."""
 
