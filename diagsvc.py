@@ -2205,6 +2205,17 @@ def _socket_error(error):
     return error.strerror or str(error) or type(error).__name__
 
 
+def _require_duration(name, value):
+    """A timeout or a duration given to probe() or measure(): a finite
+    number above 0, or ValueError.  nan compares false with everything, so
+    a deadline of now + nan never comes and a loop waiting for it spins
+    for ever; inf overflows select(); 0 waits for nothing and calls every
+    port filtered."""
+    if not 0 < value < float("inf"):
+        raise ValueError("%s must be a finite number above 0, not %r"
+                         % (name, value))
+
+
 def _service_port(name, port_offset, ports):
     if ports and name in ports:
         return ports[name]
@@ -2552,11 +2563,13 @@ def probe(host, services=None, transports=TRANSPORTS, port_offset=0,
     Returns a list of dicts with the keys service, transport, address,
     port, verdict (open, open|filtered, refused, no-reply, timeout, wrong,
     error), rtt_ms (TCP: the connect; UDP: the request) and detail.
-    Everything runs concurrently: the whole probe takes about one timeout.
+    Everything runs concurrently: the whole probe takes about one timeout
+    (a finite number of seconds above 0, else ValueError).
     The loop sleeps until the next event or timer: a finished probe leaves
     the selector at once, or its readable socket (EOF) would wake it in a
     busy loop until the last probe is done.
     """
+    _require_duration("timeout", timeout)
     services = [name for name in SERVICE_NAMES if name in (services or
                                                           SERVICE_NAMES)]
     now = time.monotonic()
@@ -2668,7 +2681,8 @@ def _connect(family, address, port, timeout):
 
 def _recv_rest(sock, received, size, timeout):
     """Read up to SIZE bytes in all, within one timeout: an echo that
-    trickles a byte at a time cannot stretch one round trip for ever."""
+    trickles a byte at a time cannot stretch one round trip for ever.
+    Fewer than SIZE bytes back means the echo closed the connection."""
     deadline = time.monotonic() + timeout
     while received and len(received) < size:
         sock.settimeout(max(0.001, deadline - time.monotonic()))
@@ -2677,26 +2691,41 @@ def _recv_rest(sock, received, size, timeout):
             break
         received += chunk
     sock.settimeout(timeout)
-    if len(received) < size:
-        raise ServerError("echo closed the connection")
     return received
 
 
+def _late_ping(reply, sequence):
+    """True for the echo of an earlier ping than SEQUENCE (a UDP reply that
+    came after its ping was counted lost).  Only a reply in the ping's own
+    form is parsed: anything else is a wrong reply, never a number."""
+    return (len(reply) == 32 and reply[:31].isdigit() and
+            reply[31:] == b"\n" and int(reply[:31]) < sequence)
+
+
 def _measure_latency(family, address, ports, seconds, progress, timeout):
-    """Echo ping-pong with 32-byte messages, TCP (TCP_NODELAY) and UDP."""
+    """Echo ping-pong with 32-byte messages, TCP (TCP_NODELAY) and UDP.
+
+    Each ping ends in a sample (its echo came back), a wrong reply
+    (anything else came back: counted, the next ping follows) or, for UDP,
+    a loss (nothing within the timeout, at most 1 s).  A socket error, or
+    an echo that closes, ends that transport's row with an error; the
+    other transport is still measured.
+    """
     rows = []
     clock = time.perf_counter
     for transport in ("tcp", "udp"):
         samples = []
-        lost = 0
-        if transport == "tcp":
-            sock = _connect(family, address, ports["echo"], timeout)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        else:
-            sock = socket.socket(family, socket.SOCK_DGRAM)
-            sock.settimeout(min(timeout, 1.0))
-            sock.connect(_endpoint(address, ports["echo"]))
+        lost = wrong = 0
+        error = None
+        sock = None
         try:
+            if transport == "tcp":
+                sock = _connect(family, address, ports["echo"], timeout)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            else:
+                sock = socket.socket(family, socket.SOCK_DGRAM)
+                sock.settimeout(min(timeout, 1.0))
+                sock.connect(_endpoint(address, ports["echo"]))
             end = time.monotonic() + seconds
             sequence = 0
             while time.monotonic() < end:
@@ -2708,28 +2737,37 @@ def _measure_latency(family, address, ports, seconds, progress, timeout):
                     reply = sock.recv(32)
                     if len(reply) < 32:
                         reply = _recv_rest(sock, reply, 32, timeout)
+                    if len(reply) < 32:
+                        error = "echo closed the connection"
+                        break
                 else:
                     try:
                         reply = sock.recv(64)
-                        while reply != message and reply[:31].isdigit() and \
-                                int(reply) < sequence:
+                        while _late_ping(reply, sequence):
                             reply = sock.recv(64)   # a late one: skip it
                     except socket.timeout:
                         lost += 1
                         continue
                 if reply != message:
-                    raise ServerError("echo returned %r for %r" % (reply,
-                                                                   message))
+                    wrong += 1
+                    continue
                 samples.append(clock() - started)
                 progress.show("latency %s: %d round trips" % (
                     transport, len(samples)))
+        except OSError as failure:
+            error = _socket_error(failure)
         finally:
-            sock.close()
+            if sock is not None:
+                sock.close()
         figures = _percentiles(samples)
         row = {"test": "latency", "transport": transport, "unit": "µs",
-               "value": figures.get("p50_us"), "count": len(samples)}
-        if transport == "udp":
-            row["loss_pct"] = round(100.0 * lost / max(1, lost + len(samples)), 2)
+               "value": figures.get("p50_us"), "count": len(samples),
+               "wrong_replies": wrong}
+        pings = lost + wrong + len(samples)     # those that ended
+        if transport == "udp" and pings:
+            row["loss_pct"] = round(100.0 * lost / pings, 2)
+        if error is not None:
+            row["error"] = error
         row.update(figures)
         rows.append(row)
     return rows
@@ -2756,7 +2794,11 @@ def _stream_loop(connections, seconds, on_ready, progress, label):
 
 
 class _Flow(object):
-    __slots__ = ("sock", "events", "bytes", "offset", "wrong", "first_wrong")
+    """One connection of a stream test: its counts, and how it ended if
+    that was before the test's window closed."""
+
+    __slots__ = ("sock", "events", "bytes", "offset", "wrong", "first_wrong",
+                 "last", "ended_at", "ended_how")
 
     def __init__(self, sock, events):
         self.sock = sock
@@ -2765,6 +2807,41 @@ class _Flow(object):
         self.offset = None
         self.wrong = 0
         self.first_wrong = None
+        self.last = time.monotonic()    # when data last moved
+        self.ended_at = None
+        self.ended_how = None
+
+    def end(self, how, when=None):
+        """Record the first way this connection ended early."""
+        if self.ended_at is None:
+            self.ended_at = time.monotonic() if when is None else when
+            self.ended_how = how
+
+    def check_stall(self, now, stall):
+        """Nothing moved for STALL seconds before NOW: it stalled, when it
+        last moved data (a chargen that stops sending is no download)."""
+        if now - self.last >= stall:
+            self.end("stalled", self.last)
+
+
+def _stream_error(error):
+    """How a stream connection ended, from the socket error that said so."""
+    if isinstance(error, ConnectionResetError):
+        return "reset by the server"
+    if isinstance(error, BrokenPipeError):
+        return "closed by the server"
+    return _socket_error(error)
+
+
+def _endings(flows, started):
+    """A stream test's ended_early, and when and how the first one ended."""
+    ended = [flow for flow in flows if flow.ended_at is not None]
+    figures = {"ended_early": len(ended)}
+    if ended:
+        first = min(ended, key=lambda flow: flow.ended_at)
+        figures["ended_at_s"] = round(max(0.0, first.ended_at - started), 2)
+        figures["ended_how"] = first.ended_how
+    return figures
 
 
 def _count_wrong(received, expected):
@@ -2783,10 +2860,15 @@ def _measure_download(family, address, ports, seconds, parallel, progress,
     def on_ready(flow, events):
         try:
             count = flow.sock.recv_into(buffer)
-        except OSError:
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError as error:
+            flow.end(_stream_error(error))
             return False
-        if not count:
+        if not count:                   # a chargen never closes first
+            flow.end("closed by the server")
             return False
+        flow.last = time.monotonic()
         if flow.offset is None:         # where in the ring this server starts
             line = buffer[0] - 32 if 32 <= buffer[0] < 127 else 0
             flow.offset = line * CHARGEN_LINE_SIZE
@@ -2806,16 +2888,22 @@ def _measure_download(family, address, ports, seconds, parallel, progress,
         _stream_loop(flows, seconds, on_ready, progress, lambda: (
             "download: %.0f MB/s" % (sum(f.bytes for f in flows) / 1e6 /
                                      max(1e-6, time.monotonic() - started))))
+        stopped = time.monotonic()
+        for flow in flows:
+            flow.check_stall(stopped, timeout)
     finally:
         for flow in flows:
             flow.sock.close()
-    elapsed = time.monotonic() - started
+    # The window asked for, or longer if the loop overran it: connections
+    # that ended early do not shorten it into a burst's rate.
+    window = max(seconds, stopped - started)
     total = sum(flow.bytes for flow in flows)
     wrong = sum(flow.wrong for flow in flows)
     row = {"test": "download", "transport": "tcp", "unit": "MB/s",
-           "value": round(total / 1e6 / elapsed, 1), "bytes": total,
-           "seconds": round(elapsed, 2), "parallel": parallel,
+           "value": round(total / 1e6 / window, 1), "bytes": total,
+           "seconds": round(window, 2), "parallel": parallel,
            "wrong_bytes": wrong}
+    row.update(_endings(flows, started))
     firsts = [f.first_wrong for f in flows if f.first_wrong is not None]
     if firsts:
         row["first_wrong_byte"] = min(firsts)
@@ -2833,14 +2921,15 @@ def _measure_upload(family, address, ports, seconds, parallel, progress,
     def on_ready(flow, events):
         try:
             flow.bytes += flow.sock.send(block)
-        except BlockingIOError:
+        except (BlockingIOError, InterruptedError):
             pass
-        except OSError:
+        except OSError as error:        # the server closed or reset it
+            flow.end(_stream_error(error))
             return False
         return True
 
     buffer = bytearray(65536)
-    drain = {"closed": 0, "returned": 0}
+    drain = {"half_closed": 0, "closed": 0, "returned": 0}
 
     def on_drain(flow, events):
         try:
@@ -2863,24 +2952,34 @@ def _measure_upload(family, address, ports, seconds, parallel, progress,
         # counted was read by the server, not sitting in a buffer.  One
         # deadline for all the flows: a "discard" that streams back (say
         # --port discard=19, a chargen) or never closes cannot hold it.
+        # A connection that ended early has nothing to drain.
         for flow in flows:
-            flow.events = EVENT_READ
-            try:
-                flow.sock.shutdown(socket.SHUT_WR)
-            except OSError:
-                flow.events = 0
+            flow.events = 0
+            if flow.ended_at is None:
+                try:
+                    flow.sock.shutdown(socket.SHUT_WR)
+                except OSError as error:
+                    flow.end(_stream_error(error))
+                else:
+                    flow.events = EVENT_READ
+                    drain["half_closed"] += 1
         _stream_loop([flow for flow in flows if flow.events], max(
             timeout, 2.0), on_drain, progress, lambda: "upload: draining")
+        drained = time.monotonic()
     finally:
         for flow in flows:
             flow.sock.close()
-    elapsed = time.monotonic() - started
+    # From the start until the server's close showed every byte read (at
+    # least the window asked for: an early end does not shorten it).
+    window = max(seconds, drained - started)
     total = sum(flow.bytes for flow in flows)
-    return [{"test": "upload", "transport": "tcp", "unit": "MB/s",
-             "value": round(total / 1e6 / elapsed, 1), "bytes": total,
-             "seconds": round(elapsed, 2), "parallel": parallel,
-             "drained": drain["closed"] == len(flows),
-             "returned_bytes": drain["returned"]}]
+    row = {"test": "upload", "transport": "tcp", "unit": "MB/s",
+           "value": round(total / 1e6 / window, 1), "bytes": total,
+           "seconds": round(window, 2), "parallel": parallel,
+           "drained": 0 < drain["half_closed"] == drain["closed"],
+           "returned_bytes": drain["returned"]}
+    row.update(_endings(flows, started))
+    return [row]
 
 
 # The echo test's pattern: a prime period, so a lost, repeated or reordered
@@ -2904,19 +3003,31 @@ def _measure_echo(family, address, ports, seconds, progress, timeout):
     started = time.monotonic()
 
     def on_ready(flow, events):
+        # Until our half-close (while writing), any end is the server's
+        # early one; after it, its close is the normal end.
         if events & EVENT_WRITE and state["writing"]:
             offset = state["sent"] % _ECHO_PERIOD
             try:
                 state["sent"] += sock.send(pattern[offset:offset + 65536])
-            except BlockingIOError:
+            except (BlockingIOError, InterruptedError):
                 pass
+            except OSError as error:
+                flow.end(_stream_error(error))
+                return False
         if events & EVENT_READ:
             try:
                 count = sock.recv_into(buffer)
-            except BlockingIOError:
+            except (BlockingIOError, InterruptedError):
                 return True
-            if not count:
+            except OSError as error:
+                if state["writing"]:
+                    flow.end(_stream_error(error))
                 return False
+            if not count:
+                if state["writing"]:
+                    flow.end("closed by the server")
+                return False
+            flow.last = time.monotonic()
             offset = state["received"] % _ECHO_PERIOD
             expected = pattern[offset:offset + count]
             if not buffer.startswith(expected):
@@ -2928,21 +3039,31 @@ def _measure_echo(family, address, ports, seconds, progress, timeout):
         _stream_loop([flow], seconds, on_ready, progress, lambda: (
             "echo: %.0f MB/s" % (state["received"] / 1e6 /
                                  max(1e-6, time.monotonic() - started))))
-        window = time.monotonic() - started
+        stopped = time.monotonic()
         echoed_in_window = state["received"]
+        flow.check_stall(stopped, timeout)
         # Half-close and collect the rest: anything never echoed is missing.
         state["writing"] = False
-        sock.shutdown(socket.SHUT_WR)
-        flow.events = EVENT_READ
-        _stream_loop([flow], max(timeout, 3.0), on_ready, progress,
-                     lambda: "echo: draining")
+        if flow.ended_at is None:
+            try:
+                sock.shutdown(socket.SHUT_WR)
+            except OSError as error:
+                flow.end(_stream_error(error))
+            else:
+                flow.events = EVENT_READ
+                _stream_loop([flow], max(timeout, 3.0), on_ready, progress,
+                             lambda: "echo: draining")
     finally:
         sock.close()
-    return [{"test": "echo", "transport": "tcp", "unit": "MB/s",
-             "value": round(echoed_in_window / 1e6 / window, 1),
-             "bytes": echoed_in_window, "seconds": round(window, 2),
-             "wrong_bytes": state["wrong"],
-             "missing_bytes": state["sent"] - state["received"]}]
+    # The window asked for, or longer if the loop overran it.
+    window = max(seconds, stopped - started)
+    row = {"test": "echo", "transport": "tcp", "unit": "MB/s",
+           "value": round(echoed_in_window / 1e6 / window, 1),
+           "bytes": echoed_in_window, "seconds": round(window, 2),
+           "wrong_bytes": state["wrong"],
+           "missing_bytes": state["sent"] - state["received"]}
+    row.update(_endings([flow], started))
+    return [row]
 
 
 def _measure_connect(family, address, ports, seconds, parallel, progress,
@@ -3027,9 +3148,14 @@ def measure(host, tests=None, seconds=5.0, parallel=1, port_offset=0,
     Returns a list of dicts: test, transport, address, unit, value, and
     the test's own figures (percentiles in µs, bytes, errors...).  A
     content error (a wrong chargen or echo byte) is counted in wrong_bytes.
-    A figure that has no value (no round trip completed) is None.
-    _measure_failures(rows) says what failed, if anything did.
+    A figure that has no value (no round trip completed) is None.  A test
+    that a socket error stopped fails alone: its row has only test,
+    transport, address, port, value None and error (the reason), and the
+    next test runs.  _measure_failures(rows) says what failed, if anything
+    did.
     """
+    _require_duration("seconds", seconds)
+    _require_duration("timeout", timeout)
     tests = [name for name in MEASURE_TESTS if name in (tests or
                                                        MEASURE_TESTS)]
     target_family, address = _resolve_targets(host, family)[0]
@@ -3040,22 +3166,15 @@ def measure(host, tests=None, seconds=5.0, parallel=1, port_offset=0,
     rows = []
     try:
         for test in tests:
-            if test == "latency":
-                found = _measure_latency(target_family, address, all_ports,
-                                         seconds, status, timeout)
-            elif test == "download":
-                found = _measure_download(target_family, address, all_ports,
-                                          seconds, parallel, status, timeout)
-            elif test == "upload":
-                found = _measure_upload(target_family, address, all_ports,
-                                        seconds, parallel, status, timeout)
-            elif test == "echo":
-                found = _measure_echo(target_family, address, all_ports,
-                                      seconds, status, timeout)
-            else:
-                found = _measure_connect(target_family, address, all_ports,
-                                         seconds, parallel, status, timeout,
-                                         connect_service)
+            try:
+                found = _measure_one(test, target_family, address, all_ports,
+                                     seconds, parallel, status, timeout,
+                                     connect_service)
+            except (OSError, ServerError) as error:
+                # This test alone: the rows of the others are kept.
+                found = [{"test": test, "transport": "tcp", "value": None,
+                          "error": _socket_error(error)
+                          if isinstance(error, OSError) else str(error)}]
             for row in found:
                 row["address"] = shown
                 row["port"] = all_ports[_MEASURE_SERVICE.get(test,
@@ -3066,6 +3185,25 @@ def measure(host, tests=None, seconds=5.0, parallel=1, port_offset=0,
     return rows
 
 
+def _measure_one(test, family, address, ports, seconds, parallel, progress,
+                 timeout, connect_service):
+    """The rows of one measure test (one function each)."""
+    if test == "latency":
+        return _measure_latency(family, address, ports, seconds, progress,
+                                timeout)
+    if test == "download":
+        return _measure_download(family, address, ports, seconds, parallel,
+                                 progress, timeout)
+    if test == "upload":
+        return _measure_upload(family, address, ports, seconds, parallel,
+                               progress, timeout)
+    if test == "echo":
+        return _measure_echo(family, address, ports, seconds, progress,
+                             timeout)
+    return _measure_connect(family, address, ports, seconds, parallel,
+                            progress, timeout, connect_service)
+
+
 def _measure_row_failures(row):
     """What failed in one measure row, in words: [] when nothing did.
 
@@ -3074,17 +3212,32 @@ def _measure_row_failures(row):
     """
     test = row["test"]
     reasons = []
-    if test == "latency" and not row["count"]:
+    if "error" in row:
+        reasons.append(row["error"])
+        if "unit" not in row:           # stopped before it had any figure
+            return reasons
+    if test == "latency" and not row["count"] and "error" not in row:
         reasons.append("no round trip completed")
+    if row.get("wrong_replies"):
+        reasons.append("%d replies were not the ping's echo"
+                       % row["wrong_replies"])
     if test in ("download", "upload", "echo") and not row["bytes"]:
         reasons.append("no bytes got through")
+    if row.get("ended_early"):
+        connections = row.get("parallel", 1)
+        reasons.append("%s: %s at %.2f s" % (
+            "the connection ended early" if connections == 1 else
+            "%d of %d connections ended early; the first" % (
+                row["ended_early"], connections),
+            row["ended_how"], row["ended_at_s"]))
     if row.get("wrong_bytes"):
         reasons.append("%d wrong bytes" % row["wrong_bytes"])
     if row.get("missing_bytes"):
         reasons.append("%d bytes never echoed" % row["missing_bytes"])
     if row.get("returned_bytes"):
         reasons.append("discard sent %d bytes back" % row["returned_bytes"])
-    if test == "upload" and not row["drained"]:
+    if test == "upload" and not row["drained"] and \
+            row["ended_early"] < row["parallel"]:
         reasons.append("not drained: the server did not close after our "
                        "half-close")
     if test == "connect" and not row["count"]:
@@ -3119,8 +3272,23 @@ def _non_negative(kind):
             value = kind(text)
         except ValueError:
             value = -1
-        if value < 0:
+        if value < 0 or value != value or value == float("inf"):
             raise argparse.ArgumentTypeError("%r is not a number >= 0" % text)
+        return value
+    return convert
+
+
+def _positive(kind):
+    """A duration or a timeout: a finite number above 0 (with 0, nothing
+    would be waited for; with nan, no deadline would ever come)."""
+    def convert(text):
+        import argparse
+        try:
+            value = kind(text)
+        except ValueError:
+            value = 0
+        if not 0 < value < float("inf"):
+            raise argparse.ArgumentTypeError("%r is not a number > 0" % text)
         return value
     return convert
 
@@ -3327,6 +3495,8 @@ def _figure(value):
 
 def _measure_detail(row):
     test = row["test"]
+    if "unit" not in row:               # a test an error stopped at once
+        return "port %d" % row["port"]
     if test == "latency":
         text = "%d round trips; min %s p90 %s p99 %s max %s µs" % (
             row["count"], _figure(row.get("min_us")),
@@ -3334,6 +3504,8 @@ def _measure_detail(row):
             _figure(row.get("max_us")))
         if "loss_pct" in row:
             text += "; loss %s %%" % row["loss_pct"]
+        if row["wrong_replies"]:
+            text += "; wrong replies %d" % row["wrong_replies"]
         return text
     if test in ("download", "echo"):
         text = "%.1f MB in %.1f s; wrong bytes %d" % (
@@ -3378,7 +3550,7 @@ def _client_parser(command):
     else:
         parser.add_argument("tests", nargs="*", metavar="TEST",
                             help="default: all of " + ", ".join(MEASURE_TESTS))
-        parser.add_argument("--seconds", type=_non_negative(float),
+        parser.add_argument("--seconds", type=_positive(float),
                             default=5.0, metavar="S",
                             help="each test's duration (default %(default)s)")
         parser.add_argument("--parallel", type=_non_negative(int), default=1,
@@ -3395,7 +3567,7 @@ def _client_parser(command):
                         help="IPv4 only")
     family.add_argument("-6", dest="family", action="store_const", const=6,
                         help="IPv6 only")
-    parser.add_argument("--timeout", type=_non_negative(float),
+    parser.add_argument("--timeout", type=_positive(float),
                         default=DEFAULT_PROBE_TIMEOUT, metavar="S",
                         help="per answer (default %(default)s)")
     parser.add_argument("--json", action="store_true",
