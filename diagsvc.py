@@ -652,8 +652,6 @@ LOOP_RETURNS = 8                    # our own replies back from one peer...
 LOOP_MEMORY = 1.0                   # ... each sent within 1 to 2 s ...
 LOOP_BLOCK = 10.0                   # ... and that peer is refused this long
 LOOP_TABLE_MAX = 8192               # replies remembered per generation
-LOOP_DIGEST_WHOLE = 1024            # payloads digested whole up to this size
-LOOP_DIGEST_SPAN = 512              # ... past it, this much of each end
 RATE_TABLE_MAX = 65536              # sources tracked by the UDP rate limit
 SOURCE_CACHE_MAX = 4096             # UDP source decisions remembered
 MAX_TIMER_WAIT = 1.0                # the loop wakes at least this often
@@ -820,26 +818,18 @@ def _needs_interface(packed):
 
 
 def _reply_key(address, payload):
-    """Who a datagram came from or went to, and a digest of its bytes.
+    """Who a datagram came from or went to, and a CRC-32 of all its bytes.
 
-    A loop returns our reply unchanged, so any digest finds it; a cheaper
-    one can only make two different payloads look alike.  Past
-    LOOP_DIGEST_WHOLE bytes only the length, the head and the tail are
-    read: a 64 KB echo costs a 1 KB checksum, not a 64 KB one.  A client
-    would have to send large datagrams that differ only in the middle,
-    again and again, to be taken for a loop (a sequence number, where
-    there is one, sits in the head).  (DatagramEndpoint.on_event has the
-    short case inline: it is most datagrams.)
+    A loop returns our reply unchanged, so any digest finds it; only one
+    of the whole payload keeps two different ones apart wherever they
+    differ (a sample of the two ends took 2,000-byte datagrams numbered
+    in the middle for one payload).  CRC-32 catches any change within 32
+    bits; it costs about 0.3 us a KiB (2.3 us at 8 KiB, 23 us at 64 KiB,
+    zlib 1.2.13).  Past 8 KiB a datagram arrives as IP fragments on any
+    link but loopback, and a large one is rare.  (DatagramEndpoint.on_event
+    has it inline.)
     """
-    size = len(payload)
-    if size > LOOP_DIGEST_WHOLE:
-        return _sampled_reply_key(address, payload, size)
     return hash((address, crc32(payload)))
-
-
-def _sampled_reply_key(address, payload, size):
-    return hash((address, size, crc32(payload[size - LOOP_DIGEST_SPAN:],
-                                      crc32(payload[:LOOP_DIGEST_SPAN]))))
 
 
 def source_group(host, ipv4_prefix=DEFAULT_IPV4_PREFIX,
@@ -996,10 +986,7 @@ class DatagramEndpoint(object):
                     refusal = server.rate_limited(source, echo=True)
                 if refusal is None and watch_loops:
                     payload = buffer[:count]
-                    if count > LOOP_DIGEST_WHOLE:
-                        key = _sampled_reply_key(address, payload, count)
-                    else:
-                        key = hash((address, crc32(payload)))
+                    key = hash((address, crc32(payload)))
                     if key in replied or key in replied_before:
                         refusal = server.reply_came_back(address)
                     elif server.loop_suspects:

@@ -2194,6 +2194,28 @@ class LoopWatchTest(ServerTestCase):
                          {"loop-guard": refused})
 
 
+class LoopWatchRepeatsTest(ServerTestCase):
+    """The outside review of the loop watch: a spoofer cannot cut a client
+    off, a test may repeat a payload, every byte of a payload counts, and
+    the count decays under any load."""
+
+    def echo_socket(self, server):
+        sock = self.udp_socket()
+        sock.connect(server.addresses["echo", "udp"][0])
+        return sock
+
+    def test_large_payloads_that_differ_only_in_the_middle_are_distinct(self):
+        server = self.start_server(["echo"], transports=("udp",))
+        sock = self.echo_socket(server)
+        for size, middle in ((2000, 1000), (9000, 4500), (65507, 30000)):
+            for number in range(40):
+                payload = (b"A" * middle + b"%08d" % number +
+                           b"B" * (size - middle - 8))
+                sock.send(payload)
+                self.assertEqual(sock.recv(70000), payload)
+        self.assertEqual(server.counters["echo", "udp"].refusals, {})
+
+
 class LogLines(object):
     """A log_file that keeps its lines (written from the writer thread)."""
 
