@@ -32,8 +32,8 @@ connection costs bounded memory (at most ``max_output`` bytes owed to it) and
 is closed after ``idle_timeout`` seconds with no byte moving; connections are
 limited in total and per source address; UDP replies are never sent to
 ports below 1024 or to broadcast or multicast addresses (the echo-chargen loop,
-CVE-1999-0103), nor to a peer that keeps sending our own replies back (a loop
-on any ports), and are rate-limited per source for the services whose reply
+CVE-1999-0103), nor, past a few, to datagrams that repeat a reply just sent
+to their peer (a loop on any ports), and are rate-limited per source for the services whose reply
 can be larger than the request; ``allow``/``deny`` lists filter both
 transports; started as root, the command line drops to ``nobody`` once every
 socket is bound.  The README lists each default and the reason for it.
@@ -648,9 +648,9 @@ DATAGRAM_BATCH = 64                 # datagrams per readiness event
 ACCEPT_PAUSE = 0.25                 # seconds without accepting after EMFILE
 REFUSAL_LOG_INTERVAL = 60.0         # one log line per source and reason
 UDP_LOWEST_SOURCE_PORT = 1024       # below: a service, never a client
-LOOP_RETURNS = 8                    # our own replies back from one peer...
-LOOP_MEMORY = 1.0                   # ... each sent within 1 to 2 s ...
-LOOP_BLOCK = 10.0                   # ... and that peer is refused this long
+LOOP_RETURNS = 16                   # our replies a peer may send back at once,
+LOOP_RETURN_INTERVAL = 1.0          # ... then one each this many seconds
+LOOP_MEMORY = 1.0                   # a reply is remembered for 1 to 2 s
 LOOP_TABLE_MAX = 8192               # replies remembered per generation
 RATE_TABLE_MAX = 65536              # sources tracked by the UDP rate limit
 SOURCE_CACHE_MAX = 4096             # UDP source decisions remembered
@@ -943,7 +943,6 @@ class DatagramEndpoint(object):
         rate_limited = server.udp_rate and service.amplifies
         echo_limited = server.udp_echo_rate and echoes
         watch_loops = udp_guard and service is not SERVICES["discard"]
-        loop_blocked = server.loop_blocked
         replied, replied_before = server.replied, server.replied_before
         table_max = LOOP_TABLE_MAX
         verbose = server.verbosity > 1
@@ -971,8 +970,6 @@ class DatagramEndpoint(object):
                 source = scoped_source(address)     # fe80::1%2
             if address[1] < lowest_port or address[1] in guarded_ports:
                 refusal = "loop-guard"
-            elif loop_blocked and address in loop_blocked:
-                refusal = "loop-detected"
             else:
                 refusal = known_sources.get(source, _UNKNOWN)
                 if refusal is _UNKNOWN:
@@ -989,8 +986,6 @@ class DatagramEndpoint(object):
                     key = hash((address, crc32(payload)))
                     if key in replied or key in replied_before:
                         refusal = server.reply_came_back(address)
-                    elif server.loop_suspects:
-                        server.fresh_payload(address)
             if refusal is not None:
                 server.refuse(counters, refusal, source, "udp", service)
                 continue
@@ -1278,13 +1273,12 @@ class Server(object):
         self._echo_buckets = {}
         self.source_refusals = {}       # UDP source address -> None/reason
         # The UDP loop watch: keys of replies sent in this generation and
-        # the one before (see _reply_key), the peers whose datagrams were
-        # our own replies, and the peers refused for that until a time.
+        # the one before (see _reply_key), and how many of them each peer
+        # has sent back lately.
         self.replied = set()
         self.replied_before = set()
         self._replies_aged = self.now
-        self.loop_suspects = {}         # (host, port) -> returns, net
-        self.loop_blocked = {}          # (host, port) -> refused until
+        self.loop_suspects = {}         # (host, port) -> returns, decaying
         self._refusals_logged = {}
         self._log_lines = collections.deque()
         self._log_writer = None         # the thread, while a loop may log
@@ -1774,42 +1768,34 @@ class Server(object):
     # An echo-echo loop, whatever the ports: what comes back from the
     # peer is exactly what we last sent it.  So is an echo-daytime or
     # echo-time loop within a second, and our chargen, qotd, daytime or
-    # time against a foreign echo.  A client sending distinct payloads
-    # never shows this; one that retries a lost reply (probe sends the
-    # same bytes up to 3 times) or a person typing a line twice shows it
-    # a few times.  So each datagram that repeats a reply sent to that
-    # same peer (host and port) in the last 1-2 s counts one up, each new
-    # payload from it one down, and every second takes one off: at
-    # LOOP_RETURNS the peer is refused ("loop-detected") for LOOP_BLOCK
-    # seconds.  Replies are remembered by peer and digest, not just the
-    # last one, so a spoofer who starts many loops at once (interleaved
-    # payloads) is caught as fast: each of them counts.  A foreign
+    # time against a foreign echo.  A loop holds a fixed payload, and it
+    # ends with the first of its datagrams that gets no reply.  So what
+    # is refused is only a datagram that repeats a reply sent to that same
+    # peer (host and port) in the last 1-2 s, and only once that peer has
+    # sent back LOOP_RETURNS of them, less one each LOOP_RETURN_INTERVAL:
+    # a loop stops within LOOP_RETURNS round trips, while the peer's new
+    # payloads are still answered.  A peer is never refused as a whole: a
+    # spoofer can send anything "from" a client, and blocking the client
+    # would hand the spoofer a way to cut it off.  A client that repeats a
+    # payload gets LOOP_RETURNS repeats answered at once, then one a
+    # second (probe sends its bytes up to 3 times; the README's example
+    # sends "hello" a dozen times).  Replies are remembered by peer and
+    # digest, not just the last one, so many loops started at once
+    # (interleaved payloads) all count, and all end together.  A foreign
     # service that answers with new bytes every time (a chargen on a
     # non-standard port) cannot be told from a client by content; the
     # README says how to bound that.
 
     def reply_came_back(self, address):
-        """A datagram from address repeats a reply we sent it: None, or
-        "loop-detected" once it has happened LOOP_RETURNS times."""
-        returns = self.loop_suspects.get(address, 0) + 1
-        if returns < LOOP_RETURNS:
-            if len(self.loop_suspects) >= LOOP_TABLE_MAX:
-                self.loop_suspects.clear()
-            self.loop_suspects[address] = returns
-            return None
-        del self.loop_suspects[address]
-        if len(self.loop_blocked) >= LOOP_TABLE_MAX:
-            self.loop_blocked.clear()   # this datagram still ends its loop
-        self.loop_blocked[address] = self.now + LOOP_BLOCK
-        return "loop-detected"
-
-    def fresh_payload(self, address):
-        returns = self.loop_suspects.get(address)
-        if returns is not None:
-            if returns > 1:
-                self.loop_suspects[address] = returns - 1
-            else:
-                del self.loop_suspects[address]
+        """A datagram from address repeats a reply we sent it: None (answer
+        it), or "loop-detected" once LOOP_RETURNS have come back lately."""
+        returns = self.loop_suspects.get(address, 0)
+        if returns >= LOOP_RETURNS:
+            return "loop-detected"
+        if not returns and len(self.loop_suspects) >= LOOP_TABLE_MAX:
+            self.loop_suspects.clear()
+        self.loop_suspects[address] = returns + 1
+        return None
 
     def forget_old_replies(self):
         """A new generation of remembered replies: the old one goes."""
@@ -1824,10 +1810,6 @@ class Server(object):
             self.loop_suspects = dict(
                 (address, returns - 1) for address, returns
                 in self.loop_suspects.items() if returns > 1)
-        if self.loop_blocked:
-            for address in [address for address, until
-                            in self.loop_blocked.items() if until <= now]:
-                del self.loop_blocked[address]
 
     def rate_limited(self, source, echo=False):
         """A token bucket per source: udp_burst replies, then udp_rate/s;

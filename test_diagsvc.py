@@ -2204,6 +2204,67 @@ class LoopWatchRepeatsTest(ServerTestCase):
         sock.connect(server.addresses["echo", "udp"][0])
         return sock
 
+    def hold_loop_clock(self):
+        # No decay and no forgetting while a test counts returns exactly
+        # (a loaded machine may take seconds over it); both are read from
+        # the module at each sweep.
+        for name in ("LOOP_MEMORY", "LOOP_RETURN_INTERVAL"):
+            self.addCleanup(setattr, diagsvc, name, getattr(diagsvc, name, 1.0))
+            setattr(diagsvc, name, 1e6)
+
+    def refusals(self, server, service="echo"):
+        return server.counters[service, "udp"].refusals
+
+    def test_a_spoofer_cannot_cut_off_a_client_with_distinct_payloads(self):
+        # Datagrams "from" the client with one payload, as a spoofer sends
+        # them (the server cannot tell them from the client's own): past
+        # the allowance they go unanswered, the client's own do not.
+        self.hold_loop_clock()
+        server = self.start_server(["echo"], transports=("udp",))
+        client = self.echo_socket(server)
+        for _ in range(30):
+            client.send(b"X")
+        wait_until(lambda: server.counters["echo", "udp"].datagrams == 30,
+                   message="30 datagrams handled")
+        self.assertEqual(self.refusals(server), {"loop-detected": 13})
+        for _ in range(17):             # the first and 16 returns
+            self.assertEqual(client.recv(100), b"X")
+        for number in range(200):
+            client.send(b"seq %010d" % number)
+            self.assertEqual(client.recv(100), b"seq %010d" % number)
+        client.send(b"X")               # still a return past the allowance
+        self.assert_no_reply(client, server, "127.0.0.1")
+        self.assertEqual(self.refusals(server), {"loop-detected": 14})
+
+    def test_the_same_payload_again_and_again_from_one_socket(self):
+        # The README's example in a test: one socket, b"hello" each time.
+        self.hold_loop_clock()
+        server = self.start_server(["echo", "chargen"], transports=("udp",))
+        sock = self.udp_socket()
+        target = server.addresses["echo", "udp"][0]
+        for _ in range(17):             # the first, then 16 repeats
+            sock.sendto(b"hello", target)
+            self.assertEqual(sock.recv(100), b"hello")
+        sock.sendto(b"hello", target)
+        self.assert_no_reply(sock, server, "127.0.0.1")
+        self.assertEqual(self.refusals(server), {"loop-detected": 1})
+        sock.settimeout(TIMEOUT)
+        # Then one a second: once the count has gone down, it is answered.
+        diagsvc.LOOP_MEMORY = diagsvc.LOOP_RETURN_INTERVAL = 1.0
+        peer = ("127.0.0.1", sock.getsockname()[1])
+        wait_until(lambda: server.loop_suspects.get(peer, 0) < 16,
+                   message="the count of returns to go down")
+        sock.sendto(b"hello", target)
+        self.assertEqual(sock.recv(100), b"hello")
+        # udp_guard=False: every repeat is answered.
+        unguarded = self.start_server(["echo"], transports=("udp",),
+                                      udp_guard=False)
+        target = unguarded.addresses["echo", "udp"][0]
+        for _ in range(100):
+            sock.sendto(b"hello", target)
+            self.assertEqual(sock.recv(100), b"hello")
+        self.assertEqual(self.refusals(unguarded), {})
+
     def test_large_payloads_that_differ_only_in_the_middle_are_distinct(self):
         server = self.start_server(["echo"], transports=("udp",))
         sock = self.echo_socket(server)
