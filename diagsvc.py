@@ -1279,6 +1279,7 @@ class Server(object):
         self.replied_before = set()
         self._replies_aged = self.now
         self.loop_suspects = {}         # (host, port) -> returns, decaying
+        self._returns_decayed = self.now    # its own clock: see below
         self._refusals_logged = {}
         self._log_lines = collections.deque()
         self._log_writer = None         # the thread, while a loop may log
@@ -1804,12 +1805,19 @@ class Server(object):
         self._replies_aged = self.now
 
     def _age_loop_watch(self):
+        # The count decays on its own clock: a generation also ends when
+        # it is full (8,192 replies a second from anyone), and a decay
+        # tied to that would never come under such a load.
         now = self.now
         if now - self._replies_aged >= LOOP_MEMORY:
             self.forget_old_replies()
-            self.loop_suspects = dict(
-                (address, returns - 1) for address, returns
-                in self.loop_suspects.items() if returns > 1)
+        forgiven = int((now - self._returns_decayed) / LOOP_RETURN_INTERVAL)
+        if forgiven > 0:
+            self._returns_decayed += forgiven * LOOP_RETURN_INTERVAL
+            if self.loop_suspects:
+                self.loop_suspects = dict(
+                    (address, returns - forgiven) for address, returns
+                    in self.loop_suspects.items() if returns > forgiven)
 
     def rate_limited(self, source, echo=False):
         """A token bucket per source: udp_burst replies, then udp_rate/s;

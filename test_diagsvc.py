@@ -2265,6 +2265,38 @@ class LoopWatchRepeatsTest(ServerTestCase):
             self.assertEqual(sock.recv(100), b"hello")
         self.assertEqual(self.refusals(unguarded), {})
 
+    def test_the_count_decays_while_the_server_is_busy(self):
+        # A generation of remembered replies also ends when it is full;
+        # a small table makes a modest flood fill it many times a second.
+        self.addCleanup(setattr, diagsvc, "LOOP_TABLE_MAX",
+                        diagsvc.LOOP_TABLE_MAX)
+        diagsvc.LOOP_TABLE_MAX = 32
+        server = self.start_server(["echo"], transports=("udp",))
+        pinger = self.echo_socket(server)
+        for _ in range(3):
+            pinger.send(b"ping")
+            self.assertEqual(pinger.recv(100), b"ping")
+        peer = pinger.getsockname()
+        self.assertEqual(server.loop_suspects.get(peer), 2)
+        flood = self.echo_socket(server)
+        flood.setblocking(False)
+        sent = [0]
+
+        def flood_then_check():
+            for _ in range(40):
+                sent[0] += 1
+                try:
+                    flood.send(b"%d" % sent[0])
+                except BlockingIOError:
+                    pass
+            try:
+                while True:
+                    flood.recv(100)
+            except BlockingIOError:
+                pass
+            return peer not in server.loop_suspects
+        wait_until(flood_then_check, message="the count to decay")
+
     def test_large_payloads_that_differ_only_in_the_middle_are_distinct(self):
         server = self.start_server(["echo"], transports=("udp",))
         sock = self.echo_socket(server)
