@@ -661,6 +661,7 @@ LOG_REPORT_INTERVAL = 10.0          # "N log lines suppressed", at most this oft
 LOG_QUEUE_MAX = 10000               # lines waiting for a slow log, at most
 LOG_DRAIN_TIMEOUT = 2.0             # close() waits this long for the log
 STREAM_BUFFER_SIZE = 256 * 1024     # shared by every TCP read
+LIMIT_MAX = 10 ** 9                 # the largest count, rate or time a limit takes
 DATAGRAM_BUFFER_SIZE = 65536        # the largest UDP payload, IPv4 or IPv6
 
 
@@ -695,6 +696,26 @@ class Counters(object):
         return {"connections": self.connections, "datagrams": self.datagrams,
                 "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
                 "refusals": dict(self.refusals)}
+
+
+def _checked_limit(option, value, highest=LIMIT_MAX, whole=False, lowest=0):
+    """value, if it is a number from lowest to highest; else ServerError.
+
+    nan fails every comparison and inf fails the highest, so neither gets
+    in; a number past LIMIT_MAX is no limit a host could reach, and a huge
+    int would overflow where the loop makes it a float.
+    """
+    kinds = (int,) if whole else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or \
+            not lowest <= value <= highest:
+        shown = repr(value)
+        if len(shown) > 24:
+            shown = shown[:20] + "..."
+        raise ServerError("--%s must be %s to %s%s, not %s" % (
+            option.replace("_", "-"), "{:,}".format(lowest),
+            "{:,}".format(highest), " (a whole number)" if whole else "",
+            shown))
+    return value
 
 
 def interface_index(scope):
@@ -1226,6 +1247,10 @@ class Server(object):
         self.quotes = tuple(quotes) if quotes else tuple(
             parse_quotes("\n%\n".join(BUILTIN_QUOTES)))
         self.selector_class = selector or SELECTORS[0]
+        # Every number is checked here, for the command line and callers
+        # alike: nan, inf or 10**400 would fail later, in the loop.
+        if max_connections is not None:
+            _checked_limit("max_connections", max_connections, whole=True)
         select_based = _is_select_based(self.selector_class)
         default_limit = default_max_connections(self.selector_class)
         if max_connections and select_based and max_connections > default_limit:
@@ -1238,18 +1263,17 @@ class Server(object):
                     max_connections, default_limit, SELECT_LIMIT,
                     DESCRIPTOR_RESERVE, default_limit))
         self.max_connections = max_connections or default_limit
-        self.max_per_source = max_per_source
-        self.idle_timeout = idle_timeout
-        self.max_output = max_output
+        self.max_per_source = _checked_limit("max_per_source", max_per_source,
+                                             whole=True)
+        self.idle_timeout = _checked_limit("idle_timeout", idle_timeout)
+        self.max_output = _checked_limit("max_output", max_output, whole=True)
         self.udp_guard = udp_guard
-        self.udp_rate = udp_rate
-        self.udp_burst = max(1, udp_burst)
-        self.udp_echo_rate = udp_echo_rate
-        for name, value, bits in (("ipv4_prefix", ipv4_prefix, 32),
-                                  ("ipv6_prefix", ipv6_prefix, 128)):
-            if not 0 <= value <= bits:
-                raise ServerError("--%s must be 0 to %d, not %r" % (
-                    name.replace("_", "-"), bits, value))
+        self.udp_rate = _checked_limit("udp_rate", udp_rate)
+        self.udp_burst = max(1, _checked_limit("udp_burst", udp_burst,
+                                               whole=True))
+        self.udp_echo_rate = _checked_limit("udp_echo_rate", udp_echo_rate)
+        _checked_limit("ipv4_prefix", ipv4_prefix, 32, True)
+        _checked_limit("ipv6_prefix", ipv6_prefix, 128, True)
         self.ipv4_prefix = ipv4_prefix
         self.ipv6_prefix = ipv6_prefix
         self._source_groups = {}        # address -> source_group(), bounded
@@ -1354,8 +1378,11 @@ class Server(object):
             else:
                 port = service.port + port_offset
             if not 0 <= port <= 65535:
-                raise ServerError("%s would be on port %d, outside 0-65535; "
-                                  "check --port-offset and --port" % (name, port))
+                raise ServerError("%s would be on port %s, outside 0-65535; "
+                                  "check --port-offset and --port" % (
+                                      name, port if port < 10 ** 6
+                                      else "%d..." % (port // 10 ** (
+                                          len(str(port)) - 6))))
             bound = self._bind_service(name, port, targets)
             while bound:
                 transport, family, host, sock = bound[0]

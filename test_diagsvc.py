@@ -2309,6 +2309,54 @@ class LoopWatchRepeatsTest(ServerTestCase):
         self.assertEqual(server.counters["echo", "udp"].refusals, {})
 
 
+class NumericOptionTest(unittest.TestCase):
+    """Non-finite or absurd numbers are refused at start, never in the loop."""
+
+    HUGE = 10 ** 400
+
+    def test_the_constructor_refuses_them(self):
+        nan, inf = float("nan"), float("inf")
+        for options in ({"udp_burst": self.HUGE}, {"udp_rate": nan},
+                        {"udp_rate": inf}, {"udp_echo_rate": nan},
+                        {"idle_timeout": nan}, {"idle_timeout": inf},
+                        {"max_output": self.HUGE},
+                        {"max_connections": self.HUGE},
+                        {"max_per_source": 2.5}, {"ipv6_prefix": self.HUGE},
+                        {"ipv6_prefix": 64.5}, {"ports": {"echo": self.HUGE}}):
+            with self.subTest(options=options):
+                with self.assertRaises(diagsvc.ServerError) as caught:
+                    diagsvc.Server(["echo", "daytime"], bind=["127.0.0.1"],
+                                   port_offset=None, **options)
+                message = str(caught.exception)
+                self.assertNotIn("\n", message)
+                self.assertLess(len(message), 120)
+
+    def test_the_command_line_refuses_them_with_one_line(self):
+        huge = str(self.HUGE)
+        for args in (["--udp-burst", huge], ["--udp-rate", "nan"],
+                     ["--udp-rate", "inf"], ["--udp-echo-rate", "nan"],
+                     ["--idle-timeout", "nan"], ["--idle-timeout", "inf"],
+                     ["--max-output", huge], ["--max-connections", huge],
+                     ["--ipv6-prefix", huge], ["--port-offset", huge]):
+            with self.subTest(args=args[0]):
+                try:
+                    result = subprocess.run(
+                        [sys.executable, SCRIPT, "daytime", "--udp", "--bind",
+                         "127.0.0.1"] + (["--port", "daytime=0"] if
+                                         args[0] != "--port-offset" else [])
+                        + args,
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                        universal_newlines=True, timeout=TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    self.fail("%s %s: the server started" % tuple(args))
+                self.assertEqual(result.returncode, 2)
+                self.assertEqual(result.stdout, "")
+                last = result.stderr.splitlines()[-1]
+                self.assertTrue(last.startswith("diagsvc: error: "), last)
+                self.assertLess(len(last), 120)
+                self.assertNotIn("Traceback", result.stderr)
+
+
 class LogLines(object):
     """A log_file that keeps its lines (written from the writer thread)."""
 
