@@ -789,10 +789,24 @@ class AccessList(object):
         if network.version != 6 or not scope:
             raise ServerError("%r: only an IPv6 address takes a scope "
                               "(fe80::1%%eth0)" % (entry,))
+        # The kernel gives a source its interface only where the address
+        # needs one (link-local): a scoped rule for any other address
+        # would match nothing, and refuse everything it was meant to allow.
+        if not (network.network_address.is_link_local and
+                network.prefixlen >= 10):
+            raise ServerError("%r: only a link-local address (fe80::/10) "
+                              "takes a scope; drop the %%%s" % (entry, scope))
         try:
-            return network, interface_index(scope)
+            index = interface_index(scope)
         except ServerError as error:
             raise ServerError("%r: %s" % (entry, error))
+        if scope.isdigit() and hasattr(socket, "if_indextoname"):
+            try:
+                socket.if_indextoname(index)
+            except (OSError, OverflowError, ValueError):
+                raise ServerError("%r: no network interface has index %s on "
+                                  "this host" % (entry, scope))
+        return network, index
 
     @staticmethod
     def _matches(rules, address, index):

@@ -2357,6 +2357,36 @@ class NumericOptionTest(unittest.TestCase):
                 self.assertNotIn("Traceback", result.stderr)
 
 
+class ScopeRuleTest(unittest.TestCase):
+    """A scope only where the kernel gives one, and only a real index."""
+
+    def assert_refused(self, entry, text):
+        with self.assertRaises(diagsvc.ServerError) as caught:
+            diagsvc.AccessList(allow=[entry])
+        self.assertIn(text, str(caught.exception))
+        self.assertNotIn("\n", str(caught.exception))
+
+    def test_a_scope_on_an_address_that_is_not_link_local(self):
+        for entry in ("::1%1", "::1%lo", "2001:db8::/32%1", "::/0%1",
+                      "fe00::/9%1"):
+            with self.subTest(entry=entry):
+                self.assert_refused(entry, "only a link-local address")
+        diagsvc.AccessList(allow=["fe80::/10%1", "fe80::1%1"])
+        result = run_command("echo", "--port", "echo=0", "--bind",
+                             "127.0.0.1", "--allow", "::1%1")
+        self.assertEqual(result.returncode, 2)
+        self.assertEqual(result.stderr, "diagsvc: error: '::1%1': only a "
+                         "link-local address (fe80::/10) takes a scope; "
+                         "drop the %1\n")
+
+    @unittest.skipUnless(hasattr(socket, "if_indextoname"),
+                         "the platform cannot check an interface index")
+    def test_an_index_no_interface_has(self):
+        for entry in ("fe80::/64%4294967296", "fe80::1%99999"):
+            with self.subTest(entry=entry):
+                self.assert_refused(entry, "no network interface has index")
+
+
 class LogLines(object):
     """A log_file that keeps its lines (written from the writer thread)."""
 
@@ -2525,6 +2555,11 @@ class ScopeTest(unittest.TestCase):
     """Item 10, the server: scoped IPv6 addresses in --bind and --allow."""
 
     def test_access_rules_with_a_scope_match_that_scope_only(self):
+        # Indices that this host may lack: every index names an interface.
+        if hasattr(socket, "if_indextoname"):
+            real = socket.if_indextoname
+            socket.if_indextoname = lambda index: "if%d" % index
+            self.addCleanup(setattr, socket, "if_indextoname", real)
         rules = diagsvc.AccessList(allow=["fe80::1%1", "fe80::/64%3",
                                           "fe80::%4/64", "2001:db8::/32"])
         self.assertTrue(rules.permits("fe80::1%1"))
