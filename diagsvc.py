@@ -1206,7 +1206,8 @@ class Server(object):
     log_counters()    write the counters to the log
     log_lines_suppressed, log_lines_dropped
                       log lines held back by the log's bucket, and lost
-                      because the log was not keeping up
+                      because the log was not keeping up (or came after
+                      close(): log() never writes, or waits, itself)
 
     Arguments (all optional; the command line has the same):
 
@@ -1320,7 +1321,7 @@ class Server(object):
         self._returns_decayed = self.now    # its own clock: see below
         self._refusals_logged = {}
         self._log_lines = collections.deque()
-        self._log_writer = None         # the thread, while a loop may log
+        self._log_writer = None         # the thread, from here to close()
         self._log_closing = False
         self._log_tokens = float(LOG_BURST)
         self._log_tokens_stamp = self.now
@@ -1352,6 +1353,7 @@ class Server(object):
         self._waker = None
         self._select_based = select_based
         try:
+            self._start_log_writer()
             if "chargen" in self.services and "tcp" in self.transports:
                 self.chargen_ring_file = chargen_ring_file()
             self._ring_file_to_close = self.chargen_ring_file
@@ -1549,10 +1551,12 @@ class Server(object):
 
     # The loop never writes the log itself: a reader that stops reading
     # stderr (a full pipe) would stop every service.  Lines go into a
-    # bounded queue that a daemon thread writes out; when the queue is
-    # full a line is dropped and counted.  stderr stays blocking (its
-    # descriptor is shared with the parent).  The writer is woken through
-    # a socketpair, not a lock, so log() is safe in a signal handler.
+    # bounded queue that a daemon thread, started by the constructor and
+    # stopped by close(), writes out; when the queue is full, or after
+    # close(), a line is dropped and counted: log() itself never writes.
+    # stderr stays blocking (its descriptor is shared with the parent).
+    # The writer is woken through a socketpair, not a lock, so log() is
+    # safe in a signal handler.
     # Lines that a remote peer can cause (refusals, errors of one socket)
     # also pass a global token bucket: at most LOG_BURST at once, then
     # LOG_RATE a second, whatever the number of (spoofed) sources; what
@@ -1562,9 +1566,10 @@ class Server(object):
         """Write one line to the log without ever blocking the loop."""
         line = "%s diagsvc: %s\n" % (time.strftime("%Y-%m-%dT%H:%M:%S"),
                                      message)
-        if self._log_writer is None:
-            self._write_log_line(line)  # no loop running: nothing to stall
-        elif len(self._log_lines) >= LOG_QUEUE_MAX:
+        if self._log_writer is None or len(self._log_lines) >= LOG_QUEUE_MAX:
+            # Closed, or the log is not keeping up: a write here could wait
+            # for a full pipe (or for a writer stuck on one, which holds the
+            # stream), in the loop or in a signal handler.
             self.log_lines_dropped += 1
         else:
             self._log_lines.append(line)
@@ -1956,8 +1961,6 @@ class Server(object):
             self._loop_thread_id = threading.get_ident()
             self._loop_idle.clear()
         try:
-            if self._log_writer is None:
-                self._start_log_writer()
             select = self.selector.select
             monotonic = time.monotonic
             self.now = monotonic()

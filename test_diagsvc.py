@@ -2456,6 +2456,34 @@ class LogBoundTest(ServerTestCase):
         self.assertEqual(recv_exactly(tcp, 10), b"still here")
 
 
+class LogNeverBlocksTest(unittest.TestCase):
+    """log() never writes itself: not before the loop, not after close()."""
+
+    def log_in_a_thread(self, server, message):
+        caller = threading.Thread(target=server.log, args=(message,))
+        caller.daemon = True
+        caller.start()
+        caller.join(TIMEOUT)
+        return not caller.is_alive()
+
+    def test_log_before_the_loop_and_after_close_returns_at_once(self):
+        log = StuckLog()
+        self.addCleanup(log.released.set)
+        self.addCleanup(setattr, diagsvc, "LOG_DRAIN_TIMEOUT",
+                        diagsvc.LOG_DRAIN_TIMEOUT)
+        diagsvc.LOG_DRAIN_TIMEOUT = 0.1     # close() stops waiting soon
+        server = diagsvc.Server(["echo"], bind=["127.0.0.1"],
+                                port_offset=None, log_file=log)
+        self.addCleanup(server.close)
+        # No loop yet: the first line gets a writer stuck, the next waits.
+        self.assertTrue(self.log_in_a_thread(server, "one"))
+        self.assertTrue(log.entered.wait(TIMEOUT))
+        self.assertTrue(self.log_in_a_thread(server, "two"))
+        server.close()
+        self.assertTrue(self.log_in_a_thread(server, "after close"))
+        self.assertEqual(server.log_lines_dropped, 1)
+
+
 class SourceGroupTest(unittest.TestCase):
     """Item 3: per-source limits count an IPv6 /64 as one source."""
 
