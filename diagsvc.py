@@ -3406,7 +3406,8 @@ def _build_parser():
                         "/64 is one host's share)")
     limits.add_argument("--no-udp-guard", dest="udp_guard",
                         action="store_false", help="answer datagrams from "
-                        "ports below 1024 and group addresses too, and do "
+                        "ports below 1024 and our own ports, from group "
+                        "sources and to group destinations too, and do "
                         "not watch for loops (lab use: this is how "
                         "reflection loops start)")
 
