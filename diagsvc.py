@@ -33,10 +33,10 @@ is closed after ``idle_timeout`` seconds with no byte moving; connections are
 limited in total and per source address; UDP replies are never sent to
 ports below 1024 or to broadcast or multicast addresses (the echo-chargen loop,
 CVE-1999-0103), nor, past a few, to datagrams that repeat a reply just sent
-to their peer (a loop on any ports), and are rate-limited per source for the services whose reply
-can be larger than the request; ``allow``/``deny`` lists filter both
-transports; started as root, the command line drops to ``nobody`` once every
-socket is bound.  The README lists each default and the reason for it.
+to their peer (a loop on any ports), and are rate-limited per source for
+the services whose reply can be larger than the request; ``allow``/``deny``
+lists filter both transports; started as root, the command line drops to
+``nobody`` once every socket is bound.  The README lists each default and the reason for it.
 
 This file is self-contained and may be copied into a project as it is,
 under the MIT licence: Copyright (c) 2026 The diagsvc authors; permission is
