@@ -32,11 +32,11 @@ connection costs bounded memory (at most ``max_output`` bytes owed to it) and
 is closed after ``idle_timeout`` seconds with no byte moving; connections are
 limited in total and per source address; UDP replies are never sent to
 ports below 1024 or to broadcast or multicast addresses (the echo-chargen loop,
-CVE-1999-0103), nor to a peer that keeps sending our own replies back (a loop
-on any ports), and are rate-limited per source for the services whose reply
-can be larger than the request; ``allow``/``deny`` lists filter both
-transports; started as root, the command line drops to ``nobody`` once every
-socket is bound.  The README lists each default and the reason for it.
+CVE-1999-0103), nor, past a few, to datagrams that repeat a reply just sent
+to their peer (a loop on any ports), and are rate-limited per source for
+the services whose reply can be larger than the request; ``allow``/``deny``
+lists filter both transports; started as root, the command line drops to
+``nobody`` once every socket is bound.  The README lists each default and the reason for it.
 
 This file is self-contained and may be copied into a project as it is,
 under the MIT licence: Copyright (c) 2026 The diagsvc authors; permission is
@@ -648,12 +648,10 @@ DATAGRAM_BATCH = 64                 # datagrams per readiness event
 ACCEPT_PAUSE = 0.25                 # seconds without accepting after EMFILE
 REFUSAL_LOG_INTERVAL = 60.0         # one log line per source and reason
 UDP_LOWEST_SOURCE_PORT = 1024       # below: a service, never a client
-LOOP_RETURNS = 8                    # our own replies back from one peer...
-LOOP_MEMORY = 1.0                   # ... each sent within 1 to 2 s ...
-LOOP_BLOCK = 10.0                   # ... and that peer is refused this long
+LOOP_RETURNS = 16                   # our replies a peer may send back at once,
+LOOP_RETURN_INTERVAL = 1.0          # ... then one each this many seconds
+LOOP_MEMORY = 1.0                   # a reply is remembered for 1 to 2 s
 LOOP_TABLE_MAX = 8192               # replies remembered per generation
-LOOP_DIGEST_WHOLE = 1024            # payloads digested whole up to this size
-LOOP_DIGEST_SPAN = 512              # ... past it, this much of each end
 RATE_TABLE_MAX = 65536              # sources tracked by the UDP rate limit
 SOURCE_CACHE_MAX = 4096             # UDP source decisions remembered
 MAX_TIMER_WAIT = 1.0                # the loop wakes at least this often
@@ -663,6 +661,7 @@ LOG_REPORT_INTERVAL = 10.0          # "N log lines suppressed", at most this oft
 LOG_QUEUE_MAX = 10000               # lines waiting for a slow log, at most
 LOG_DRAIN_TIMEOUT = 2.0             # close() waits this long for the log
 STREAM_BUFFER_SIZE = 256 * 1024     # shared by every TCP read
+LIMIT_MAX = 10 ** 9                 # the largest count, rate or time a limit takes
 DATAGRAM_BUFFER_SIZE = 65536        # the largest UDP payload, IPv4 or IPv6
 
 
@@ -697,6 +696,26 @@ class Counters(object):
         return {"connections": self.connections, "datagrams": self.datagrams,
                 "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
                 "refusals": dict(self.refusals)}
+
+
+def _checked_limit(option, value, highest=LIMIT_MAX, whole=False, lowest=0):
+    """value, if it is a number from lowest to highest; else ServerError.
+
+    nan fails every comparison and inf fails the highest, so neither gets
+    in; a number past LIMIT_MAX is no limit a host could reach, and a huge
+    int would overflow where the loop makes it a float.
+    """
+    kinds = (int,) if whole else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or \
+            not lowest <= value <= highest:
+        shown = repr(value)
+        if len(shown) > 24:
+            shown = shown[:20] + "..."
+        raise ServerError("--%s must be %s to %s%s, not %s" % (
+            option.replace("_", "-"), "{:,}".format(lowest),
+            "{:,}".format(highest), " (a whole number)" if whole else "",
+            shown))
+    return value
 
 
 def interface_index(scope):
@@ -770,10 +789,24 @@ class AccessList(object):
         if network.version != 6 or not scope:
             raise ServerError("%r: only an IPv6 address takes a scope "
                               "(fe80::1%%eth0)" % (entry,))
+        # The kernel gives a source its interface only where the address
+        # needs one (link-local): a scoped rule for any other address
+        # would match nothing, and refuse everything it was meant to allow.
+        if not (network.network_address.is_link_local and
+                network.prefixlen >= 10):
+            raise ServerError("%r: only a link-local address (fe80::/10) "
+                              "takes a scope; drop the %%%s" % (entry, scope))
         try:
-            return network, interface_index(scope)
+            index = interface_index(scope)
         except ServerError as error:
             raise ServerError("%r: %s" % (entry, error))
+        if scope.isdigit() and hasattr(socket, "if_indextoname"):
+            try:
+                socket.if_indextoname(index)
+            except (OSError, OverflowError, ValueError):
+                raise ServerError("%r: no network interface has index %s on "
+                                  "this host" % (entry, scope))
+        return network, index
 
     @staticmethod
     def _matches(rules, address, index):
@@ -820,26 +853,18 @@ def _needs_interface(packed):
 
 
 def _reply_key(address, payload):
-    """Who a datagram came from or went to, and a digest of its bytes.
+    """Who a datagram came from or went to, and a CRC-32 of all its bytes.
 
-    A loop returns our reply unchanged, so any digest finds it; a cheaper
-    one can only make two different payloads look alike.  Past
-    LOOP_DIGEST_WHOLE bytes only the length, the head and the tail are
-    read: a 64 KB echo costs a 1 KB checksum, not a 64 KB one.  A client
-    would have to send large datagrams that differ only in the middle,
-    again and again, to be taken for a loop (a sequence number, where
-    there is one, sits in the head).  (DatagramEndpoint.on_event has the
-    short case inline: it is most datagrams.)
+    A loop returns our reply unchanged, so any digest finds it; only one
+    of the whole payload keeps two different ones apart wherever they
+    differ (a sample of the two ends took 2,000-byte datagrams numbered
+    in the middle for one payload).  CRC-32 catches any change within 32
+    bits; it costs about 0.3 us a KiB (2.3 us at 8 KiB, 23 us at 64 KiB,
+    zlib 1.2.13).  Past 8 KiB a datagram arrives as IP fragments on any
+    link but loopback, and a large one is rare.  (DatagramEndpoint.on_event
+    has it inline.)
     """
-    size = len(payload)
-    if size > LOOP_DIGEST_WHOLE:
-        return _sampled_reply_key(address, payload, size)
     return hash((address, crc32(payload)))
-
-
-def _sampled_reply_key(address, payload, size):
-    return hash((address, size, crc32(payload[size - LOOP_DIGEST_SPAN:],
-                                      crc32(payload[:LOOP_DIGEST_SPAN]))))
 
 
 def source_group(host, ipv4_prefix=DEFAULT_IPV4_PREFIX,
@@ -953,7 +978,6 @@ class DatagramEndpoint(object):
         rate_limited = server.udp_rate and service.amplifies
         echo_limited = server.udp_echo_rate and echoes
         watch_loops = udp_guard and service is not SERVICES["discard"]
-        loop_blocked = server.loop_blocked
         replied, replied_before = server.replied, server.replied_before
         table_max = LOOP_TABLE_MAX
         verbose = server.verbosity > 1
@@ -981,8 +1005,6 @@ class DatagramEndpoint(object):
                 source = scoped_source(address)     # fe80::1%2
             if address[1] < lowest_port or address[1] in guarded_ports:
                 refusal = "loop-guard"
-            elif loop_blocked and address in loop_blocked:
-                refusal = "loop-detected"
             else:
                 refusal = known_sources.get(source, _UNKNOWN)
                 if refusal is _UNKNOWN:
@@ -996,14 +1018,9 @@ class DatagramEndpoint(object):
                     refusal = server.rate_limited(source, echo=True)
                 if refusal is None and watch_loops:
                     payload = buffer[:count]
-                    if count > LOOP_DIGEST_WHOLE:
-                        key = _sampled_reply_key(address, payload, count)
-                    else:
-                        key = hash((address, crc32(payload)))
+                    key = hash((address, crc32(payload)))
                     if key in replied or key in replied_before:
                         refusal = server.reply_came_back(address)
-                    elif server.loop_suspects:
-                        server.fresh_payload(address)
             if refusal is not None:
                 server.refuse(counters, refusal, source, "udp", service)
                 continue
@@ -1189,7 +1206,8 @@ class Server(object):
     log_counters()    write the counters to the log
     log_lines_suppressed, log_lines_dropped
                       log lines held back by the log's bucket, and lost
-                      because the log was not keeping up
+                      because the log was not keeping up (or came after
+                      close(): log() never writes, or waits, itself)
 
     Arguments (all optional; the command line has the same):
 
@@ -1244,6 +1262,10 @@ class Server(object):
         self.quotes = tuple(quotes) if quotes else tuple(
             parse_quotes("\n%\n".join(BUILTIN_QUOTES)))
         self.selector_class = selector or SELECTORS[0]
+        # Every number is checked here, for the command line and callers
+        # alike: nan, inf or 10**400 would fail later, in the loop.
+        if max_connections is not None:
+            _checked_limit("max_connections", max_connections, whole=True)
         select_based = _is_select_based(self.selector_class)
         default_limit = default_max_connections(self.selector_class)
         if max_connections and select_based and max_connections > default_limit:
@@ -1256,18 +1278,17 @@ class Server(object):
                     max_connections, default_limit, SELECT_LIMIT,
                     DESCRIPTOR_RESERVE, default_limit))
         self.max_connections = max_connections or default_limit
-        self.max_per_source = max_per_source
-        self.idle_timeout = idle_timeout
-        self.max_output = max_output
+        self.max_per_source = _checked_limit("max_per_source", max_per_source,
+                                             whole=True)
+        self.idle_timeout = _checked_limit("idle_timeout", idle_timeout)
+        self.max_output = _checked_limit("max_output", max_output, whole=True)
         self.udp_guard = udp_guard
-        self.udp_rate = udp_rate
-        self.udp_burst = max(1, udp_burst)
-        self.udp_echo_rate = udp_echo_rate
-        for name, value, bits in (("ipv4_prefix", ipv4_prefix, 32),
-                                  ("ipv6_prefix", ipv6_prefix, 128)):
-            if not 0 <= value <= bits:
-                raise ServerError("--%s must be 0 to %d, not %r" % (
-                    name.replace("_", "-"), bits, value))
+        self.udp_rate = _checked_limit("udp_rate", udp_rate)
+        self.udp_burst = max(1, _checked_limit("udp_burst", udp_burst,
+                                               whole=True))
+        self.udp_echo_rate = _checked_limit("udp_echo_rate", udp_echo_rate)
+        _checked_limit("ipv4_prefix", ipv4_prefix, 32, True)
+        _checked_limit("ipv6_prefix", ipv6_prefix, 128, True)
         self.ipv4_prefix = ipv4_prefix
         self.ipv6_prefix = ipv6_prefix
         self._source_groups = {}        # address -> source_group(), bounded
@@ -1291,16 +1312,16 @@ class Server(object):
         self._echo_buckets = {}
         self.source_refusals = {}       # UDP source address -> None/reason
         # The UDP loop watch: keys of replies sent in this generation and
-        # the one before (see _reply_key), the peers whose datagrams were
-        # our own replies, and the peers refused for that until a time.
+        # the one before (see _reply_key), and how many of them each peer
+        # has sent back lately.
         self.replied = set()
         self.replied_before = set()
         self._replies_aged = self.now
-        self.loop_suspects = {}         # (host, port) -> returns, net
-        self.loop_blocked = {}          # (host, port) -> refused until
+        self.loop_suspects = {}         # (host, port) -> returns, decaying
+        self._returns_decayed = self.now    # its own clock: see below
         self._refusals_logged = {}
         self._log_lines = collections.deque()
-        self._log_writer = None         # the thread, while a loop may log
+        self._log_writer = None         # the thread, from here to close()
         self._log_closing = False
         self._log_tokens = float(LOG_BURST)
         self._log_tokens_stamp = self.now
@@ -1332,6 +1353,7 @@ class Server(object):
         self._waker = None
         self._select_based = select_based
         try:
+            self._start_log_writer()
             if "chargen" in self.services and "tcp" in self.transports:
                 self.chargen_ring_file = chargen_ring_file()
             self._ring_file_to_close = self.chargen_ring_file
@@ -1372,8 +1394,11 @@ class Server(object):
             else:
                 port = service.port + port_offset
             if not 0 <= port <= 65535:
-                raise ServerError("%s would be on port %d, outside 0-65535; "
-                                  "check --port-offset and --port" % (name, port))
+                raise ServerError("%s would be on port %s, outside 0-65535; "
+                                  "check --port-offset and --port" % (
+                                      name, port if port < 10 ** 6
+                                      else "%d..." % (port // 10 ** (
+                                          len(str(port)) - 6))))
             bound = self._bind_service(name, port, targets)
             while bound:
                 transport, family, host, sock = bound[0]
@@ -1526,10 +1551,12 @@ class Server(object):
 
     # The loop never writes the log itself: a reader that stops reading
     # stderr (a full pipe) would stop every service.  Lines go into a
-    # bounded queue that a daemon thread writes out; when the queue is
-    # full a line is dropped and counted.  stderr stays blocking (its
-    # descriptor is shared with the parent).  The writer is woken through
-    # a socketpair, not a lock, so log() is safe in a signal handler.
+    # bounded queue that a daemon thread, started by the constructor and
+    # stopped by close(), writes out; when the queue is full, or after
+    # close(), a line is dropped and counted: log() itself never writes.
+    # stderr stays blocking (its descriptor is shared with the parent).
+    # The writer is woken through a socketpair, not a lock, so log() is
+    # safe in a signal handler.
     # Lines that a remote peer can cause (refusals, errors of one socket)
     # also pass a global token bucket: at most LOG_BURST at once, then
     # LOG_RATE a second, whatever the number of (spoofed) sources; what
@@ -1539,9 +1566,10 @@ class Server(object):
         """Write one line to the log without ever blocking the loop."""
         line = "%s diagsvc: %s\n" % (time.strftime("%Y-%m-%dT%H:%M:%S"),
                                      message)
-        if self._log_writer is None:
-            self._write_log_line(line)  # no loop running: nothing to stall
-        elif len(self._log_lines) >= LOG_QUEUE_MAX:
+        if self._log_writer is None or len(self._log_lines) >= LOG_QUEUE_MAX:
+            # Closed, or the log is not keeping up: a write here could wait
+            # for a full pipe (or for a writer stuck on one, which holds the
+            # stream), in the loop or in a signal handler.
             self.log_lines_dropped += 1
         else:
             self._log_lines.append(line)
@@ -1787,42 +1815,34 @@ class Server(object):
     # An echo-echo loop, whatever the ports: what comes back from the
     # peer is exactly what we last sent it.  So is an echo-daytime or
     # echo-time loop within a second, and our chargen, qotd, daytime or
-    # time against a foreign echo.  A client sending distinct payloads
-    # never shows this; one that retries a lost reply (probe sends the
-    # same bytes up to 3 times) or a person typing a line twice shows it
-    # a few times.  So each datagram that repeats a reply sent to that
-    # same peer (host and port) in the last 1-2 s counts one up, each new
-    # payload from it one down, and every second takes one off: at
-    # LOOP_RETURNS the peer is refused ("loop-detected") for LOOP_BLOCK
-    # seconds.  Replies are remembered by peer and digest, not just the
-    # last one, so a spoofer who starts many loops at once (interleaved
-    # payloads) is caught as fast: each of them counts.  A foreign
+    # time against a foreign echo.  A loop holds a fixed payload, and it
+    # ends with the first of its datagrams that gets no reply.  So what
+    # is refused is only a datagram that repeats a reply sent to that same
+    # peer (host and port) in the last 1-2 s, and only once that peer has
+    # sent back LOOP_RETURNS of them, less one each LOOP_RETURN_INTERVAL:
+    # a loop stops within LOOP_RETURNS round trips, while the peer's new
+    # payloads are still answered.  A peer is never refused as a whole: a
+    # spoofer can send anything "from" a client, and blocking the client
+    # would hand the spoofer a way to cut it off.  A client that repeats a
+    # payload gets LOOP_RETURNS repeats answered at once, then one a
+    # second (probe sends its bytes up to 3 times; the README's example
+    # sends "hello" a dozen times).  Replies are remembered by peer and
+    # digest, not just the last one, so many loops started at once
+    # (interleaved payloads) all count, and all end together.  A foreign
     # service that answers with new bytes every time (a chargen on a
     # non-standard port) cannot be told from a client by content; the
     # README says how to bound that.
 
     def reply_came_back(self, address):
-        """A datagram from address repeats a reply we sent it: None, or
-        "loop-detected" once it has happened LOOP_RETURNS times."""
-        returns = self.loop_suspects.get(address, 0) + 1
-        if returns < LOOP_RETURNS:
-            if len(self.loop_suspects) >= LOOP_TABLE_MAX:
-                self.loop_suspects.clear()
-            self.loop_suspects[address] = returns
-            return None
-        del self.loop_suspects[address]
-        if len(self.loop_blocked) >= LOOP_TABLE_MAX:
-            self.loop_blocked.clear()   # this datagram still ends its loop
-        self.loop_blocked[address] = self.now + LOOP_BLOCK
-        return "loop-detected"
-
-    def fresh_payload(self, address):
-        returns = self.loop_suspects.get(address)
-        if returns is not None:
-            if returns > 1:
-                self.loop_suspects[address] = returns - 1
-            else:
-                del self.loop_suspects[address]
+        """A datagram from address repeats a reply we sent it: None (answer
+        it), or "loop-detected" once LOOP_RETURNS have come back lately."""
+        returns = self.loop_suspects.get(address, 0)
+        if returns >= LOOP_RETURNS:
+            return "loop-detected"
+        if not returns and len(self.loop_suspects) >= LOOP_TABLE_MAX:
+            self.loop_suspects.clear()
+        self.loop_suspects[address] = returns + 1
+        return None
 
     def forget_old_replies(self):
         """A new generation of remembered replies: the old one goes."""
@@ -1831,16 +1851,19 @@ class Server(object):
         self._replies_aged = self.now
 
     def _age_loop_watch(self):
+        # The count decays on its own clock: a generation also ends when
+        # it is full (8,192 replies a second from anyone), and a decay
+        # tied to that would never come under such a load.
         now = self.now
         if now - self._replies_aged >= LOOP_MEMORY:
             self.forget_old_replies()
-            self.loop_suspects = dict(
-                (address, returns - 1) for address, returns
-                in self.loop_suspects.items() if returns > 1)
-        if self.loop_blocked:
-            for address in [address for address, until
-                            in self.loop_blocked.items() if until <= now]:
-                del self.loop_blocked[address]
+        forgiven = int((now - self._returns_decayed) / LOOP_RETURN_INTERVAL)
+        if forgiven > 0:
+            self._returns_decayed += forgiven * LOOP_RETURN_INTERVAL
+            if self.loop_suspects:
+                self.loop_suspects = dict(
+                    (address, returns - forgiven) for address, returns
+                    in self.loop_suspects.items() if returns > forgiven)
 
     def rate_limited(self, source, echo=False):
         """A token bucket per source: udp_burst replies, then udp_rate/s;
@@ -1938,8 +1961,6 @@ class Server(object):
             self._loop_thread_id = threading.get_ident()
             self._loop_idle.clear()
         try:
-            if self._log_writer is None:
-                self._start_log_writer()
             select = self.selector.select
             monotonic = time.monotonic
             self.now = monotonic()
@@ -3385,7 +3406,8 @@ def _build_parser():
                         "/64 is one host's share)")
     limits.add_argument("--no-udp-guard", dest="udp_guard",
                         action="store_false", help="answer datagrams from "
-                        "ports below 1024 and group addresses too, and do "
+                        "ports below 1024 and our own ports, from group "
+                        "sources and to group destinations too, and do "
                         "not watch for loops (lab use: this is how "
                         "reflection loops start)")
 

@@ -2194,6 +2194,199 @@ class LoopWatchTest(ServerTestCase):
                          {"loop-guard": refused})
 
 
+class LoopWatchRepeatsTest(ServerTestCase):
+    """The outside review of the loop watch: a spoofer cannot cut a client
+    off, a test may repeat a payload, every byte of a payload counts, and
+    the count decays under any load."""
+
+    def echo_socket(self, server):
+        sock = self.udp_socket()
+        sock.connect(server.addresses["echo", "udp"][0])
+        return sock
+
+    def hold_loop_clock(self):
+        # No decay and no forgetting while a test counts returns exactly
+        # (a loaded machine may take seconds over it); both are read from
+        # the module at each sweep.
+        for name in ("LOOP_MEMORY", "LOOP_RETURN_INTERVAL"):
+            self.addCleanup(setattr, diagsvc, name, getattr(diagsvc, name, 1.0))
+            setattr(diagsvc, name, 1e6)
+
+    def refusals(self, server, service="echo"):
+        return server.counters[service, "udp"].refusals
+
+    def test_a_spoofer_cannot_cut_off_a_client_with_distinct_payloads(self):
+        # Datagrams "from" the client with one payload, as a spoofer sends
+        # them (the server cannot tell them from the client's own): past
+        # the allowance they go unanswered, the client's own do not.
+        self.hold_loop_clock()
+        server = self.start_server(["echo"], transports=("udp",))
+        client = self.echo_socket(server)
+        for _ in range(30):
+            client.send(b"X")
+        wait_until(lambda: server.counters["echo", "udp"].datagrams == 30,
+                   message="30 datagrams handled")
+        self.assertEqual(self.refusals(server), {"loop-detected": 13})
+        for _ in range(17):             # the first and 16 returns
+            self.assertEqual(client.recv(100), b"X")
+        for number in range(200):
+            client.send(b"seq %010d" % number)
+            self.assertEqual(client.recv(100), b"seq %010d" % number)
+        client.send(b"X")               # still a return past the allowance
+        self.assert_no_reply(client, server, "127.0.0.1")
+        self.assertEqual(self.refusals(server), {"loop-detected": 14})
+
+    def test_the_same_payload_again_and_again_from_one_socket(self):
+        # The README's example in a test: one socket, b"hello" each time.
+        self.hold_loop_clock()
+        server = self.start_server(["echo", "chargen"], transports=("udp",))
+        sock = self.udp_socket()
+        target = server.addresses["echo", "udp"][0]
+        for _ in range(17):             # the first, then 16 repeats
+            sock.sendto(b"hello", target)
+            self.assertEqual(sock.recv(100), b"hello")
+        sock.sendto(b"hello", target)
+        self.assert_no_reply(sock, server, "127.0.0.1")
+        self.assertEqual(self.refusals(server), {"loop-detected": 1})
+        sock.settimeout(TIMEOUT)
+        # Then one a second: once the count has gone down, it is answered.
+        diagsvc.LOOP_MEMORY = diagsvc.LOOP_RETURN_INTERVAL = 1.0
+        peer = ("127.0.0.1", sock.getsockname()[1])
+        wait_until(lambda: server.loop_suspects.get(peer, 0) < 16,
+                   message="the count of returns to go down")
+        sock.sendto(b"hello", target)
+        self.assertEqual(sock.recv(100), b"hello")
+        # udp_guard=False: every repeat is answered.
+        unguarded = self.start_server(["echo"], transports=("udp",),
+                                      udp_guard=False)
+        target = unguarded.addresses["echo", "udp"][0]
+        for _ in range(100):
+            sock.sendto(b"hello", target)
+            self.assertEqual(sock.recv(100), b"hello")
+        self.assertEqual(self.refusals(unguarded), {})
+
+    def test_the_count_decays_while_the_server_is_busy(self):
+        # A generation of remembered replies also ends when it is full;
+        # a small table makes a modest flood fill it many times a second.
+        self.addCleanup(setattr, diagsvc, "LOOP_TABLE_MAX",
+                        diagsvc.LOOP_TABLE_MAX)
+        diagsvc.LOOP_TABLE_MAX = 32
+        server = self.start_server(["echo"], transports=("udp",))
+        pinger = self.echo_socket(server)
+        for _ in range(3):
+            pinger.send(b"ping")
+            self.assertEqual(pinger.recv(100), b"ping")
+        peer = pinger.getsockname()
+        self.assertEqual(server.loop_suspects.get(peer), 2)
+        flood = self.echo_socket(server)
+        flood.setblocking(False)
+        sent = [0]
+
+        def flood_then_check():
+            for _ in range(40):
+                sent[0] += 1
+                try:
+                    flood.send(b"%d" % sent[0])
+                except BlockingIOError:
+                    pass
+            try:
+                while True:
+                    flood.recv(100)
+            except BlockingIOError:
+                pass
+            return peer not in server.loop_suspects
+        wait_until(flood_then_check, message="the count to decay")
+
+    def test_large_payloads_that_differ_only_in_the_middle_are_distinct(self):
+        server = self.start_server(["echo"], transports=("udp",))
+        sock = self.echo_socket(server)
+        for size, middle in ((2000, 1000), (9000, 4500), (65507, 30000)):
+            for number in range(40):
+                payload = (b"A" * middle + b"%08d" % number +
+                           b"B" * (size - middle - 8))
+                sock.send(payload)
+                self.assertEqual(sock.recv(70000), payload)
+        self.assertEqual(server.counters["echo", "udp"].refusals, {})
+
+
+class NumericOptionTest(unittest.TestCase):
+    """Non-finite or absurd numbers are refused at start, never in the loop."""
+
+    HUGE = 10 ** 400
+
+    def test_the_constructor_refuses_them(self):
+        nan, inf = float("nan"), float("inf")
+        for options in ({"udp_burst": self.HUGE}, {"udp_rate": nan},
+                        {"udp_rate": inf}, {"udp_echo_rate": nan},
+                        {"idle_timeout": nan}, {"idle_timeout": inf},
+                        {"max_output": self.HUGE},
+                        {"max_connections": self.HUGE},
+                        {"max_per_source": 2.5}, {"ipv6_prefix": self.HUGE},
+                        {"ipv6_prefix": 64.5}, {"ports": {"echo": self.HUGE}}):
+            with self.subTest(options=options):
+                with self.assertRaises(diagsvc.ServerError) as caught:
+                    diagsvc.Server(["echo", "daytime"], bind=["127.0.0.1"],
+                                   port_offset=None, **options)
+                message = str(caught.exception)
+                self.assertNotIn("\n", message)
+                self.assertLess(len(message), 120)
+
+    def test_the_command_line_refuses_them_with_one_line(self):
+        huge = str(self.HUGE)
+        for args in (["--udp-burst", huge], ["--udp-rate", "nan"],
+                     ["--udp-rate", "inf"], ["--udp-echo-rate", "nan"],
+                     ["--idle-timeout", "nan"], ["--idle-timeout", "inf"],
+                     ["--max-output", huge], ["--max-connections", huge],
+                     ["--ipv6-prefix", huge], ["--port-offset", huge]):
+            with self.subTest(args=args[0]):
+                try:
+                    result = subprocess.run(
+                        [sys.executable, SCRIPT, "daytime", "--udp", "--bind",
+                         "127.0.0.1"] + (["--port", "daytime=0"] if
+                                         args[0] != "--port-offset" else [])
+                        + args,
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                        universal_newlines=True, timeout=TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    self.fail("%s %s: the server started" % tuple(args))
+                self.assertEqual(result.returncode, 2)
+                self.assertEqual(result.stdout, "")
+                last = result.stderr.splitlines()[-1]
+                self.assertTrue(last.startswith("diagsvc: error: "), last)
+                self.assertLess(len(last), 120)
+                self.assertNotIn("Traceback", result.stderr)
+
+
+class ScopeRuleTest(unittest.TestCase):
+    """A scope only where the kernel gives one, and only a real index."""
+
+    def assert_refused(self, entry, text):
+        with self.assertRaises(diagsvc.ServerError) as caught:
+            diagsvc.AccessList(allow=[entry])
+        self.assertIn(text, str(caught.exception))
+        self.assertNotIn("\n", str(caught.exception))
+
+    def test_a_scope_on_an_address_that_is_not_link_local(self):
+        for entry in ("::1%1", "::1%lo", "2001:db8::/32%1", "::/0%1",
+                      "fe00::/9%1"):
+            with self.subTest(entry=entry):
+                self.assert_refused(entry, "only a link-local address")
+        diagsvc.AccessList(allow=["fe80::/10%1", "fe80::1%1"])
+        result = run_command("echo", "--port", "echo=0", "--bind",
+                             "127.0.0.1", "--allow", "::1%1")
+        self.assertEqual(result.returncode, 2)
+        self.assertEqual(result.stderr, "diagsvc: error: '::1%1': only a "
+                         "link-local address (fe80::/10) takes a scope; "
+                         "drop the %1\n")
+
+    @unittest.skipUnless(hasattr(socket, "if_indextoname"),
+                         "the platform cannot check an interface index")
+    def test_an_index_no_interface_has(self):
+        for entry in ("fe80::/64%4294967296", "fe80::1%99999"):
+            with self.subTest(entry=entry):
+                self.assert_refused(entry, "no network interface has index")
+
+
 class LogLines(object):
     """A log_file that keeps its lines (written from the writer thread)."""
 
@@ -2261,6 +2454,34 @@ class LogBoundTest(ServerTestCase):
         tcp = self.connect(server, "echo")
         tcp.sendall(b"still here")
         self.assertEqual(recv_exactly(tcp, 10), b"still here")
+
+
+class LogNeverBlocksTest(unittest.TestCase):
+    """log() never writes itself: not before the loop, not after close()."""
+
+    def log_in_a_thread(self, server, message):
+        caller = threading.Thread(target=server.log, args=(message,))
+        caller.daemon = True
+        caller.start()
+        caller.join(TIMEOUT)
+        return not caller.is_alive()
+
+    def test_log_before_the_loop_and_after_close_returns_at_once(self):
+        log = StuckLog()
+        self.addCleanup(log.released.set)
+        self.addCleanup(setattr, diagsvc, "LOG_DRAIN_TIMEOUT",
+                        diagsvc.LOG_DRAIN_TIMEOUT)
+        diagsvc.LOG_DRAIN_TIMEOUT = 0.1     # close() stops waiting soon
+        server = diagsvc.Server(["echo"], bind=["127.0.0.1"],
+                                port_offset=None, log_file=log)
+        self.addCleanup(server.close)
+        # No loop yet: the first line gets a writer stuck, the next waits.
+        self.assertTrue(self.log_in_a_thread(server, "one"))
+        self.assertTrue(log.entered.wait(TIMEOUT))
+        self.assertTrue(self.log_in_a_thread(server, "two"))
+        server.close()
+        self.assertTrue(self.log_in_a_thread(server, "after close"))
+        self.assertEqual(server.log_lines_dropped, 1)
 
 
 class SourceGroupTest(unittest.TestCase):
@@ -2362,6 +2583,11 @@ class ScopeTest(unittest.TestCase):
     """Item 10, the server: scoped IPv6 addresses in --bind and --allow."""
 
     def test_access_rules_with_a_scope_match_that_scope_only(self):
+        # Indices that this host may lack: every index names an interface.
+        if hasattr(socket, "if_indextoname"):
+            real = socket.if_indextoname
+            socket.if_indextoname = lambda index: "if%d" % index
+            self.addCleanup(setattr, socket, "if_indextoname", real)
         rules = diagsvc.AccessList(allow=["fe80::1%1", "fe80::/64%3",
                                           "fe80::%4/64", "2001:db8::/32"])
         self.assertTrue(rules.permits("fe80::1%1"))
