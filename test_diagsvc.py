@@ -656,6 +656,234 @@ class SafetyTest(ServerTestCase):
         self.assertTrue(server._running)
 
 
+class RecordingSocket(object):
+    """Stands in for a server's UDP socket: records each send (how many
+    datagrams it carried), and refuses them with ``refuse`` (an errno) -
+    every send, or with ``segmented_only`` the GSO ones."""
+
+    def __init__(self, sock, refuse=None, segmented_only=False):
+        self.sock = sock
+        self.sends = []
+        self.refuse = refuse
+        self.segmented_only = segmented_only
+
+    def __getattr__(self, name):
+        return getattr(self.sock, name)
+
+    def _send(self, datagrams, segmented):
+        self.sends.append(datagrams)
+        if self.refuse and (segmented or not self.segmented_only):
+            raise OSError(self.refuse, os.strerror(self.refuse))
+
+    def sendto(self, data, address):
+        self._send(1, False)
+        return self.sock.sendto(data, address)
+
+    def sendmsg(self, buffers, ancillary=(), flags=0, address=None):
+        segmented = any(level == socket.IPPROTO_UDP
+                        for level, _, _ in ancillary)
+        self._send(len(buffers) if segmented else 1, segmented)
+        return self.sock.sendmsg(buffers, ancillary, flags, address)
+
+
+class UdpPathsTest(unittest.TestCase):
+    """Linux's fast UDP path (replies in runs, one GSO send a run) and the
+    portable path (one sendto a reply) give the same bytes, counters and
+    refusals: under every selector, IPv4 and IPv6, bound and wildcard."""
+
+    HOSTS = [("127.0.0.1", "127.0.0.1"), ("0.0.0.0", "127.0.0.1")]
+    if HAVE_IPV6:
+        HOSTS += [("::1", "::1"), ("::", "::1")]
+
+    def start(self, batching, bind, selector, refuse=None,
+              segmented_only=False, services=("echo", "discard", "daytime"),
+              udp_rate=4.0):
+        """A server not yet running, its UDP sockets recorded."""
+        server = diagsvc.Server(
+            services, bind=[bind], port_offset=None, transports=["udp"],
+            selector=selector, udp_rate=udp_rate, udp_burst=3,
+            udp_batching=batching)
+        self.addCleanup(server.close)
+        recorders = {}
+        for endpoint in server.endpoints:
+            endpoint.sock = recorders[endpoint.service.name] = \
+                RecordingSocket(endpoint.sock, refuse, segmented_only)
+        return server, recorders
+
+    def client(self, host):
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        self.addCleanup(sock.close)
+        sock.settimeout(TIMEOUT)
+        return sock
+
+    def cases(self):
+        return [(selector, bind, host) for selector in diagsvc.SELECTORS
+                for bind, host in self.HOSTS]
+
+    def scenario(self, batching, selector, bind, host):
+        """Datagrams queued before the loop runs (so that the first read
+        finds a batch), then one at a time; returns what came back and
+        the counters."""
+        server, recorders = self.start(batching, bind, selector)
+        ports = dict((name, server.addresses[name, "udp"][0][1])
+                     for name in ("echo", "discard", "daytime"))
+        # chargen on a server of its own, without the rate limit that
+        # daytime's test uses up.
+        chargen_server, _ = self.start(batching, bind, selector,
+                                       services=["chargen"], udp_rate=0)
+        echo, daytime, other = (self.client(host) for _ in range(3))
+        guarded = self.client(host)
+        guarded.bind((host, 0))
+        # The loop guard's port check, on whatever port the kernel chose.
+        server.guarded_ports = server.guarded_ports | set(
+            [guarded.getsockname()[1]])
+        # Distinct payloads, as a client's sequence numbers make them (the
+        # loop watch would take repeats for our replies coming back), in
+        # runs of one size.
+        queued = ([b"%04d" % n + b"e" * 60 for n in range(40)] +
+                  [b""] * 3 + [b"%04d" % n + b"m" * 1228 for n in range(5)] +
+                  [b"n" * 1233] + [b"%04d" % n + b"s" * 96 for n in range(20)] +
+                  [b"last"])
+        repeater = self.client(host)
+        for index, payload in enumerate(queued):
+            echo.sendto(payload, (host, ports["echo"]))
+            if index == 20:             # refused amid the batch
+                guarded.sendto(b"loop?", (host, ports["echo"]))
+            if index < 40 and index % 2 == 0:
+                # The same bytes again and again: taken for our replies
+                # coming back.  All within the first 64 datagrams, read
+                # in one pass of the loop (no timer ages the watch).
+                repeater.sendto(b"again", (host, ports["echo"]))
+        for _ in range(5):              # a burst of 3, then rate-limited
+            daytime.sendto(b"", (host, ports["daytime"]))
+        other.sendto(b"dropped", (host, ports["discard"]))
+        for _ in range(3):
+            other.sendto(b"", (host, chargen_server.addresses[
+                "chargen", "udp"][0][1]))
+        server.start()
+        chargen_server.start()
+        echoes = [echo.recv(70000) for _ in queued]
+        largest = 65527 if ":" in host else 65507
+        for size in (0, 1, 1232, 1233, 1472, largest):
+            payload = os.urandom(size)
+            echo.sendto(payload, (host, ports["echo"]))
+            echoes.append(echo.recv(70000) == payload)
+        # LOOP_RETURNS + 1 replies, then the watch refuses the rest
+        # (checked below: nothing more is waiting, and the counters).
+        echoes.append([repeater.recv(100)
+                       for _ in range(diagsvc.LOOP_RETURNS + 1)])
+        daytimes = [DAYTIME.match(daytime.recv(100)) is not None
+                    for _ in range(3)]
+        chargens = [other.recv(600) for _ in range(3)]
+        ring = expected_chargen(95 * 2)
+        for reply in chargens:
+            self.assertIn(reply, [ring[line * 74:line * 74 + len(reply)]
+                                  for line in range(95)])
+        wait_until(lambda: (
+            server.counters["daytime", "udp"].datagrams == 5 and
+            server.counters["discard", "udp"].datagrams == 1 and
+            server.counters["echo", "udp"].datagrams == len(queued) + 7 + 20),
+            message="every datagram counted")
+        for sock in (echo, daytime, other, guarded, repeater):
+            sock.setblocking(False)
+            self.assertRaises(BlockingIOError, sock.recv, 70000)
+        stats = server.stats()
+        stats["chargen", "udp"] = chargen_server.stats()["chargen", "udp"]
+        stats["chargen", "udp"]["bytes_out"] = None     # random sizes
+        return echoes, daytimes, stats, recorders, queued
+
+    def test_both_paths_give_the_same_bytes_and_refusals(self):
+        for selector, bind, host in self.cases():
+            with self.subTest(selector=selector.__name__, bind=bind):
+                self.check_both_paths(selector, bind, host)
+
+    def check_both_paths(self, selector, bind, host):
+        batched = self.scenario(True, selector, bind, host)
+        portable = self.scenario(False, selector, bind, host)
+        echoes, daytimes, stats, recorders, queued = portable
+        answered = diagsvc.LOOP_RETURNS + 1
+        self.assertEqual(echoes,
+                         queued + [True] * 6 + [[b"again"] * answered])
+        self.assertEqual(daytimes, [True] * 3)
+        self.assertEqual(stats["echo", "udp"]["refusals"],
+                         {"loop-guard": 1, "loop-detected": 20 - answered})
+        self.assertEqual(stats["daytime", "udp"]["refusals"],
+                         {"rate-limit": 2})
+        self.assertEqual(stats["echo", "udp"]["bytes_out"],
+                         sum(map(len, queued)) + 5 * answered + 1 + 1232 +
+                         1233 + 1472 +
+                         (65527 if ":" in host else 65507))
+        self.assertEqual(max(recorders["echo"].sends), 1)
+        self.assertEqual(batched[:3], portable[:3])
+        if ON_LINUX and diagsvc._segmentation_works()[0]:
+            # The queued run of 40 equal datagrams left in fewer sends.
+            self.assertGreater(max(batched[3]["echo"].sends), 1)
+            self.assertEqual(sum(batched[3]["echo"].sends),
+                             len(queued) + 6 + answered)
+
+    def refused_sends(self, batching, selector, bind, host, refuse,
+                      segmented_only):
+        server, recorders = self.start(batching, bind, selector, refuse,
+                                       segmented_only)
+        port = server.addresses["echo", "udp"][0][1]
+        client = self.client(host)
+        payloads = [b"%02d" % n * 20 for n in range(12)]
+        for payload in payloads:
+            client.sendto(payload, (host, port))
+        server.start()
+        wait_until(lambda: server.counters["echo", "udp"].datagrams == 12,
+                   message="twelve datagrams")
+        return server, client, payloads
+
+    def test_refused_sends_count_alike_on_both_paths(self):
+        for selector, bind, host in self.cases():
+            for batching in (True, False):
+                with self.subTest(selector=selector.__name__, bind=bind,
+                                  batching=batching):
+                    self.check_refused_sends(batching, selector, bind, host)
+
+    def check_refused_sends(self, batching, selector, bind, host):
+        # Every send refused (a full socket buffer): each reply is
+        # counted as failed, none as sent.
+        server, client, _ = self.refused_sends(
+            batching, selector, bind, host, errno.EAGAIN, False)
+        wait_until(lambda: server.counters[
+            "echo", "udp"].refusals.get("send-failed") == 12,
+            message="twelve failed sends")
+        self.assertEqual(server.stats()["echo", "udp"], {
+            "connections": 0, "datagrams": 12, "bytes_in": 480,
+            "bytes_out": 0, "refusals": {"send-failed": 12}})
+        # Only GSO sends refused (a kernel or device without it): every
+        # reply still arrives, sent one by one, and GSO stops.
+        server, client, payloads = self.refused_sends(
+            batching, selector, bind, host, errno.EIO, True)
+        self.assertEqual([client.recv(100) for _ in payloads], payloads)
+        self.assertEqual(server.stats()["echo", "udp"], {
+            "connections": 0, "datagrams": 12, "bytes_in": 480,
+            "bytes_out": 480, "refusals": {}})
+        if server.udp_batched:
+            self.assertFalse(server.endpoints[0].segmenting)
+
+    def test_the_switch(self):
+        with diagsvc.Server(["echo"], bind=["127.0.0.1"], port_offset=None,
+                            udp_batching=False) as server:
+            self.assertFalse(server.udp_batched)
+            self.assertIs(type(server.endpoints[0]),
+                          diagsvc.DatagramEndpoint)
+        with diagsvc.Server(["echo"], bind=["127.0.0.1"], port_offset=None,
+                            verbosity=2, log_file=io.StringIO()) as server:
+            self.assertFalse(server.udp_batched)    # the log is per datagram
+        with diagsvc.Server(["echo"], bind=["127.0.0.1"],
+                            port_offset=None) as server:
+            works, reason = diagsvc._segmentation_works()
+            self.assertEqual(server.udp_batched, works)
+            if ON_LINUX and not works:
+                self.assertTrue(any(reason in note for note in server.notes))
+            if not ON_LINUX:
+                self.assertFalse(works)
+
+
 class SafetyCommandLineTest(unittest.TestCase):
 
     @unittest.skipUnless(ON_LINUX and hasattr(os, "geteuid") and
