@@ -3336,6 +3336,11 @@ def _build_parser():
     import argparse
     parser = argparse.ArgumentParser(
         prog="diagsvc",
+        usage="%(prog)s [SERVICE ...] [options]\n"
+              "       %(prog)s probe HOST [SERVICE ...] [options]   "
+              "(see: %(prog)s probe --help)\n"
+              "       %(prog)s measure HOST [TEST ...] [options]    "
+              "(see: %(prog)s measure --help)",
         description="Serve echo (RFC 862), discard (863), chargen (864), "
                     "qotd (865), daytime (867) and time (868) over TCP and "
                     "UDP, IPv4 and IPv6.  'diagsvc probe HOST' and "
@@ -3561,8 +3566,29 @@ def _write_text(text):
 
 def _client_parser(command):
     import argparse
-    parser = argparse.ArgumentParser(prog="diagsvc " + command)
-    parser.add_argument("host", metavar="HOST")
+    examples = {
+        "probe": "example:\n"
+                 "  python3 diagsvc.py probe far.example.net echo chargen "
+                 "--tcp --port-offset 10000\n"
+                 "  checks TCP echo and chargen on ports 10007 and 10019 "
+                 "of every address\n"
+                 "  far.example.net has; exit status 0 if all are open.",
+        "measure": "example:\n"
+                   "  python3 diagsvc.py measure far.example.net download "
+                   "--seconds 10 --parallel 4 \\\n"
+                   "          --port-offset 10000\n"
+                   "  chargen over 4 TCP connections for 10 s: MB/s, each "
+                   "byte checked (RFC 864).",
+    }
+    parser = argparse.ArgumentParser(
+        prog="diagsvc " + command,
+        description="Is each service open and answering as its RFC says?"
+        if command == "probe" else "How fast is the path to HOST's "
+        "diagnostic services?",
+        epilog=examples[command],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("host", metavar="HOST", help="the server: a name "
+                        "(every address it resolves to) or an address")
     if command == "probe":
         parser.add_argument("services", nargs="*", metavar="SERVICE",
                             help="default: all of " + ", ".join(SERVICE_NAMES))
@@ -3579,11 +3605,15 @@ def _client_parser(command):
                             metavar="N", help="connections at once for "
                             "download, upload, connect (default 1)")
         parser.add_argument("--connect-service", choices=("daytime", "time"),
-                            default="daytime")
+                            default="daytime", help="the one-shot service "
+                            "the connect test uses (default %(default)s)")
     parser.add_argument("--port-offset", type=_non_negative(int), default=0,
-                        metavar="N")
+                        metavar="N", help="the server's --port-offset: "
+                        "standard port + N (default 0)")
     parser.add_argument("--port", action="append", type=_port_assignment,
-                        default=[], metavar="SERVICE=PORT")
+                        default=[], metavar="SERVICE=PORT",
+                        help="one service's port, over the offset "
+                        "(repeatable)")
     family = parser.add_mutually_exclusive_group()
     family.add_argument("-4", dest="family", action="store_const", const=4,
                         help="IPv4 only")

@@ -3145,5 +3145,30 @@ class ConstructionTest(unittest.TestCase):
                     self.assertIn(counted, log)
 
 
+# --- The help a person reads first (issue 12, part 5) -----------------------
+
+
+class HelpTest(unittest.TestCase):
+
+    def test_usage_names_the_client_commands(self):
+        result = run_command("--help")
+        usage = result.stdout.split("\n\n")[0]
+        self.assertIn("diagsvc probe HOST", usage)
+        self.assertIn("diagsvc measure HOST", usage)
+
+    def test_client_help_explains_every_argument_with_an_example(self):
+        for command in ("probe", "measure"):
+            with self.subTest(command=command):
+                parser = diagsvc._client_parser(command)
+                for action in parser._actions:
+                    self.assertTrue(action.help, "no help for %s" % (
+                        action.option_strings or action.dest))
+                result = run_command(command, "--help")
+                self.assertEqual(result.returncode, 0)
+                self.assertRegex(result.stdout, r"\n  HOST +\S")
+                self.assertIn("example:\n  python3 diagsvc.py " + command,
+                              result.stdout)
+
+
 if __name__ == "__main__":
     unittest.main()
