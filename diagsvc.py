@@ -38,6 +38,9 @@ the services whose reply can be larger than the request; ``allow``/``deny``
 lists filter both transports; started as root, the command line drops to
 ``nobody`` once every socket is bound.  The README lists each default and the reason for it.
 
+Under systemd it needs no root at all: it serves the sockets it is passed
+(socket activation, LISTEN_FDS); the README has the unit files.
+
 This file is self-contained and may be copied into a project as it is,
 under the MIT licence: Copyright (c) 2026 The diagsvc authors; permission is
 granted, free of charge, to deal in it without restriction, provided this
@@ -821,6 +824,9 @@ class AccessList(object):
         if decision is None:
             text, _, scope = host.partition("%")
             address = self._ip_address(text)
+            # An IPv4 client of a dual-stack socket (one systemd passed
+            # in) is ::ffff:a.b.c.d; the lists name it a.b.c.d.
+            address = getattr(address, "ipv4_mapped", None) or address
             index = interface_index(scope) if scope else 0
             decision = not self._matches(self.deny, address, index)
             if decision and self.allow:
@@ -831,8 +837,13 @@ class AccessList(object):
         return decision
 
 
+_V4_MAPPED_PREFIX = b"\0" * 10 + b"\xff\xff"     # ::ffff:0:0/96
+
+
 def _is_group_address(host):
     """Broadcast or multicast, as text (a datagram's source address)."""
+    if host[:7].lower() == "::ffff:" and "." in host:
+        host = host[7:]                 # IPv4 on a dual-stack socket
     if ":" in host:
         return host[:2].lower() == "ff"
     first = host.split(".", 1)[0]
@@ -842,7 +853,9 @@ def _is_group_address(host):
 def _is_group_destination(packed):
     """Broadcast or multicast, packed (a datagram's destination, pktinfo)."""
     if len(packed) == 16:
-        return packed[0] == 0xFF
+        if packed[:12] != _V4_MAPPED_PREFIX:
+            return packed[0] == 0xFF
+        packed = packed[12:]            # IPv4 on a dual-stack socket
     return packed[0] >= 224 or packed == b"\xff\xff\xff\xff"
 
 
@@ -877,6 +890,8 @@ def source_group(host, ipv4_prefix=DEFAULT_IPV4_PREFIX,
     ("fe80::1%2") stays on the key: another link is another source.
     """
     address, percent, scope = host.partition("%")
+    if address[:7].lower() == "::ffff:" and "." in address:
+        host = address = address[7:]    # IPv4 on a dual-stack socket
     if ":" in address:
         family, bits, prefix = socket.AF_INET6, 128, ipv6_prefix
     else:
@@ -1186,11 +1201,84 @@ def _bind_error(service, transport, host, port, error):
     return "cannot bind %s: %s" % (where, error.strerror or error)
 
 
+_NO_PKTINFO_NOTE = (
+    "this platform has no IP_PKTINFO: UDP replies on a wildcard address "
+    "leave from the kernel's choice of source address; on a multi-homed "
+    "host use --bind for each address")
+
+
+def _match_sockets(sockets, services, transports, port_offset, ports):
+    """[(socket, service, transport)] for sockets passed in, or ServerError.
+
+    A socket's name picks its service when it is one ("echo"); systemd's
+    default names (the unit's, "unknown") do not, and then its port does:
+    a --port given for the service, else its standard port plus
+    port_offset, else its standard port.  The transport is the socket's.
+    """
+    by_port = {}
+    for precedence in ("standard", "offset", "given"):
+        for name in services:
+            if precedence == "standard":
+                port = SERVICES[name].port
+            elif precedence == "offset":
+                if not port_offset:
+                    continue
+                port = SERVICES[name].port + port_offset
+            elif name in ports:
+                port = ports[name]
+            else:
+                continue
+            by_port[port] = name
+    matched = []
+    for sock, name in sockets:
+        if sock.family not in (socket.AF_INET, socket.AF_INET6):
+            raise ServerError("the passed socket on fd %d is not an IPv4 or "
+                              "IPv6 socket; pass TCP or UDP sockets only"
+                              % sock.fileno())
+        # SO_TYPE, not sock.type: before 3.7 that held SOCK_NONBLOCK too.
+        kind = sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
+        transport = {socket.SOCK_STREAM: "tcp",
+                     socket.SOCK_DGRAM: "udp"}.get(kind)
+        if transport is None:
+            raise ServerError("the passed socket on fd %d is neither TCP "
+                              "nor UDP" % sock.fileno())
+        host, port = sock.getsockname()[:2]
+        where = "the passed socket on fd %d (%s on %s port %d%s)" % (
+            sock.fileno(), transport, host, port,
+            ", named %r" % name if name else "")
+        accepting = getattr(socket, "SO_ACCEPTCONN", None)
+        if transport == "tcp" and accepting is not None and \
+                not sock.getsockopt(socket.SOL_SOCKET, accepting):
+            raise ServerError("%s is not listening; pass listening sockets "
+                              "(ListenStream=, Accept=no)" % where)
+        if name in SERVICES:
+            if name not in services:
+                raise ServerError("%s: %s is not among the services asked "
+                                  "for (%s)" % (where, name,
+                                                ", ".join(services)))
+            service = name
+        else:
+            service = by_port.get(port)
+            if service is None:
+                raise ServerError(
+                    "%s matches no service: name it after one with "
+                    "FileDescriptorName= (%s), or listen on a service's "
+                    "standard port or that plus --port-offset" % (
+                        where, ", ".join(services)))
+        if transport not in transports:
+            raise ServerError("%s: only %s was asked for" % (
+                where, "/".join(transports)))
+        matched.append((sock, service, transport))
+    return matched
+
+
 class Server(object):
     """The diagnostic services on one selectors event loop.
 
     Constructing it binds every socket (so ``addresses`` is known, port 0
-    included) or raises ServerError, closing whatever it had bound.
+    included) or raises ServerError, closing whatever it had bound.  Given
+    ``sockets`` (systemd's socket activation, say), it binds nothing and
+    serves those instead, exactly as it would serve its own.
 
     Methods for the caller:
 
@@ -1237,6 +1325,12 @@ class Server(object):
                       length (default 32 and 64)
     verbosity         0 errors, 1 notices, 2 every connection and datagram
     log_file          where the log goes (default: sys.stderr)
+    sockets           [(socket, name)]: open sockets to serve instead of
+                      binding (TCP ones listening).  Each is matched to
+                      its service by name ("echo", ...) or else by its
+                      port: the standard one, the standard one plus
+                      port_offset, or the one ``ports`` gives.  The server
+                      owns them from then on and closes them.
     """
 
     def __init__(self, services=None, bind=None, port_offset=0, ports=None,
@@ -1248,7 +1342,8 @@ class Server(object):
                  udp_rate=DEFAULT_UDP_RATE, udp_burst=DEFAULT_UDP_BURST,
                  allow=(), deny=(), verbosity=0, log_file=None,
                  ipv4_prefix=DEFAULT_IPV4_PREFIX,
-                 ipv6_prefix=DEFAULT_IPV6_PREFIX, udp_echo_rate=0.0):
+                 ipv6_prefix=DEFAULT_IPV6_PREFIX, udp_echo_rate=0.0,
+                 sockets=None):
         services = list(services or SERVICE_NAMES)
         for name in list(services) + list(ports or ()):
             if name not in SERVICES:
@@ -1259,6 +1354,23 @@ class Server(object):
                 raise ServerError("unknown transport %r" % (transport,))
         self.services = [name for name in SERVICE_NAMES if name in services]
         self.transports = [t for t in TRANSPORTS if t in transports]
+        adopted = None
+        if sockets is not None:
+            try:
+                if bind:
+                    raise ServerError("--bind has no meaning with sockets "
+                                      "passed in (socket activation)")
+                adopted = _match_sockets(sockets, self.services,
+                                         self.transports, port_offset,
+                                         ports or {})
+            except BaseException:
+                for sock, _ in sockets:
+                    sock.close()
+                raise
+            self.services = [name for name in SERVICE_NAMES
+                             if any(name == match[1] for match in adopted)]
+            self.transports = [t for t in TRANSPORTS
+                               if any(t == match[2] for match in adopted)]
         self.quotes = tuple(quotes) if quotes else tuple(
             parse_quotes("\n%\n".join(BUILTIN_QUOTES)))
         self.selector_class = selector or SELECTORS[0]
@@ -1361,9 +1473,16 @@ class Server(object):
             self._waker = _Waker()
             self._register_own(self._waker.sock, self._waker,
                                "the wake-up socket")
-            self._open_sockets(bind, port_offset, ports or {})
+            if adopted is not None:
+                for sock, name, transport in adopted:
+                    self._serve_socket(name, transport, sock)
+                    adopted = adopted[1:]       # the server owns it now
+            else:
+                self._open_sockets(bind, port_offset, ports or {})
         except BaseException as error:
             self.close()
+            for sock, _, _ in adopted or ():
+                sock.close()
             if isinstance(error, OSError):
                 # Out of descriptors or memory, say: one line, nothing kept.
                 raise ServerError("cannot start: %s" % (
@@ -1384,7 +1503,6 @@ class Server(object):
                 targets.append((socket.AF_INET6, "::", 0))
             else:
                 self.notes.append("no IPv6 on this host: serving IPv4 only")
-        wildcard_udp_without_pktinfo = False
         for name in self.services:
             service = SERVICES[name]
             if name in ports:
@@ -1401,32 +1519,36 @@ class Server(object):
                                           len(str(port)) - 6))))
             bound = self._bind_service(name, port, targets)
             while bound:
-                transport, family, host, sock = bound[0]
+                transport, _, _, sock = bound.pop(0)
                 try:
-                    counters = self.counters[name, transport]
-                    if transport == "tcp":
-                        handler = Listener(self, sock, service, counters)
-                        self.listeners.append(handler)
-                    else:
-                        pktinfo = self._enable_pktinfo(sock, family, host)
-                        if host in ("0.0.0.0", "::") and not pktinfo:
-                            wildcard_udp_without_pktinfo = True
-                        handler = DatagramEndpoint(self, sock, service,
-                                                   counters, pktinfo)
-                        self.endpoints.append(handler)
-                    bound.pop(0)        # close() closes it from here on
-                    self._register_own(sock, handler, "%s/%s on %s" % (
-                        name, transport, host))
-                    self.addresses[name, transport].append(handler.address)
+                    self._serve_socket(name, transport, sock)
                 except BaseException:
+                    sock.close()        # (twice, if close() has it: harmless)
                     for _, _, _, left in bound:
                         left.close()
                     raise
-        if wildcard_udp_without_pktinfo:
-            self.notes.append(
-                "this platform has no IP_PKTINFO: UDP replies on a wildcard "
-                "address leave from the kernel's choice of source address; "
-                "on a multi-homed host use --bind for each address")
+
+    def _serve_socket(self, name, transport, sock):
+        """Serve an open socket, bound here or passed in: one path for both,
+        so that every limit and list applies to each alike."""
+        sock.setblocking(False)
+        service = SERVICES[name]
+        counters = self.counters[name, transport]
+        host = sock.getsockname()[0]
+        if transport == "tcp":
+            handler = Listener(self, sock, service, counters)
+            self.listeners.append(handler)
+        else:
+            pktinfo = self._enable_pktinfo(sock, sock.family, host)
+            handler = DatagramEndpoint(self, sock, service, counters, pktinfo)
+            self.endpoints.append(handler)
+            if host in ("0.0.0.0", "::") and not pktinfo and \
+                    _NO_PKTINFO_NOTE not in self.notes:
+                self.notes.append(_NO_PKTINFO_NOTE)
+        # close() closes it from here on
+        self._register_own(sock, handler, "%s/%s on %s" % (
+            name, transport, host))
+        self.addresses[name, transport].append(handler.address)
 
     def _bind_service(self, name, port, targets):
         """Bind one service's sockets: [(transport, family, host, sock)].
@@ -3332,6 +3454,86 @@ def _parse_mixed(parser, argv, rest):
     return options
 
 
+# sd_listen_fds(3): passed descriptors start at 3, in LISTEN_FDNAMES' order.
+SD_LISTEN_FDS_START = 3
+_ACTIVATION_VARIABLES = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
+
+
+def _listen_fds(environ, pid):
+    """[(descriptor, name or None)] that systemd passed to process ``pid``.
+
+    The sd_listen_fds(3) contract: nothing unless LISTEN_PID is this
+    process (a child that inherited the variables must not take the
+    sockets); LISTEN_FDS descriptors from 3 on; LISTEN_FDNAMES, when set,
+    one name each, colon-separated.  Malformed values raise ServerError.
+    """
+    if environ.get("LISTEN_PID", "").strip() != str(pid):
+        return []
+    count = environ.get("LISTEN_FDS", "").strip()
+    if not count.isdigit():
+        raise ServerError("LISTEN_FDS=%r is not a number of descriptors"
+                          % (count,))
+    count = int(count)
+    names = environ.get("LISTEN_FDNAMES")
+    names = names.split(":") if names is not None else [""] * count
+    if len(names) != count:
+        raise ServerError("LISTEN_FDNAMES has %d names for LISTEN_FDS=%d "
+                          "descriptors" % (len(names), count))
+    return [(SD_LISTEN_FDS_START + index, names[index] or None)
+            for index in range(count)]
+
+
+def _inherited_socket(descriptor):
+    """A socket object for a passed descriptor, of the family and type the
+    kernel says it has (before 3.7, socket(fileno=) did not ask)."""
+    try:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0,
+                             descriptor)
+    except OSError as error:
+        raise ServerError("descriptor %d was passed as a socket but is not "
+                          "open: %s" % (descriptor, error.strerror or error))
+    try:
+        kind = sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
+        if hasattr(socket, "SO_DOMAIN"):
+            family = sock.getsockopt(socket.SOL_SOCKET, socket.SO_DOMAIN)
+        else:
+            address = sock.getsockname()
+            family = (socket.AF_INET6 if isinstance(address, tuple) and
+                      len(address) == 4 else socket.AF_INET
+                      if isinstance(address, tuple) else
+                      getattr(socket, "AF_UNIX", socket.AF_INET))
+    except OSError as error:
+        sock.detach()                   # not ours to close: not a socket
+        raise ServerError("descriptor %d was passed as a socket but is not "
+                          "one: %s" % (descriptor, error.strerror or error))
+    sock = socket.socket(family, kind, 0, sock.detach())
+    sock.set_inheritable(False)         # a child must not hold it open
+    return sock
+
+
+def _take_passed_sockets(environ=None):
+    """[(socket, name)] passed by systemd, or None; the variables are
+    removed from the environment either way (sd_listen_fds(3) with
+    unset_environment), so that nothing started later inherits them."""
+    environ = os.environ if environ is None else environ
+    try:
+        passed = _listen_fds(environ, os.getpid())
+    finally:
+        for variable in _ACTIVATION_VARIABLES:
+            environ.pop(variable, None)
+    if not passed:
+        return None
+    sockets = []
+    try:
+        for descriptor, name in passed:
+            sockets.append((_inherited_socket(descriptor), name))
+    except ServerError:
+        for sock, _ in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
 def _build_parser():
     import argparse
     parser = argparse.ArgumentParser(
@@ -3346,7 +3548,9 @@ def _build_parser():
                     "UDP, IPv4 and IPv6.  'diagsvc probe HOST' and "
                     "'diagsvc measure HOST' are the client side.",
         epilog="Start lines on stdout: 'diagsvc: serving SERVICE/TRANSPORT "
-               "on HOST port PORT'.  Log on stderr.")
+               "on HOST port PORT'.  Log on stderr.  Under systemd it serves "
+               "the sockets it is passed (LISTEN_FDS); the README has unit "
+               "files.")
     parser.add_argument("services", nargs="*", metavar="SERVICE",
                         help="services to serve (default: all): " +
                         ", ".join(SERVICE_NAMES))
@@ -3468,7 +3672,8 @@ def _serve_main(argv):
             udp_echo_rate=options.udp_echo_rate,
             allow=options.allow, deny=options.deny,
             ipv4_prefix=options.ipv4_prefix, ipv6_prefix=options.ipv6_prefix,
-            verbosity=max(0, 1 + options.verbose - options.quiet))
+            verbosity=max(0, 1 + options.verbose - options.quiet),
+            sockets=_take_passed_sockets())
     except (ServerError, QuoteFileError) as error:
         sys.stderr.write("%s: error: %s\n" % (prog, error))
         return 2

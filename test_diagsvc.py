@@ -3170,5 +3170,386 @@ class HelpTest(unittest.TestCase):
                               result.stdout)
 
 
+
+# --- Running as a service: systemd, sd_notify, --for (issue 12) -------------
+
+SOCKET_ACTIVATE = "/usr/bin/systemd-socket-activate"
+SYSTEMD_ANALYZE = "/usr/bin/systemd-analyze"
+
+# Sets LISTEN_* by hand the way systemd does, then execs diagsvc: the
+# descriptors given in argv[1] become 3, 4, ...; LISTEN_PID is this
+# process, which exec keeps.  argv[2] is LISTEN_FDNAMES ("-": unset).
+ACTIVATE = r"""
+import fcntl, os, sys
+fds = [int(fd) for fd in sys.argv[1].split(",")]
+high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 100) for fd in fds]
+for fd in fds:
+    os.close(fd)
+for index, fd in enumerate(high):
+    os.dup2(fd, 3 + index)
+    os.close(fd)
+os.environ["LISTEN_PID"] = str(os.getpid())
+os.environ["LISTEN_FDS"] = str(len(fds))
+if sys.argv[2] != "-":
+    os.environ["LISTEN_FDNAMES"] = sys.argv[2]
+os.execv(sys.executable, [sys.executable] + sys.argv[3:])
+"""
+
+
+def free_port(kind=socket.SOCK_STREAM, host="127.0.0.1"):
+    """A port free now (bound to 0, then closed: a tiny race, accepted)."""
+    with socket.socket(socket.AF_INET, kind) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+class LineReader(object):
+    """Lines from a pipe, each waited for with a deadline, never forever."""
+
+    def __init__(self, pipe):
+        self.fd = pipe.fileno()
+        self.buffer = b""
+
+    def line(self, timeout=TIMEOUT):
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.buffer:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.fd], [], [], left)[0]:
+                raise AssertionError("no line within %s s; so far %r" % (
+                    timeout, self.buffer))
+            chunk = os.read(self.fd, 4096)
+            if not chunk:
+                line, self.buffer = self.buffer, b""
+                return line.decode()
+            self.buffer += chunk
+        line, _, self.buffer = self.buffer.partition(b"\n")
+        return line.decode() + "\n"
+
+
+class LaunchedServer(object):
+    """A diagsvc process started by some launcher; start lines parsed."""
+
+    def __init__(self, command, pass_fds=(), env=None):
+        self.process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            pass_fds=pass_fds, env=env)
+        self.stdout = LineReader(self.process.stdout)
+        self.stderr = LineReader(self.process.stderr)
+        self.addresses = {}
+        self.lines = []
+
+    def read_start_lines(self):
+        while True:
+            line = self.stdout.line()
+            if not line:
+                raise AssertionError("server exited: %r" % (
+                    self.process.stderr.read(),))
+            self.lines.append(line.rstrip("\n"))
+            match = START_LINE.match(line.rstrip("\n"))
+            if match:
+                service, transport, host, port = match.groups()
+                self.addresses.setdefault((service, transport), []).append(
+                    (host, int(port)))
+            elif line.startswith("diagsvc: running as"):
+                return self
+
+    def wait(self):
+        try:
+            return self.process.wait(TIMEOUT)
+        finally:
+            self.process.stdout.close()
+            self.process.stderr.close()
+
+    def stop(self):
+        import signal
+        self.process.send_signal(signal.SIGTERM)
+        return self.wait()
+
+    def kill(self):
+        if self.process.poll() is None:
+            self.process.kill()
+            self.wait()
+
+
+def activated(sockets, names, *args):
+    """diagsvc over sockets passed the way systemd passes them."""
+    for sock in sockets:
+        sock.set_inheritable(True)
+    fds = [sock.fileno() for sock in sockets]
+    return LaunchedServer(
+        [sys.executable, "-c", ACTIVATE, ",".join(map(str, fds)), names,
+         SCRIPT] + list(args), pass_fds=fds)
+
+
+def listening(host="127.0.0.1", port=0):
+    sock = sock_from(host, port)
+    sock.listen(16)
+    return sock
+
+
+class ActivationEnvironmentTest(unittest.TestCase):
+    """The pure parts: sd_listen_fds(3)'s variables."""
+
+    def test_listen_fds_follows_sd_listen_fds(self):
+        listen = diagsvc._listen_fds
+        self.assertEqual(listen({}, 42), [])
+        # For another process (a parent's, inherited): not ours.
+        self.assertEqual(listen({"LISTEN_PID": "41", "LISTEN_FDS": "2"}, 42),
+                         [])
+        self.assertEqual(listen({"LISTEN_PID": "42", "LISTEN_FDS": "2"}, 42),
+                         [(3, None), (4, None)])
+        self.assertEqual(listen({"LISTEN_PID": "42", "LISTEN_FDS": "3",
+                                 "LISTEN_FDNAMES": "echo::diagsvc.socket"},
+                                42),
+                         [(3, "echo"), (4, None), (5, "diagsvc.socket")])
+        for bad, text in (({"LISTEN_FDS": "x"}, "not a number"),
+                          ({"LISTEN_FDS": "2", "LISTEN_FDNAMES": "echo"},
+                           "1 names for LISTEN_FDS=2")):
+            bad["LISTEN_PID"] = "42"
+            with self.assertRaisesRegex(diagsvc.ServerError, text):
+                listen(bad, 42)
+
+    def test_variables_are_removed_once_read(self):
+        for environ in ({"LISTEN_PID": "1", "LISTEN_FDS": "1",
+                         "LISTEN_FDNAMES": "echo", "PATH": "/bin"},
+                        {"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": "0",
+                         "PATH": "/bin"},
+                        {"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": "x",
+                         "PATH": "/bin"}):
+            with self.subTest(environ=dict(environ)):
+                try:
+                    self.assertIsNone(diagsvc._take_passed_sockets(environ))
+                except diagsvc.ServerError:
+                    pass
+                self.assertEqual(environ, {"PATH": "/bin"})
+
+    def test_ipv4_on_a_dual_stack_socket_is_judged_as_ipv4(self):
+        self.assertTrue(diagsvc._is_group_address("::ffff:224.0.0.1"))
+        self.assertTrue(diagsvc._is_group_address("::ffff:255.255.255.255"))
+        self.assertFalse(diagsvc._is_group_address("::ffff:192.0.2.1"))
+        mapped = b"\0" * 10 + b"\xff\xff"
+        self.assertTrue(diagsvc._is_group_destination(mapped + b"\xe0\0\0\1"))
+        self.assertFalse(diagsvc._is_group_destination(mapped + b"\x7f\0\0\1"))
+        self.assertTrue(diagsvc._is_group_destination(b"\xff" + b"\0" * 15))
+        access = diagsvc.AccessList(allow=["127.0.0.0/8"])
+        self.assertTrue(access.permits("::ffff:127.0.0.1"))
+        self.assertFalse(access.permits("::ffff:192.0.2.1"))
+
+
+class PassedSocketTest(ServerTestCase):
+    """Server(sockets=...): served exactly as the sockets it binds."""
+
+    def test_matched_by_name_or_port_and_served(self):
+        echo_tcp, time_tcp = listening(), listening()
+        echo_udp = sock_from("127.0.0.1", kind=socket.SOCK_DGRAM)
+        offset = time_tcp.getsockname()[1] - 37     # time by its port
+        server = diagsvc.Server(
+            sockets=[(echo_tcp, "echo"), (time_tcp, None),
+                     (echo_udp, "echo")], port_offset=offset)
+        self.addCleanup(server.close)
+        server.start()
+        self.assertEqual(server.services, ["echo", "time"])
+        self.assertEqual(server.addresses["echo", "tcp"],
+                         [echo_tcp.getsockname()])
+        self.assertEqual(server.addresses["time", "tcp"],
+                         [time_tcp.getsockname()])
+        self.assertEqual(server.addresses["time", "udp"], [])
+        self.assertEqual(self.udp_exchange(server, "echo", b"dgram"), b"dgram")
+        with self.connect(server, "echo") as sock:
+            sock.sendall(b"stream")
+            self.assertEqual(recv_exactly(sock, 6), b"stream")
+        with self.connect(server, "time") as sock:
+            self.assertEqual(len(recv_to_eof(sock)), 4)
+        server.close()
+        self.assertEqual(echo_tcp.fileno(), -1, "the server owns them")
+
+    def test_limits_and_lists_apply(self):
+        server = diagsvc.Server(
+            sockets=[(listening(), "echo"), (listening(), "discard"),
+                     (sock_from("127.0.0.1", kind=socket.SOCK_DGRAM),
+                      "echo")],
+            max_per_source=1, deny=["127.0.0.1"])
+        self.addCleanup(server.close)
+        server.start()
+        with self.connect(server, "echo") as sock:
+            self.assertEqual(sock.recv(100), b"")
+        sock = self.udp_socket(timeout=0.5)
+        sock.sendto(b"x", server.addresses["echo", "udp"][0])
+        wait_until(lambda: server.counters["echo", "udp"].refusals,
+                   message="the UDP refusal")
+        self.assertEqual(server.counters["echo", "udp"].refusals,
+                         {"denied": 1})
+        self.assertEqual(server.counters["echo", "tcp"].refusals,
+                         {"denied": 1})
+        server.close()
+        server = diagsvc.Server(sockets=[(listening(), "discard")],
+                                max_per_source=1)
+        self.addCleanup(server.close)
+        server.start()
+        first = self.connect(server, "discard")
+        wait_until(lambda: server.streams, message="the first connection")
+        with self.connect(server, "discard") as second:
+            self.assertEqual(second.recv(100), b"")
+        self.assertEqual(server.counters["discard", "tcp"].refusals,
+                         {"max-per-source": 1})
+        first.close()
+
+    @unittest.skipUnless(HAVE_IPV6, "no IPv6 here")
+    def test_dual_stack_socket_lists_see_ipv4_clients(self):
+        # systemd's ListenStream=7 is one [::] socket for both families:
+        # an IPv4 client arrives as ::ffff:127.0.0.1.
+        for allow, deny, served in ((["127.0.0.1"], [], True),
+                                    ([], ["127.0.0.0/8"], False)):
+            with self.subTest(allow=allow, deny=deny):
+                dual = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+                dual.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+                dual.bind(("::", 0))
+                server = diagsvc.Server(sockets=[(dual, "echo")],
+                                        allow=allow, deny=deny)
+                self.addCleanup(server.close)
+                server.start()
+                port = server.addresses["echo", "udp"][0][1]
+                sock = self.udp_socket()
+                sock.sendto(b"v4", ("127.0.0.1", port))
+                if served:
+                    self.assertEqual(sock.recv(100), b"v4")
+                else:
+                    wait_until(lambda: server.counters[
+                        "echo", "udp"].refusals, message="the refusal")
+                    self.assertEqual(server.counters["echo", "udp"].refusals,
+                                     {"denied": 1})
+                server.close()
+
+    @needs_linux
+    def test_wildcard_udp_socket_passed_in_replies_from_its_destination(self):
+        wildcard = sock_from("0.0.0.0", kind=socket.SOCK_DGRAM)
+        server = diagsvc.Server(sockets=[(wildcard, "echo")])
+        self.addCleanup(server.close)
+        server.start()
+        self.assertEqual(server.endpoints[0].pktinfo, 4)
+        sock = self.udp_socket()
+        sock.connect(("127.0.0.2", server.addresses["echo", "udp"][0][1]))
+        sock.send(b"via 127.0.0.2")
+        self.assertEqual(sock.recv(100), b"via 127.0.0.2")
+
+    def test_sockets_it_cannot_serve_raise_and_are_closed(self):
+        unix = None
+        if hasattr(socket, "AF_UNIX"):
+            unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        not_listening = sock_from("127.0.0.1")
+        cases = [
+            ([(listening(), None)], {}, "matches no service: name it"),
+            ([(listening(), "echo")], {"services": ["time"]},
+             "echo is not among the services asked for"),
+            ([(sock_from("127.0.0.1", kind=socket.SOCK_DGRAM), "echo")],
+             {"transports": ("tcp",)}, "only tcp was asked for"),
+            ([(listening(), "echo")], {"bind": ["127.0.0.1"]},
+             "--bind has no meaning"),
+        ]
+        if hasattr(socket, "SO_ACCEPTCONN"):
+            cases.append(([(not_listening, "echo")], {},
+                          "is not listening; pass listening sockets"))
+        if unix is not None:
+            cases.append(([(unix, "echo")], {}, "not an IPv4 or IPv6"))
+        for sockets, options, text in cases:
+            with self.subTest(text=text):
+                with self.assertRaisesRegex(diagsvc.ServerError, text):
+                    diagsvc.Server(sockets=sockets, **options)
+                self.assertEqual(sockets[0][0].fileno(), -1)
+
+
+@unittest.skipIf(sys.platform == "win32", "systemd's interfaces are Unix")
+class ActivationCommandLineTest(unittest.TestCase):
+
+    def launch(self, server):
+        self.addCleanup(server.kill)
+        return server
+
+    @needs_linux
+    def test_hand_passed_sockets_served_after_the_privilege_drop(self):
+        tcp, udp = listening(), sock_from("127.0.0.1", kind=socket.SOCK_DGRAM)
+        self.addCleanup(tcp.close)
+        self.addCleanup(udp.close)
+        server = self.launch(activated([tcp, udp], "echo:echo", "-q"))
+        server.read_start_lines()
+        self.assertEqual(server.addresses, {
+            ("echo", "tcp"): [tcp.getsockname()],
+            ("echo", "udp"): [udp.getsockname()]})
+        if os.geteuid() == 0:
+            self.assertIn("running as user nobody", server.lines[-1])
+        with socket.create_connection(tcp.getsockname(), TIMEOUT) as sock:
+            sock.sendall(b"passed")
+            self.assertEqual(recv_exactly(sock, 6), b"passed")
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.settimeout(TIMEOUT)
+            sock.sendto(b"passed", udp.getsockname())
+            self.assertEqual(sock.recv(100), b"passed")
+        # Close-on-exec now: a program it started would not hold them.
+        for fd in (3, 4):
+            with open("/proc/%d/fdinfo/%d" % (server.process.pid, fd)) as info:
+                flags = int(info.read().split("flags:")[1].split()[0], 8)
+            self.assertTrue(flags & 0o2000000, "fd %d lacks O_CLOEXEC" % fd)
+        self.assertEqual(server.stop(), 0)
+
+    def test_unmatched_socket_exits_2_with_one_line(self):
+        tcp = listening()
+        self.addCleanup(tcp.close)
+        server = self.launch(activated([tcp], "-", "--port-offset", "1"))
+        self.assertEqual(server.stderr.line(), (
+            "diagsvc: error: the passed socket on fd 3 (tcp on 127.0.0.1 port "
+            "%d) matches no service: name it after one with "
+            "FileDescriptorName= (echo, discard, daytime, qotd, chargen, "
+            "time), or listen on a service's standard port or that plus "
+            "--port-offset\n" % tcp.getsockname()[1]))
+        self.assertEqual(server.stderr.line(), "")      # and nothing else
+        self.assertEqual(server.wait(), 2)
+
+    def systemd_socket_activate(self, listen, names, *args):
+        if not os.path.exists(SOCKET_ACTIVATE):
+            self.skipTest("no systemd-socket-activate here")
+        command = [SOCKET_ACTIVATE]
+        for address in listen:
+            command += ["-l", address]
+        command += ["--fdname=" + names] + list(args)
+        server = self.launch(LaunchedServer(command))
+        for _ in listen:                # "Listening on ADDRESS as FD."
+            self.assertIn("Listening on", server.stderr.line())
+        return server
+
+    def test_systemd_socket_activate_tcp(self):
+        echo_port, time_port = free_port(), free_port()
+        server = self.systemd_socket_activate(
+            ["127.0.0.1:%d" % echo_port, "127.0.0.1:%d" % time_port],
+            "echo:unknown", sys.executable, SCRIPT, "--port-offset",
+            str(time_port - 37), "-q")
+        # It starts diagsvc on the first connection; that one is served.
+        with socket.create_connection(("127.0.0.1", echo_port),
+                                      TIMEOUT) as sock:
+            sock.sendall(b"activated")
+            server.read_start_lines()
+            self.assertEqual(recv_exactly(sock, 9), b"activated")
+        self.assertEqual(server.addresses, {
+            ("echo", "tcp"): [("127.0.0.1", echo_port)],
+            ("time", "tcp"): [("127.0.0.1", time_port)]})
+        with socket.create_connection(("127.0.0.1", time_port),
+                                      TIMEOUT) as sock:
+            self.assertEqual(len(recv_to_eof(sock)), 4)
+        self.assertEqual(server.stop(), 0)
+
+    def test_systemd_socket_activate_udp(self):
+        port = free_port(socket.SOCK_DGRAM)
+        server = self.systemd_socket_activate(
+            ["127.0.0.1:%d" % port], "daytime", "--datagram",
+            sys.executable, SCRIPT, "-q")
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.settimeout(TIMEOUT)
+            sock.sendto(b"first", ("127.0.0.1", port))   # starts diagsvc
+            server.read_start_lines()
+            self.assertRegex(sock.recv(100), DAYTIME)
+        self.assertEqual(server.addresses, {
+            ("daytime", "udp"): [("127.0.0.1", port)]})
+        self.assertEqual(server.stop(), 0)
+
+
 if __name__ == "__main__":
     unittest.main()
