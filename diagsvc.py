@@ -39,7 +39,8 @@ lists filter both transports; started as root, the command line drops to
 ``nobody`` once every socket is bound.  The README lists each default and the reason for it.
 
 Under systemd it needs no root at all: it serves the sockets it is passed
-(socket activation, LISTEN_FDS); the README has the unit files.
+(socket activation, LISTEN_FDS) and reports readiness, status and watchdog
+to NOTIFY_SOCKET; the README has the unit files.
 
 This file is self-contained and may be copied into a project as it is,
 under the MIT licence: Copyright (c) 2026 The diagsvc authors; permission is
@@ -50,7 +51,7 @@ full text is in the project's LICENSE file).
 
 __version__ = "1.0.0"
 __all__ = [
-    "SERVICES", "Server", "ServerError", "QuoteFileError",
+    "SERVICES", "Server", "ServerError", "QuoteFileError", "SystemdNotifier",
     "chargen_line", "chargen_stream", "daytime_text", "time_bytes",
     "parse_quotes", "load_quotes", "probe", "measure", "main",
 ]
@@ -666,6 +667,7 @@ LOG_DRAIN_TIMEOUT = 2.0             # close() waits this long for the log
 STREAM_BUFFER_SIZE = 256 * 1024     # shared by every TCP read
 LIMIT_MAX = 10 ** 9                 # the largest count, rate or time a limit takes
 DATAGRAM_BUFFER_SIZE = 65536        # the largest UDP payload, IPv4 or IPv6
+STATUS_INTERVAL = 5.0               # seconds between sd_notify STATUS= lines
 
 
 class ServerError(Exception):
@@ -1201,6 +1203,57 @@ def _bind_error(service, transport, host, port, error):
     return "cannot bind %s: %s" % (where, error.strerror or error)
 
 
+class SystemdNotifier(object):
+    """sd_notify(3) without libsystemd: datagrams to $NOTIFY_SOCKET.
+
+    The server sends READY=1 once it serves every socket, STATUS= lines,
+    WATCHDOG=1 every ``watchdog_interval`` seconds when systemd asks for it
+    (WatchdogSec=), and STOPPING=1 when it stops.  The socket is
+    non-blocking and every error is ignored: a service manager that went
+    away must never stall or stop the loop.
+    """
+
+    def __init__(self, address, watchdog_interval=None):
+        if address.startswith("@"):
+            address = "\0" + address[1:]   # a Linux abstract socket name
+        self.address = address
+        self.watchdog_interval = watchdog_interval
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.setblocking(False)
+        self.sock.set_inheritable(False)
+
+    @classmethod
+    def from_environment(cls, environ=None, pid=None):
+        """A notifier for $NOTIFY_SOCKET, or None where it is unset or
+        unusable here (no AF_UNIX, a vsock address)."""
+        environ = os.environ if environ is None else environ
+        pid = os.getpid() if pid is None else pid
+        address = environ.get("NOTIFY_SOCKET", "")
+        if address[:1] not in ("/", "@") or len(address) < 2 or \
+                not hasattr(socket, "AF_UNIX"):
+            return None
+        # sd_watchdog_enabled(3): WATCHDOG_USEC, for WATCHDOG_PID if set.
+        interval = None
+        usec = environ.get("WATCHDOG_USEC", "")
+        watchdog_pid = environ.get("WATCHDOG_PID", "")
+        if usec.isdigit() and int(usec) > 0 and (
+                not watchdog_pid or watchdog_pid == str(pid)):
+            interval = int(usec) / 2e6      # systemd's advice: at half
+        try:
+            return cls(address, interval)
+        except OSError:
+            return None
+
+    def send(self, message):
+        try:
+            self.sock.sendto(message.encode("utf-8", "replace"), self.address)
+        except OSError:
+            pass
+
+    def close(self):
+        self.sock.close()
+
+
 _NO_PKTINFO_NOTE = (
     "this platform has no IP_PKTINFO: UDP replies on a wildcard address "
     "leave from the kernel's choice of source address; on a multi-homed "
@@ -1331,6 +1384,8 @@ class Server(object):
                       port: the standard one, the standard one plus
                       port_offset, or the one ``ports`` gives.  The server
                       owns them from then on and closes them.
+    notifier          a SystemdNotifier: READY=1, STATUS=, WATCHDOG=1,
+                      STOPPING=1 (see SystemdNotifier)
     """
 
     def __init__(self, services=None, bind=None, port_offset=0, ports=None,
@@ -1343,7 +1398,7 @@ class Server(object):
                  allow=(), deny=(), verbosity=0, log_file=None,
                  ipv4_prefix=DEFAULT_IPV4_PREFIX,
                  ipv6_prefix=DEFAULT_IPV6_PREFIX, udp_echo_rate=0.0,
-                 sockets=None):
+                 sockets=None, notifier=None):
         services = list(services or SERVICE_NAMES)
         for name in list(services) + list(ports or ()):
             if name not in SERVICES:
@@ -1408,6 +1463,7 @@ class Server(object):
         self.verbosity = verbosity
         self.log_file = log_file
         self.notes = []                 # things the user should know
+        self.notifier = notifier
 
         self.now = time.monotonic()
         self.stream_buffer = memoryview(bytearray(STREAM_BUFFER_SIZE))
@@ -1444,7 +1500,9 @@ class Server(object):
         self._accept_paused_until = None
         self._accept_pause_logged = None
         self._next_sweep = self.now + self._sweep_interval()
-        self._next_timer = self._next_sweep
+        self._next_status = self._next_watchdog = None
+        self._ready_sent = False
+        self._set_next_timer()
         self._stop_requested = False
         self._running = False
         self._closed = False
@@ -2034,6 +2092,13 @@ class Server(object):
 
     def _run_timers(self):
         now = self.now
+        notifier = self.notifier
+        if self._next_status is not None and now >= self._next_status:
+            self._next_status = now + STATUS_INTERVAL
+            notifier.send("STATUS=" + self.status_line())
+        if self._next_watchdog is not None and now >= self._next_watchdog:
+            self._next_watchdog = now + notifier.watchdog_interval
+            notifier.send("WATCHDOG=1")
         if (self._accept_paused_until is not None and
                 now >= self._accept_paused_until):
             self._resume_accepting()
@@ -2061,10 +2126,39 @@ class Server(object):
         self._set_next_timer()
 
     def _set_next_timer(self):
-        """The loop's one wake-up time: the sweep or the end of a pause."""
-        self._next_timer = self._next_sweep
-        if self._accept_paused_until is not None:
-            self._next_timer = min(self._next_timer, self._accept_paused_until)
+        """The loop's one wake-up time: the sweep, the end of a pause, or a
+        message owed to systemd."""
+        self._next_timer = min(
+            when for when in (self._next_sweep, self._accept_paused_until,
+                              self._next_status, self._next_watchdog)
+            if when is not None)
+
+    # -- systemd: readiness, status, watchdog (sd_notify(3)) --
+
+    def status_line(self):
+        """One line on what it serves and has done, for STATUS=."""
+        totals = [0, 0, 0]
+        for counters in self.counters.values():
+            totals[0] += counters.connections
+            totals[1] += counters.datagrams
+            totals[2] += sum(counters.refusals.values())
+        line = "serving %s on %d sockets; %d connections open; %d " \
+            "connections, %d datagrams, %d refused so far" % (
+                " ".join(self.services), len(self.listeners) +
+                len(self.endpoints), len(self.streams), totals[0], totals[1],
+                totals[2])
+        return line
+
+    def _notify_ready(self):
+        """READY=1 and the first STATUS=: every socket is served now."""
+        self._ready_sent = True
+        notifier = self.notifier
+        notifier.send("READY=1\nSTATUS=" + self.status_line())
+        self._next_status = self.now + STATUS_INTERVAL
+        if notifier.watchdog_interval:
+            notifier.send("WATCHDOG=1")
+            self._next_watchdog = self.now + notifier.watchdog_interval
+        self._set_next_timer()
 
     # -- The loop --
 
@@ -2086,6 +2180,8 @@ class Server(object):
             select = self.selector.select
             monotonic = time.monotonic
             self.now = monotonic()
+            if self.notifier is not None and not self._ready_sent:
+                self._notify_ready()
             while not self._stop_requested:
                 # One clock read a pass: the wait is measured from the
                 # last one, at most a pass's work late, and timers are
@@ -2111,6 +2207,8 @@ class Server(object):
                 if self.now >= self._next_timer and not self._stop_requested:
                     self._run_timers()
         finally:
+            if self.notifier is not None:
+                self.notifier.send("STOPPING=1")
             # Not under the lock: a close() waiting for this event may be
             # holding it (re-entered from a signal handler).
             self._loop_thread_id = None
@@ -3549,8 +3647,8 @@ def _build_parser():
                     "'diagsvc measure HOST' are the client side.",
         epilog="Start lines on stdout: 'diagsvc: serving SERVICE/TRANSPORT "
                "on HOST port PORT'.  Log on stderr.  Under systemd it serves "
-               "the sockets it is passed (LISTEN_FDS); the README has unit "
-               "files.")
+               "the sockets it is passed (LISTEN_FDS) and reports to "
+               "NOTIFY_SOCKET; the README has unit files.")
     parser.add_argument("services", nargs="*", metavar="SERVICE",
                         help="services to serve (default: all): " +
                         ", ".join(SERVICE_NAMES))
@@ -3673,7 +3771,8 @@ def _serve_main(argv):
             allow=options.allow, deny=options.deny,
             ipv4_prefix=options.ipv4_prefix, ipv6_prefix=options.ipv6_prefix,
             verbosity=max(0, 1 + options.verbose - options.quiet),
-            sockets=_take_passed_sockets())
+            sockets=_take_passed_sockets(),
+            notifier=SystemdNotifier.from_environment())
     except (ServerError, QuoteFileError) as error:
         sys.stderr.write("%s: error: %s\n" % (prog, error))
         return 2

@@ -3458,6 +3458,102 @@ class PassedSocketTest(ServerTestCase):
                 self.assertEqual(sockets[0][0].fileno(), -1)
 
 
+class NotifyListener(object):
+    """The service manager's end of NOTIFY_SOCKET: a datagram socket."""
+
+    def __init__(self, test, abstract=False):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        test.addCleanup(self.sock.close)
+        if abstract:
+            name = "diagsvc-test-%s" % os.urandom(6).hex()
+            self.sock.bind("\0" + name)
+            self.address = "@" + name
+        else:
+            directory = tempfile.mkdtemp()
+            test.addCleanup(os.rmdir, directory)
+            self.address = os.path.join(directory, "notify")
+            self.sock.bind(self.address)
+            test.addCleanup(os.unlink, self.address)
+        self.sock.settimeout(TIMEOUT)
+        self.messages = []
+
+    def wait_for(self, field):
+        """Read datagrams until one holds the line FIELD=..., return it."""
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline:
+            message = self.sock.recv(4096).decode()
+            self.messages.append(message)
+            for line in message.split("\n"):
+                if line.startswith(field + "="):
+                    return line
+        raise AssertionError("no %s= within %s s" % (field, TIMEOUT))
+
+
+@unittest.skipUnless(hasattr(socket, "AF_UNIX"), "no AF_UNIX sockets")
+class NotifyTest(unittest.TestCase):
+
+    def test_ready_status_watchdog_and_stopping(self):
+        kinds = [False] + ([True] if ON_LINUX else [])
+        for abstract in kinds:
+            with self.subTest(abstract=abstract):
+                listener = NotifyListener(self, abstract)
+                env = dict(os.environ, NOTIFY_SOCKET=listener.address,
+                           WATCHDOG_USEC="400000")
+                server = LaunchedServer(
+                    [sys.executable, SCRIPT, "echo", "--bind", "127.0.0.1",
+                     "--port", "echo=0", "--user", "root", "-q"], env=env)
+                self.addCleanup(server.kill)
+                server.read_start_lines()
+                self.assertEqual(listener.wait_for("READY"), "READY=1")
+                status = listener.wait_for("STATUS")
+                self.assertRegex(status, r"^STATUS=serving echo on 2 sockets; "
+                                 r"0 connections open; 0 connections, 0 "
+                                 r"datagrams, 0 refused so far$")
+                for _ in range(2):      # at half of WATCHDOG_USEC, again
+                    self.assertEqual(listener.wait_for("WATCHDOG"),
+                                     "WATCHDOG=1")
+                import signal
+                server.process.send_signal(signal.SIGTERM)
+                self.assertEqual(listener.wait_for("STOPPING"), "STOPPING=1")
+                self.assertEqual(server.wait(), 0)
+
+    def test_status_is_refreshed_with_the_counters(self):
+        listener = NotifyListener(self)
+        original = diagsvc.STATUS_INTERVAL
+        diagsvc.STATUS_INTERVAL = 0.05
+        self.addCleanup(setattr, diagsvc, "STATUS_INTERVAL", original)
+        notifier = diagsvc.SystemdNotifier.from_environment(
+            {"NOTIFY_SOCKET": listener.address})
+        self.addCleanup(notifier.close)
+        self.assertIsNone(notifier.watchdog_interval)
+        server = diagsvc.Server(["echo"], bind=["127.0.0.1"], port_offset=None,
+                                transports=("udp",), notifier=notifier)
+        self.addCleanup(server.close)
+        server.start()
+        self.assertEqual(listener.wait_for("READY"), "READY=1")
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.settimeout(TIMEOUT)
+            sock.sendto(b"count", server.addresses["echo", "udp"][0])
+            self.assertEqual(sock.recv(100), b"count")
+        while "1 datagrams" not in listener.wait_for("STATUS"):
+            pass
+        self.assertNotIn("WATCHDOG=1", listener.messages)
+
+    def test_watchdog_only_for_this_process(self):
+        make = diagsvc.SystemdNotifier.from_environment
+        for environ, interval in (
+                ({"WATCHDOG_USEC": "400000"}, 0.2),
+                ({"WATCHDOG_USEC": "400000", "WATCHDOG_PID": "42"}, 0.2),
+                ({"WATCHDOG_USEC": "400000", "WATCHDOG_PID": "41"}, None),
+                ({"WATCHDOG_USEC": "0"}, None), ({}, None)):
+            environ["NOTIFY_SOCKET"] = "@diagsvc-unused"
+            notifier = make(environ, pid=42)
+            self.addCleanup(notifier.close)
+            self.assertEqual(notifier.watchdog_interval, interval)
+        self.assertIsNone(make({"NOTIFY_SOCKET": "vsock:2:1"}))
+        self.assertIsNone(make({}))
+
+
 @unittest.skipIf(sys.platform == "win32", "systemd's interfaces are Unix")
 class ActivationCommandLineTest(unittest.TestCase):
 
