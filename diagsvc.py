@@ -17,6 +17,7 @@ Run it (standard library only, CPython 3.6 to 3.13, any OS):
     python3 diagsvc.py                      # all services, standard ports (root)
     python3 diagsvc.py --port-offset 10000  # 10007, 10009, ... without root
     python3 diagsvc.py echo chargen --tcp   # a subset
+    python3 diagsvc.py --for 2h             # a window: then it closes all
     python3 diagsvc.py probe HOST           # the other end: is the path open?
     python3 diagsvc.py measure HOST         # the other end: how fast?
 
@@ -52,6 +53,7 @@ full text is in the project's LICENSE file).
 __version__ = "1.0.0"
 __all__ = [
     "SERVICES", "Server", "ServerError", "QuoteFileError", "SystemdNotifier",
+    "parse_duration",
     "chargen_line", "chargen_stream", "daytime_text", "time_bytes",
     "parse_quotes", "load_quotes", "probe", "measure", "main",
 ]
@@ -1384,6 +1386,8 @@ class Server(object):
                       port: the standard one, the standard one plus
                       port_offset, or the one ``ports`` gives.  The server
                       owns them from then on and closes them.
+    duration          seconds: serve_forever() stops this long after the
+                      server was made, and closes every socket
     notifier          a SystemdNotifier: READY=1, STATUS=, WATCHDOG=1,
                       STOPPING=1 (see SystemdNotifier)
     """
@@ -1398,7 +1402,7 @@ class Server(object):
                  allow=(), deny=(), verbosity=0, log_file=None,
                  ipv4_prefix=DEFAULT_IPV4_PREFIX,
                  ipv6_prefix=DEFAULT_IPV6_PREFIX, udp_echo_rate=0.0,
-                 sockets=None, notifier=None):
+                 sockets=None, duration=None, notifier=None):
         services = list(services or SERVICE_NAMES)
         for name in list(services) + list(ports or ()):
             if name not in SERVICES:
@@ -1463,6 +1467,9 @@ class Server(object):
         self.verbosity = verbosity
         self.log_file = log_file
         self.notes = []                 # things the user should know
+        self.duration = duration
+        # The wall-clock end of the window, for the start lines.
+        self.stops_at = time.time() + duration if duration else None
         self.notifier = notifier
 
         self.now = time.monotonic()
@@ -1500,6 +1507,7 @@ class Server(object):
         self._accept_paused_until = None
         self._accept_pause_logged = None
         self._next_sweep = self.now + self._sweep_interval()
+        self._stop_deadline = self.now + duration if duration else None
         self._next_status = self._next_watchdog = None
         self._ready_sent = False
         self._set_next_timer()
@@ -2092,6 +2100,8 @@ class Server(object):
 
     def _run_timers(self):
         now = self.now
+        if self._stop_deadline is not None and now >= self._stop_deadline:
+            self._stop_requested = True         # the window is over
         notifier = self.notifier
         if self._next_status is not None and now >= self._next_status:
             self._next_status = now + STATUS_INTERVAL
@@ -2126,12 +2136,12 @@ class Server(object):
         self._set_next_timer()
 
     def _set_next_timer(self):
-        """The loop's one wake-up time: the sweep, the end of a pause, or a
-        message owed to systemd."""
+        """The loop's one wake-up time: the sweep, the end of a pause, the
+        end of the window, or a message owed to systemd."""
         self._next_timer = min(
             when for when in (self._next_sweep, self._accept_paused_until,
-                              self._next_status, self._next_watchdog)
-            if when is not None)
+                              self._stop_deadline, self._next_status,
+                              self._next_watchdog) if when is not None)
 
     # -- systemd: readiness, status, watchdog (sd_notify(3)) --
 
@@ -2147,6 +2157,9 @@ class Server(object):
                 " ".join(self.services), len(self.listeners) +
                 len(self.endpoints), len(self.streams), totals[0], totals[1],
                 totals[2])
+        if self.stops_at is not None:
+            line += "; stops at " + time.strftime(
+                "%H:%M:%S", time.localtime(self.stops_at))
         return line
 
     def _notify_ready(self):
@@ -2159,6 +2172,24 @@ class Server(object):
             notifier.send("WATCHDOG=1")
             self._next_watchdog = self.now + notifier.watchdog_interval
         self._set_next_timer()
+
+    def _close_window(self):
+        """The duration is over: close every socket, as close() will, from
+        the loop's own thread before it ends (close() may wait for that).
+        Not under the lock, as serve_forever()'s end: a close() from a
+        signal handler may close the same sockets meanwhile, harmlessly."""
+        if self._closed:
+            return
+        for stream in list(self.streams):
+            self.close_stream(stream)
+        for handler in self.listeners + self.endpoints:
+            try:
+                self.selector.unregister(handler.sock)
+            except (KeyError, ValueError, OSError):
+                pass                    # unwatched during an accept pause
+            handler.sock.close()
+        self.listeners = []
+        self.endpoints = []
 
     # -- The loop --
 
@@ -2209,6 +2240,9 @@ class Server(object):
         finally:
             if self.notifier is not None:
                 self.notifier.send("STOPPING=1")
+            if self._stop_deadline is not None and \
+                    self.now >= self._stop_deadline:
+                self._close_window()
             # Not under the lock: a close() waiting for this event may be
             # holding it (re-entered from a signal handler).
             self._loop_thread_id = None
@@ -3552,6 +3586,33 @@ def _parse_mixed(parser, argv, rest):
     return options
 
 
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600}
+
+
+def parse_duration(text):
+    """Seconds in '90s', '30m', '2h' or plain seconds ('1.5'); ValueError
+    for anything else or for a duration that is not above 0."""
+    text = text.strip().lower()
+    unit = _DURATION_UNITS.get(text[-1:])
+    number = text[:-1] if unit else text
+    try:
+        seconds = float(number) * (unit or 1)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds < float("inf"):
+        raise ValueError("%r is not a duration: give e.g. 90s, 30m, 2h or "
+                         "seconds" % (text,))
+    return seconds
+
+
+def _duration(text):
+    import argparse
+    try:
+        return parse_duration(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error))
+
+
 # sd_listen_fds(3): passed descriptors start at 3, in LISTEN_FDNAMES' order.
 SD_LISTEN_FDS_START = 3
 _ACTIVATION_VARIABLES = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
@@ -3630,6 +3691,14 @@ def _take_passed_sockets(environ=None):
             sock.close()
         raise
     return sockets
+
+
+def _duration_text(seconds):
+    """90 -> '90 s', 1800 -> '30 min', 7200 -> '2 h'."""
+    for unit, size in (("h", 3600), ("min", 60)):
+        if seconds >= size and seconds % size == 0:
+            return "%d %s" % (seconds // size, unit)
+    return "%g s" % seconds
 
 
 def _build_parser():
@@ -3730,6 +3799,10 @@ def _build_parser():
                         "are bound (default %(default)s; root keeps root)")
 
     other = parser.add_argument_group("other")
+    other.add_argument("--for", dest="duration", type=_duration,
+                       metavar="DURATION", help="serve for this long, then "
+                       "close every socket and exit 0: 90s, 30m, 2h, or "
+                       "seconds (default: until stopped)")
     other.add_argument("--selector", choices=[cls.__name__ for cls in SELECTORS],
                        help="the event loop's selector (default: %s)" %
                        SELECTORS[0].__name__)
@@ -3771,7 +3844,7 @@ def _serve_main(argv):
             allow=options.allow, deny=options.deny,
             ipv4_prefix=options.ipv4_prefix, ipv6_prefix=options.ipv6_prefix,
             verbosity=max(0, 1 + options.verbose - options.quiet),
-            sockets=_take_passed_sockets(),
+            sockets=_take_passed_sockets(), duration=options.duration,
             notifier=SystemdNotifier.from_environment())
     except (ServerError, QuoteFileError) as error:
         sys.stderr.write("%s: error: %s\n" % (prog, error))
@@ -3799,6 +3872,11 @@ def _serve_main(argv):
                 for host, port in server.addresses[name, transport]:
                     lines.append("%s: serving %s/%s on %s port %d\n" % (
                         prog, name, transport, host, port))
+        if server.stops_at is not None:
+            lines.append("%s: stops at %s, after %s (--for)\n" % (
+                prog, time.strftime("%Y-%m-%dT%H:%M:%S%z",
+                                    time.localtime(server.stops_at)),
+                _duration_text(server.duration)))
         lines.append("%s: running as %s, pid %d\n" % (prog, who, os.getpid()))
         sys.stdout.write("".join(lines))
         sys.stdout.flush()

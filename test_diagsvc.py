@@ -3155,6 +3155,7 @@ class HelpTest(unittest.TestCase):
         usage = result.stdout.split("\n\n")[0]
         self.assertIn("diagsvc probe HOST", usage)
         self.assertIn("diagsvc measure HOST", usage)
+        self.assertIn("--for DURATION", result.stdout)
 
     def test_client_help_explains_every_argument_with_an_example(self):
         for command in ("probe", "measure"):
@@ -3288,7 +3289,7 @@ def listening(host="127.0.0.1", port=0):
 
 
 class ActivationEnvironmentTest(unittest.TestCase):
-    """The pure parts: sd_listen_fds(3)'s variables."""
+    """The pure parts: sd_listen_fds(3)'s variables, --for's durations."""
 
     def test_listen_fds_follows_sd_listen_fds(self):
         listen = diagsvc._listen_fds
@@ -3334,6 +3335,15 @@ class ActivationEnvironmentTest(unittest.TestCase):
         access = diagsvc.AccessList(allow=["127.0.0.0/8"])
         self.assertTrue(access.permits("::ffff:127.0.0.1"))
         self.assertFalse(access.permits("::ffff:192.0.2.1"))
+
+    def test_durations(self):
+        for text, seconds in (("90s", 90), ("30m", 1800), ("2h", 7200),
+                              ("1.5", 1.5), ("45", 45), ("0.5S", 0.5)):
+            with self.subTest(text=text):
+                self.assertEqual(diagsvc.parse_duration(text), seconds)
+        for text in ("", "0", "-5s", "10x", "m", "nan", "inf"):
+            with self.subTest(text=text):
+                self.assertRaises(ValueError, diagsvc.parse_duration, text)
 
 
 class PassedSocketTest(ServerTestCase):
@@ -3456,6 +3466,22 @@ class PassedSocketTest(ServerTestCase):
                 with self.assertRaisesRegex(diagsvc.ServerError, text):
                     diagsvc.Server(sockets=sockets, **options)
                 self.assertEqual(sockets[0][0].fileno(), -1)
+
+
+class DurationTest(ServerTestCase):
+
+    def test_duration_stops_serve_forever_and_closes_every_socket(self):
+        server = self.start_server(["echo"], duration=0.5)
+        address = server.addresses["echo", "tcp"][0]
+        client = self.connect(server, "echo")
+        self.assertIsNotNone(server.stops_at)
+        server._thread.join(TIMEOUT)
+        self.assertFalse(server._thread.is_alive())
+        self.assertEqual(client.recv(100), b"", "connections are closed")
+        self.assertEqual((server.listeners, server.endpoints), ([], []))
+        probe = socket.socket()
+        self.addCleanup(probe.close)
+        self.assertRaises(ConnectionRefusedError, probe.connect, address)
 
 
 class NotifyListener(object):
@@ -3600,6 +3626,16 @@ class ActivationCommandLineTest(unittest.TestCase):
         self.assertEqual(server.stderr.line(), "")      # and nothing else
         self.assertEqual(server.wait(), 2)
 
+    def test_for_with_passed_sockets(self):
+        tcp = listening()
+        self.addCleanup(tcp.close)
+        server = self.launch(activated([tcp], "qotd", "--for", "0.5",
+                                       "--user", "root"))
+        server.read_start_lines()
+        self.assertRegex(server.lines[-2], r"^diagsvc: stops at \S+, after "
+                         r"0\.5 s \(--for\)$")
+        self.assertEqual(server.wait(), 0)
+
     def systemd_socket_activate(self, listen, names, *args):
         if not os.path.exists(SOCKET_ACTIVATE):
             self.skipTest("no systemd-socket-activate here")
@@ -3636,7 +3672,7 @@ class ActivationCommandLineTest(unittest.TestCase):
         port = free_port(socket.SOCK_DGRAM)
         server = self.systemd_socket_activate(
             ["127.0.0.1:%d" % port], "daytime", "--datagram",
-            sys.executable, SCRIPT, "-q")
+            sys.executable, SCRIPT, "--for", "30s", "-q")
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
             sock.settimeout(TIMEOUT)
             sock.sendto(b"first", ("127.0.0.1", port))   # starts diagsvc
@@ -3644,7 +3680,33 @@ class ActivationCommandLineTest(unittest.TestCase):
             self.assertRegex(sock.recv(100), DAYTIME)
         self.assertEqual(server.addresses, {
             ("daytime", "udp"): [("127.0.0.1", port)]})
+        self.assertRegex(server.lines[-2], r"after 30 s \(--for\)$")
         self.assertEqual(server.stop(), 0)
+
+
+class DurationCommandLineTest(unittest.TestCase):
+
+    def test_for_serves_then_exits_0_by_itself(self):
+        server = LaunchedServer([sys.executable, SCRIPT, "echo", "--bind",
+                                 "127.0.0.1", "--port", "echo=0", "--for",
+                                 "1s", "--user", "root", "-q"])
+        self.addCleanup(server.kill)
+        server.read_start_lines()
+        self.assertRegex(server.lines[-2], r"^diagsvc: stops at "
+                         r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4}, after "
+                         r"1 s \(--for\)$")
+        with socket.create_connection(server.addresses["echo", "tcp"][0],
+                                      TIMEOUT) as sock:
+            sock.sendall(b"in the window")
+            self.assertEqual(recv_exactly(sock, 13), b"in the window")
+            self.assertEqual(server.wait(), 0)
+            self.assertEqual(sock.recv(100), b"")
+
+    def test_bad_duration_exits_2(self):
+        result = run_command("--for", "soon")
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("'soon' is not a duration: give e.g. 90s, 30m, 2h",
+                      result.stderr)
 
 
 if __name__ == "__main__":
