@@ -3709,5 +3709,72 @@ class DurationCommandLineTest(unittest.TestCase):
                       result.stderr)
 
 
+def readme_unit_sets():
+    """The unit files in the README, as written there: [{name: text}].
+    A file name seen again starts a new set (each set is one way to run it)."""
+    with open(os.path.join(HERE, "README.md")) as readme:
+        text = readme.read()
+    sets = [{}]
+    for block in re.findall(r"```ini\n(.*?)```", text, re.S):
+        match = re.match(r"# /etc/systemd/system/(\S+)\n", block)
+        if not match:
+            continue
+        if match.group(1) in sets[-1]:
+            sets.append({})
+        sets[-1][match.group(1)] = block
+    return sets
+
+
+class UnitFileTest(unittest.TestCase):
+
+    def test_readme_units_name_what_the_code_serves(self):
+        sets = readme_unit_sets()
+        self.assertEqual([sorted(units) for units in sets],
+                         [["diagsvc-echo.socket", "diagsvc.service",
+                           "diagsvc.socket"], ["diagsvc.service"]])
+        activation, plain = sets
+        listens = re.findall(r"^Listen(Stream|Datagram)=(\d+)$",
+                             activation["diagsvc.socket"], re.M)
+        self.assertEqual(sorted(listens), sorted(
+            (kind, str(diagsvc.SERVICES[name].port))
+            for name in diagsvc.SERVICE_NAMES
+            for kind in ("Stream", "Datagram")))
+        self.assertEqual(re.findall(r"^FileDescriptorName=(\S+)$",
+                                    activation["diagsvc-echo.socket"], re.M),
+                         ["echo"])
+        for units in sets:
+            service = units["diagsvc.service"]
+            self.assertIn("\nType=notify\n", service)
+            self.assertIn("\nDynamicUser=yes\n", service)
+            for line in re.findall(r"^ExecStart=(.*)$", service, re.M):
+                self.assertTrue(line.split()[1].endswith("/diagsvc.py"))
+                # Every option it gives is one the parser takes.
+                diagsvc._build_parser().parse_args(line.split()[2:])
+        self.assertIn("AmbientCapabilities=CAP_NET_BIND_SERVICE",
+                      plain["diagsvc.service"])
+
+    @unittest.skipUnless(os.path.exists(SYSTEMD_ANALYZE),
+                         "no systemd-analyze here")
+    def test_systemd_analyze_verify_accepts_the_readme_units(self):
+        for units in readme_unit_sets():
+            with self.subTest(units=sorted(units)):
+                directory = tempfile.mkdtemp()
+                self.addCleanup(__import__("shutil").rmtree, directory)
+                paths = []
+                for name, text in units.items():
+                    # ExecStart's interpreter must exist; the script's path
+                    # is only an argument to it.
+                    paths.append(os.path.join(directory, name))
+                    with open(paths[-1], "w") as unit:
+                        unit.write(text)
+                result = subprocess.run(
+                    [SYSTEMD_ANALYZE, "verify", "--man=no"] + paths,
+                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                    universal_newlines=True, timeout=60,
+                    env=dict(os.environ, SYSTEMD_LOG_LEVEL="notice"))
+                self.assertEqual(result.returncode, 0, result.stdout)
+                self.assertEqual(result.stdout, "")
+
+
 if __name__ == "__main__":
     unittest.main()
