@@ -3432,15 +3432,26 @@ class PassedSocketTest(ServerTestCase):
 
     @needs_linux
     def test_wildcard_udp_socket_passed_in_replies_from_its_destination(self):
-        wildcard = sock_from("0.0.0.0", kind=socket.SOCK_DGRAM)
-        server = diagsvc.Server(sockets=[(wildcard, "echo")])
-        self.addCleanup(server.close)
-        server.start()
-        self.assertEqual(server.endpoints[0].pktinfo, 4)
-        sock = self.udp_socket()
-        sock.connect(("127.0.0.2", server.addresses["echo", "udp"][0][1]))
-        sock.send(b"via 127.0.0.2")
-        self.assertEqual(sock.recv(100), b"via 127.0.0.2")
+        wildcards = [(socket.AF_INET, "0.0.0.0", 4)]
+        if HAVE_IPV6:                   # systemd's dual-stack [::] too
+            wildcards.append((socket.AF_INET6, "::", 6))
+        for family, host, pktinfo in wildcards:
+            with self.subTest(host=host):
+                wildcard = socket.socket(family, socket.SOCK_DGRAM)
+                if family == socket.AF_INET6:
+                    wildcard.setsockopt(socket.IPPROTO_IPV6,
+                                        socket.IPV6_V6ONLY, 0)
+                wildcard.bind((host, 0))
+                server = diagsvc.Server(sockets=[(wildcard, "echo")])
+                self.addCleanup(server.close)
+                server.start()
+                self.assertEqual(server.endpoints[0].pktinfo, pktinfo)
+                sock = self.udp_socket()
+                sock.connect(("127.0.0.2",
+                              server.addresses["echo", "udp"][0][1]))
+                sock.send(b"via 127.0.0.2")
+                self.assertEqual(sock.recv(100), b"via 127.0.0.2")
+                server.close()
 
     def test_sockets_it_cannot_serve_raise_and_are_closed(self):
         unix = None
