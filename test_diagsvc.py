@@ -3352,9 +3352,10 @@ class PassedSocketTest(ServerTestCase):
     def test_matched_by_name_or_port_and_served(self):
         echo_tcp, time_tcp = listening(), listening()
         echo_udp = sock_from("127.0.0.1", kind=socket.SOCK_DGRAM)
-        offset = time_tcp.getsockname()[1] - 37     # time by its port
+        # time by its port: systemd names an unnamed socket after its unit.
+        offset = time_tcp.getsockname()[1] - 37
         server = diagsvc.Server(
-            sockets=[(echo_tcp, "echo"), (time_tcp, None),
+            sockets=[(echo_tcp, "echo"), (time_tcp, "diagsvc.socket"),
                      (echo_udp, "echo")], port_offset=offset)
         self.addCleanup(server.close)
         server.start()
