@@ -3954,7 +3954,8 @@ def _client_parser(command):
                  "--tcp --port-offset 10000\n"
                  "  checks TCP echo and chargen on ports 10007 and 10019 "
                  "of every address\n"
-                 "  far.example.net has; exit status 0 if all are open.",
+                 "  far.example.net resolves to; exit status 0 if all are "
+                 "open.",
         "measure": "example:\n"
                    "  python3 diagsvc.py measure far.example.net download "
                    "--seconds 10 --parallel 4 \\\n"
