@@ -3335,6 +3335,10 @@ class ActivationEnvironmentTest(unittest.TestCase):
         access = diagsvc.AccessList(allow=["127.0.0.0/8"])
         self.assertTrue(access.permits("::ffff:127.0.0.1"))
         self.assertFalse(access.permits("::ffff:192.0.2.1"))
+        # Per-source limits: one IPv4 client each, not all of them in ::/64.
+        self.assertEqual(diagsvc.source_group("::ffff:192.0.2.7"), "192.0.2.7")
+        self.assertEqual(diagsvc.source_group("::ffff:192.0.2.7", 24),
+                         "192.0.2.0/24")
 
     def test_durations(self):
         for text, seconds in (("90s", 90), ("30m", 1800), ("2h", 7200),
