@@ -1413,6 +1413,8 @@ class Server(object):
                 raise ServerError("unknown transport %r" % (transport,))
         self.services = [name for name in SERVICE_NAMES if name in services]
         self.transports = [t for t in TRANSPORTS if t in transports]
+        if duration is not None:
+            _checked_limit("for", duration)     # a finite, datable end
         adopted = None
         if sockets is not None:
             try:
@@ -3599,9 +3601,9 @@ def parse_duration(text):
         seconds = float(number) * (unit or 1)
     except ValueError:
         seconds = -1.0
-    if not 0 < seconds < float("inf"):
+    if not 0 < seconds <= LIMIT_MAX:    # nan, inf: no end that can be dated
         raise ValueError("%r is not a duration: give e.g. 90s, 30m, 2h or "
-                         "seconds" % (text,))
+                         "seconds (up to %d)" % (text, LIMIT_MAX))
     return seconds
 
 

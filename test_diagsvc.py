@@ -3345,7 +3345,8 @@ class ActivationEnvironmentTest(unittest.TestCase):
                               ("1.5", 1.5), ("45", 45), ("0.5S", 0.5)):
             with self.subTest(text=text):
                 self.assertEqual(diagsvc.parse_duration(text), seconds)
-        for text in ("", "0", "-5s", "10x", "m", "nan", "inf"):
+        for text in ("", "0", "-5s", "10x", "m", "nan", "inf", "1e300",
+                     "1e9h"):
             with self.subTest(text=text):
                 self.assertRaises(ValueError, diagsvc.parse_duration, text)
 
@@ -3485,6 +3486,14 @@ class PassedSocketTest(ServerTestCase):
 
 
 class DurationTest(ServerTestCase):
+
+    def test_a_duration_without_a_datable_end_is_refused(self):
+        for duration in (float("nan"), float("inf"), 1e300, -1):
+            with self.subTest(duration=duration):
+                with self.assertRaisesRegex(diagsvc.ServerError,
+                                            "--for must be 0 to"):
+                    diagsvc.Server(["echo"], bind=["127.0.0.1"],
+                                   port_offset=None, duration=duration)
 
     def test_duration_returns_from_serve_forever(self):
         server = diagsvc.Server(["time"], bind=["127.0.0.1"],
