@@ -17,6 +17,7 @@ Run it (standard library only, CPython 3.6 to 3.13, any OS):
     python3 diagsvc.py                      # all services, standard ports (root)
     python3 diagsvc.py --port-offset 10000  # 10007, 10009, ... without root
     python3 diagsvc.py echo chargen --tcp   # a subset
+    python3 diagsvc.py --for 2h             # a window: then it closes all
     python3 diagsvc.py probe HOST           # the other end: is the path open?
     python3 diagsvc.py measure HOST         # the other end: how fast?
 
@@ -38,6 +39,10 @@ the services whose reply can be larger than the request; ``allow``/``deny``
 lists filter both transports; started as root, the command line drops to
 ``nobody`` once every socket is bound.  The README lists each default and the reason for it.
 
+Under systemd it needs no root at all: it serves the sockets it is passed
+(socket activation, LISTEN_FDS) and reports readiness, status and watchdog
+to NOTIFY_SOCKET; the README has the unit files.
+
 This file is self-contained and may be copied into a project as it is,
 under the MIT licence: Copyright (c) 2026 The diagsvc authors; permission is
 granted, free of charge, to deal in it without restriction, provided this
@@ -47,7 +52,8 @@ full text is in the project's LICENSE file).
 
 __version__ = "1.0.0"
 __all__ = [
-    "SERVICES", "Server", "ServerError", "QuoteFileError",
+    "SERVICES", "Server", "ServerError", "QuoteFileError", "SystemdNotifier",
+    "parse_duration",
     "chargen_line", "chargen_stream", "daytime_text", "time_bytes",
     "parse_quotes", "load_quotes", "probe", "measure", "main",
 ]
@@ -663,6 +669,7 @@ LOG_DRAIN_TIMEOUT = 2.0             # close() waits this long for the log
 STREAM_BUFFER_SIZE = 256 * 1024     # shared by every TCP read
 LIMIT_MAX = 10 ** 9                 # the largest count, rate or time a limit takes
 DATAGRAM_BUFFER_SIZE = 65536        # the largest UDP payload, IPv4 or IPv6
+STATUS_INTERVAL = 5.0               # seconds between sd_notify STATUS= lines
 
 
 class ServerError(Exception):
@@ -821,6 +828,9 @@ class AccessList(object):
         if decision is None:
             text, _, scope = host.partition("%")
             address = self._ip_address(text)
+            # An IPv4 client of a dual-stack socket (one systemd passed
+            # in) is ::ffff:a.b.c.d; the lists name it a.b.c.d.
+            address = getattr(address, "ipv4_mapped", None) or address
             index = interface_index(scope) if scope else 0
             decision = not self._matches(self.deny, address, index)
             if decision and self.allow:
@@ -831,8 +841,13 @@ class AccessList(object):
         return decision
 
 
+_V4_MAPPED_PREFIX = b"\0" * 10 + b"\xff\xff"     # ::ffff:0:0/96
+
+
 def _is_group_address(host):
     """Broadcast or multicast, as text (a datagram's source address)."""
+    if host[:7].lower() == "::ffff:" and "." in host:
+        host = host[7:]                 # IPv4 on a dual-stack socket
     if ":" in host:
         return host[:2].lower() == "ff"
     first = host.split(".", 1)[0]
@@ -842,7 +857,9 @@ def _is_group_address(host):
 def _is_group_destination(packed):
     """Broadcast or multicast, packed (a datagram's destination, pktinfo)."""
     if len(packed) == 16:
-        return packed[0] == 0xFF
+        if packed[:12] != _V4_MAPPED_PREFIX:
+            return packed[0] == 0xFF
+        packed = packed[12:]            # IPv4 on a dual-stack socket
     return packed[0] >= 224 or packed == b"\xff\xff\xff\xff"
 
 
@@ -877,6 +894,8 @@ def source_group(host, ipv4_prefix=DEFAULT_IPV4_PREFIX,
     ("fe80::1%2") stays on the key: another link is another source.
     """
     address, percent, scope = host.partition("%")
+    if address[:7].lower() == "::ffff:" and "." in address:
+        host = address = address[7:]    # IPv4 on a dual-stack socket
     if ":" in address:
         family, bits, prefix = socket.AF_INET6, 128, ipv6_prefix
     else:
@@ -1396,11 +1415,135 @@ def _bind_error(service, transport, host, port, error):
     return "cannot bind %s: %s" % (where, error.strerror or error)
 
 
+class SystemdNotifier(object):
+    """sd_notify(3) without libsystemd: datagrams to $NOTIFY_SOCKET.
+
+    The server sends READY=1 once it serves every socket, STATUS= lines,
+    WATCHDOG=1 every ``watchdog_interval`` seconds when systemd asks for it
+    (WatchdogSec=), and STOPPING=1 when it stops.  The socket is
+    non-blocking and every error is ignored: a service manager that went
+    away must never stall or stop the loop.
+    """
+
+    def __init__(self, address, watchdog_interval=None):
+        if address.startswith("@"):
+            address = "\0" + address[1:]   # a Linux abstract socket name
+        self.address = address
+        self.watchdog_interval = watchdog_interval
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.setblocking(False)
+        self.sock.set_inheritable(False)
+
+    @classmethod
+    def from_environment(cls, environ=None, pid=None):
+        """A notifier for $NOTIFY_SOCKET, or None where it is unset or
+        unusable here (no AF_UNIX, a vsock address)."""
+        environ = os.environ if environ is None else environ
+        pid = os.getpid() if pid is None else pid
+        address = environ.get("NOTIFY_SOCKET", "")
+        if address[:1] not in ("/", "@") or len(address) < 2 or \
+                not hasattr(socket, "AF_UNIX"):
+            return None
+        # sd_watchdog_enabled(3): WATCHDOG_USEC, for WATCHDOG_PID if set.
+        interval = None
+        usec = environ.get("WATCHDOG_USEC", "")
+        watchdog_pid = environ.get("WATCHDOG_PID", "")
+        if usec.isdigit() and int(usec) > 0 and (
+                not watchdog_pid or watchdog_pid == str(pid)):
+            interval = int(usec) / 2e6      # systemd's advice: at half
+        try:
+            return cls(address, interval)
+        except OSError:
+            return None
+
+    def send(self, message):
+        try:
+            self.sock.sendto(message.encode("utf-8", "replace"), self.address)
+        except OSError:
+            pass
+
+    def close(self):
+        self.sock.close()
+
+
+_NO_PKTINFO_NOTE = (
+    "this platform has no IP_PKTINFO: UDP replies on a wildcard address "
+    "leave from the kernel's choice of source address; on a multi-homed "
+    "host use --bind for each address")
+
+
+def _match_sockets(sockets, services, transports, port_offset, ports):
+    """[(socket, service, transport)] for sockets passed in, or ServerError.
+
+    A socket's name picks its service when it is one ("echo"); systemd's
+    default names (the unit's, "unknown") do not, and then its port does:
+    a --port given for the service, else its standard port plus
+    port_offset, else its standard port.  The transport is the socket's.
+    """
+    by_port = {}
+    for precedence in ("standard", "offset", "given"):
+        for name in services:
+            if precedence == "standard":
+                port = SERVICES[name].port
+            elif precedence == "offset":
+                if not port_offset:
+                    continue
+                port = SERVICES[name].port + port_offset
+            elif name in ports:
+                port = ports[name]
+            else:
+                continue
+            by_port[port] = name
+    matched = []
+    for sock, name in sockets:
+        if sock.family not in (socket.AF_INET, socket.AF_INET6):
+            raise ServerError("the passed socket on fd %d is not an IPv4 or "
+                              "IPv6 socket; pass TCP or UDP sockets only"
+                              % sock.fileno())
+        # SO_TYPE, not sock.type: before 3.7 that held SOCK_NONBLOCK too.
+        kind = sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
+        transport = {socket.SOCK_STREAM: "tcp",
+                     socket.SOCK_DGRAM: "udp"}.get(kind)
+        if transport is None:
+            raise ServerError("the passed socket on fd %d is neither TCP "
+                              "nor UDP" % sock.fileno())
+        host, port = sock.getsockname()[:2]
+        where = "the passed socket on fd %d (%s on %s port %d%s)" % (
+            sock.fileno(), transport, host, port,
+            ", named %r" % name if name else "")
+        accepting = getattr(socket, "SO_ACCEPTCONN", None)
+        if transport == "tcp" and accepting is not None and \
+                not sock.getsockopt(socket.SOL_SOCKET, accepting):
+            raise ServerError("%s is not listening; pass listening sockets "
+                              "(ListenStream=, Accept=no)" % where)
+        if name in SERVICES:
+            if name not in services:
+                raise ServerError("%s: %s is not among the services asked "
+                                  "for (%s)" % (where, name,
+                                                ", ".join(services)))
+            service = name
+        else:
+            service = by_port.get(port)
+            if service is None:
+                raise ServerError(
+                    "%s matches no service: name it after one with "
+                    "FileDescriptorName= (%s), or listen on a service's "
+                    "standard port or that plus --port-offset" % (
+                        where, ", ".join(services)))
+        if transport not in transports:
+            raise ServerError("%s: only %s was asked for" % (
+                where, "/".join(transports)))
+        matched.append((sock, service, transport))
+    return matched
+
+
 class Server(object):
     """The diagnostic services on one selectors event loop.
 
     Constructing it binds every socket (so ``addresses`` is known, port 0
-    included) or raises ServerError, closing whatever it had bound.
+    included) or raises ServerError, closing whatever it had bound.  Given
+    ``sockets`` (systemd's socket activation, say), it binds nothing and
+    serves those instead, exactly as it would serve its own.
 
     Methods for the caller:
 
@@ -1449,6 +1592,16 @@ class Server(object):
     log_file          where the log goes (default: sys.stderr)
     udp_batching      on Linux, send runs of UDP replies in one system
                       call (UDP_SEGMENT); False: one by one, as elsewhere
+    sockets           [(socket, name)]: open sockets to serve instead of
+                      binding (TCP ones listening).  Each is matched to
+                      its service by name ("echo", ...) or else by its
+                      port: the standard one, the standard one plus
+                      port_offset, or the one ``ports`` gives.  The server
+                      owns them from then on and closes them.
+    duration          seconds: serve_forever() stops this long after the
+                      server was made, and closes every socket
+    notifier          a SystemdNotifier: READY=1, STATUS=, WATCHDOG=1,
+                      STOPPING=1 (see SystemdNotifier)
     """
 
     def __init__(self, services=None, bind=None, port_offset=0, ports=None,
@@ -1461,7 +1614,8 @@ class Server(object):
                  allow=(), deny=(), verbosity=0, log_file=None,
                  ipv4_prefix=DEFAULT_IPV4_PREFIX,
                  ipv6_prefix=DEFAULT_IPV6_PREFIX, udp_echo_rate=0.0,
-                 udp_batching=True):
+                 udp_batching=True,
+                 sockets=None, duration=None, notifier=None):
         services = list(services or SERVICE_NAMES)
         for name in list(services) + list(ports or ()):
             if name not in SERVICES:
@@ -1472,6 +1626,25 @@ class Server(object):
                 raise ServerError("unknown transport %r" % (transport,))
         self.services = [name for name in SERVICE_NAMES if name in services]
         self.transports = [t for t in TRANSPORTS if t in transports]
+        if duration is not None:
+            _checked_limit("for", duration)     # a finite, datable end
+        adopted = None
+        if sockets is not None:
+            try:
+                if bind:
+                    raise ServerError("--bind has no meaning with sockets "
+                                      "passed in (socket activation)")
+                adopted = _match_sockets(sockets, self.services,
+                                         self.transports, port_offset,
+                                         ports or {})
+            except BaseException:
+                for sock, _ in sockets:
+                    sock.close()
+                raise
+            self.services = [name for name in SERVICE_NAMES
+                             if any(name == match[1] for match in adopted)]
+            self.transports = [t for t in TRANSPORTS
+                               if any(t == match[2] for match in adopted)]
         self.quotes = tuple(quotes) if quotes else tuple(
             parse_quotes("\n%\n".join(BUILTIN_QUOTES)))
         self.selector_class = selector or SELECTORS[0]
@@ -1509,6 +1682,10 @@ class Server(object):
         self.verbosity = verbosity
         self.log_file = log_file
         self.notes = []                 # things the user should know
+        self.duration = duration
+        # The wall-clock end of the window, for the start lines.
+        self.stops_at = time.time() + duration if duration else None
+        self.notifier = notifier
 
         self.now = time.monotonic()
         self.stream_buffer = memoryview(bytearray(STREAM_BUFFER_SIZE))
@@ -1557,7 +1734,10 @@ class Server(object):
         self._accept_paused_until = None
         self._accept_pause_logged = None
         self._next_sweep = self.now + self._sweep_interval()
-        self._next_timer = self._next_sweep
+        self._stop_deadline = self.now + duration if duration else None
+        self._next_status = self._next_watchdog = None
+        self._ready_sent = False
+        self._set_next_timer()
         self._stop_requested = False
         self._running = False
         self._closed = False
@@ -1586,9 +1766,16 @@ class Server(object):
             self._waker = _Waker()
             self._register_own(self._waker.sock, self._waker,
                                "the wake-up socket")
-            self._open_sockets(bind, port_offset, ports or {})
+            if adopted is not None:
+                for sock, name, transport in adopted:
+                    self._serve_socket(name, transport, sock)
+                    adopted = adopted[1:]       # the server owns it now
+            else:
+                self._open_sockets(bind, port_offset, ports or {})
         except BaseException as error:
             self.close()
+            for sock, _, _ in adopted or ():
+                sock.close()
             if isinstance(error, OSError):
                 # Out of descriptors or memory, say: one line, nothing kept.
                 raise ServerError("cannot start: %s" % (
@@ -1609,7 +1796,6 @@ class Server(object):
                 targets.append((socket.AF_INET6, "::", 0))
             else:
                 self.notes.append("no IPv6 on this host: serving IPv4 only")
-        wildcard_udp_without_pktinfo = False
         for name in self.services:
             service = SERVICES[name]
             if name in ports:
@@ -1626,35 +1812,38 @@ class Server(object):
                                           len(str(port)) - 6))))
             bound = self._bind_service(name, port, targets)
             while bound:
-                transport, family, host, sock = bound[0]
+                transport, _, _, sock = bound.pop(0)
                 try:
-                    counters = self.counters[name, transport]
-                    if transport == "tcp":
-                        handler = Listener(self, sock, service, counters)
-                        self.listeners.append(handler)
-                    else:
-                        pktinfo = self._enable_pktinfo(sock, family, host)
-                        if host in ("0.0.0.0", "::") and not pktinfo:
-                            wildcard_udp_without_pktinfo = True
-                        endpoint_class = (SegmentingDatagramEndpoint
-                                          if self.udp_batched
-                                          else DatagramEndpoint)
-                        handler = endpoint_class(self, sock, service,
-                                                 counters, pktinfo)
-                        self.endpoints.append(handler)
-                    bound.pop(0)        # close() closes it from here on
-                    self._register_own(sock, handler, "%s/%s on %s" % (
-                        name, transport, host))
-                    self.addresses[name, transport].append(handler.address)
+                    self._serve_socket(name, transport, sock)
                 except BaseException:
+                    sock.close()        # (twice, if close() has it: harmless)
                     for _, _, _, left in bound:
                         left.close()
                     raise
-        if wildcard_udp_without_pktinfo:
-            self.notes.append(
-                "this platform has no IP_PKTINFO: UDP replies on a wildcard "
-                "address leave from the kernel's choice of source address; "
-                "on a multi-homed host use --bind for each address")
+
+    def _serve_socket(self, name, transport, sock):
+        """Serve an open socket, bound here or passed in: one path for both,
+        so that every limit and list applies to each alike."""
+        sock.setblocking(False)
+        service = SERVICES[name]
+        counters = self.counters[name, transport]
+        host = sock.getsockname()[0]
+        if transport == "tcp":
+            handler = Listener(self, sock, service, counters)
+            self.listeners.append(handler)
+        else:
+            pktinfo = self._enable_pktinfo(sock, sock.family, host)
+            endpoint_class = (SegmentingDatagramEndpoint if self.udp_batched
+                              else DatagramEndpoint)
+            handler = endpoint_class(self, sock, service, counters, pktinfo)
+            self.endpoints.append(handler)
+            if host in ("0.0.0.0", "::") and not pktinfo and \
+                    _NO_PKTINFO_NOTE not in self.notes:
+                self.notes.append(_NO_PKTINFO_NOTE)
+        # close() closes it from here on
+        self._register_own(sock, handler, "%s/%s on %s" % (
+            name, transport, host))
+        self.addresses[name, transport].append(handler.address)
 
     def _bind_service(self, name, port, targets):
         """Bind one service's sockets: [(transport, family, host, sock)].
@@ -2140,6 +2329,15 @@ class Server(object):
 
     def _run_timers(self):
         now = self.now
+        if self._stop_deadline is not None and now >= self._stop_deadline:
+            self._stop_requested = True         # the window is over
+        notifier = self.notifier
+        if self._next_status is not None and now >= self._next_status:
+            self._next_status = now + STATUS_INTERVAL
+            notifier.send("STATUS=" + self.status_line())
+        if self._next_watchdog is not None and now >= self._next_watchdog:
+            self._next_watchdog = now + notifier.watchdog_interval
+            notifier.send("WATCHDOG=1")
         if (self._accept_paused_until is not None and
                 now >= self._accept_paused_until):
             self._resume_accepting()
@@ -2167,10 +2365,60 @@ class Server(object):
         self._set_next_timer()
 
     def _set_next_timer(self):
-        """The loop's one wake-up time: the sweep or the end of a pause."""
-        self._next_timer = self._next_sweep
-        if self._accept_paused_until is not None:
-            self._next_timer = min(self._next_timer, self._accept_paused_until)
+        """The loop's one wake-up time: the sweep, the end of a pause, the
+        end of the window, or a message owed to systemd."""
+        self._next_timer = min(
+            when for when in (self._next_sweep, self._accept_paused_until,
+                              self._stop_deadline, self._next_status,
+                              self._next_watchdog) if when is not None)
+
+    # -- systemd: readiness, status, watchdog (sd_notify(3)) --
+
+    def status_line(self):
+        """One line on what it serves and has done, for STATUS=."""
+        totals = [0, 0, 0]
+        for counters in self.counters.values():
+            totals[0] += counters.connections
+            totals[1] += counters.datagrams
+            totals[2] += sum(counters.refusals.values())
+        line = "serving %s on %d sockets; %d connections open; %d " \
+            "connections, %d datagrams, %d refused so far" % (
+                " ".join(self.services), len(self.listeners) +
+                len(self.endpoints), len(self.streams), totals[0], totals[1],
+                totals[2])
+        if self.stops_at is not None:
+            line += "; stops at " + time.strftime(
+                "%H:%M:%S", time.localtime(self.stops_at))
+        return line
+
+    def _notify_ready(self):
+        """READY=1 and the first STATUS=: every socket is served now."""
+        self._ready_sent = True
+        notifier = self.notifier
+        notifier.send("READY=1\nSTATUS=" + self.status_line())
+        self._next_status = self.now + STATUS_INTERVAL
+        if notifier.watchdog_interval:
+            notifier.send("WATCHDOG=1")
+            self._next_watchdog = self.now + notifier.watchdog_interval
+        self._set_next_timer()
+
+    def _close_window(self):
+        """The duration is over: close every socket, as close() will, from
+        the loop's own thread before it ends (close() may wait for that).
+        Not under the lock, as serve_forever()'s end: a close() from a
+        signal handler may close the same sockets meanwhile, harmlessly."""
+        if self._closed:
+            return
+        for stream in list(self.streams):
+            self.close_stream(stream)
+        for handler in self.listeners + self.endpoints:
+            try:
+                self.selector.unregister(handler.sock)
+            except (KeyError, ValueError, OSError):
+                pass                    # unwatched during an accept pause
+            handler.sock.close()
+        self.listeners = []
+        self.endpoints = []
 
     # -- The loop --
 
@@ -2192,6 +2440,8 @@ class Server(object):
             select = self.selector.select
             monotonic = time.monotonic
             self.now = monotonic()
+            if self.notifier is not None and not self._ready_sent:
+                self._notify_ready()
             while not self._stop_requested:
                 # One clock read a pass: the wait is measured from the
                 # last one, at most a pass's work late, and timers are
@@ -2217,6 +2467,11 @@ class Server(object):
                 if self.now >= self._next_timer and not self._stop_requested:
                     self._run_timers()
         finally:
+            if self.notifier is not None:
+                self.notifier.send("STOPPING=1")
+            if self._stop_deadline is not None and \
+                    self.now >= self._stop_deadline:
+                self._close_window()
             # Not under the lock: a close() waiting for this event may be
             # holding it (re-entered from a signal handler).
             self._loop_thread_id = None
@@ -3560,16 +3815,138 @@ def _parse_mixed(parser, argv, rest):
     return options
 
 
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600}
+
+
+def parse_duration(text):
+    """Seconds in '90s', '30m', '2h' or plain seconds ('1.5'); ValueError
+    for anything else or for a duration that is not above 0."""
+    text = text.strip().lower()
+    unit = _DURATION_UNITS.get(text[-1:])
+    number = text[:-1] if unit else text
+    try:
+        seconds = float(number) * (unit or 1)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds <= LIMIT_MAX:    # nan, inf: no end that can be dated
+        raise ValueError("%r is not a duration: give e.g. 90s, 30m, 2h or "
+                         "seconds (up to %d)" % (text, LIMIT_MAX))
+    return seconds
+
+
+def _duration(text):
+    import argparse
+    try:
+        return parse_duration(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error))
+
+
+# sd_listen_fds(3): passed descriptors start at 3, in LISTEN_FDNAMES' order.
+SD_LISTEN_FDS_START = 3
+_ACTIVATION_VARIABLES = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
+
+
+def _listen_fds(environ, pid):
+    """[(descriptor, name or None)] that systemd passed to process ``pid``.
+
+    The sd_listen_fds(3) contract: nothing unless LISTEN_PID is this
+    process (a child that inherited the variables must not take the
+    sockets); LISTEN_FDS descriptors from 3 on; LISTEN_FDNAMES, when set,
+    one name each, colon-separated.  Malformed values raise ServerError.
+    """
+    if environ.get("LISTEN_PID", "").strip() != str(pid):
+        return []
+    count = environ.get("LISTEN_FDS", "").strip()
+    if not count.isdigit():
+        raise ServerError("LISTEN_FDS=%r is not a number of descriptors"
+                          % (count,))
+    count = int(count)
+    names = environ.get("LISTEN_FDNAMES")
+    names = names.split(":") if names is not None else [""] * count
+    if len(names) != count:
+        raise ServerError("LISTEN_FDNAMES has %d names for LISTEN_FDS=%d "
+                          "descriptors" % (len(names), count))
+    return [(SD_LISTEN_FDS_START + index, names[index] or None)
+            for index in range(count)]
+
+
+def _inherited_socket(descriptor):
+    """A socket object for a passed descriptor, of the family and type the
+    kernel says it has (before 3.7, socket(fileno=) did not ask)."""
+    try:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0,
+                             descriptor)
+    except OSError as error:
+        raise ServerError("descriptor %d was passed as a socket but is not "
+                          "open: %s" % (descriptor, error.strerror or error))
+    try:
+        kind = sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
+        if hasattr(socket, "SO_DOMAIN"):
+            family = sock.getsockopt(socket.SOL_SOCKET, socket.SO_DOMAIN)
+        else:
+            address = sock.getsockname()
+            family = (socket.AF_INET6 if isinstance(address, tuple) and
+                      len(address) == 4 else socket.AF_INET
+                      if isinstance(address, tuple) else
+                      getattr(socket, "AF_UNIX", socket.AF_INET))
+    except OSError as error:
+        sock.detach()                   # not ours to close: not a socket
+        raise ServerError("descriptor %d was passed as a socket but is not "
+                          "one: %s" % (descriptor, error.strerror or error))
+    sock = socket.socket(family, kind, 0, sock.detach())
+    sock.set_inheritable(False)         # a child must not hold it open
+    return sock
+
+
+def _take_passed_sockets(environ=None):
+    """[(socket, name)] passed by systemd, or None; the variables are
+    removed from the environment either way (sd_listen_fds(3) with
+    unset_environment), so that nothing started later inherits them."""
+    environ = os.environ if environ is None else environ
+    try:
+        passed = _listen_fds(environ, os.getpid())
+    finally:
+        for variable in _ACTIVATION_VARIABLES:
+            environ.pop(variable, None)
+    if not passed:
+        return None
+    sockets = []
+    try:
+        for descriptor, name in passed:
+            sockets.append((_inherited_socket(descriptor), name))
+    except ServerError:
+        for sock, _ in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def _duration_text(seconds):
+    """90 -> '90 s', 1800 -> '30 min', 7200 -> '2 h'."""
+    for unit, size in (("h", 3600), ("min", 60)):
+        if seconds >= size and seconds % size == 0:
+            return "%d %s" % (seconds // size, unit)
+    return "%g s" % seconds
+
+
 def _build_parser():
     import argparse
     parser = argparse.ArgumentParser(
         prog="diagsvc",
+        usage="%(prog)s [SERVICE ...] [options]\n"
+              "       %(prog)s probe HOST [SERVICE ...] [options]   "
+              "(see: %(prog)s probe --help)\n"
+              "       %(prog)s measure HOST [TEST ...] [options]    "
+              "(see: %(prog)s measure --help)",
         description="Serve echo (RFC 862), discard (863), chargen (864), "
                     "qotd (865), daytime (867) and time (868) over TCP and "
                     "UDP, IPv4 and IPv6.  'diagsvc probe HOST' and "
                     "'diagsvc measure HOST' are the client side.",
         epilog="Start lines on stdout: 'diagsvc: serving SERVICE/TRANSPORT "
-               "on HOST port PORT'.  Log on stderr.")
+               "on HOST port PORT'.  Log on stderr.  Under systemd it serves "
+               "the sockets it is passed (LISTEN_FDS) and reports to "
+               "NOTIFY_SOCKET; the README has unit files.")
     parser.add_argument("services", nargs="*", metavar="SERVICE",
                         help="services to serve (default: all): " +
                         ", ".join(SERVICE_NAMES))
@@ -3651,6 +4028,10 @@ def _build_parser():
                         "are bound (default %(default)s; root keeps root)")
 
     other = parser.add_argument_group("other")
+    other.add_argument("--for", dest="duration", type=_duration,
+                       metavar="DURATION", help="serve for this long, then "
+                       "close every socket and exit 0: 90s, 30m, 2h, or "
+                       "seconds (default: until stopped)")
     other.add_argument("--selector", choices=[cls.__name__ for cls in SELECTORS],
                        help="the event loop's selector (default: %s)" %
                        SELECTORS[0].__name__)
@@ -3696,7 +4077,9 @@ def _serve_main(argv):
             allow=options.allow, deny=options.deny,
             ipv4_prefix=options.ipv4_prefix, ipv6_prefix=options.ipv6_prefix,
             verbosity=max(0, 1 + options.verbose - options.quiet),
-            udp_batching=options.udp_batching)
+            udp_batching=options.udp_batching,
+            sockets=_take_passed_sockets(), duration=options.duration,
+            notifier=SystemdNotifier.from_environment())
     except (ServerError, QuoteFileError) as error:
         sys.stderr.write("%s: error: %s\n" % (prog, error))
         return 2
@@ -3723,6 +4106,11 @@ def _serve_main(argv):
                 for host, port in server.addresses[name, transport]:
                     lines.append("%s: serving %s/%s on %s port %d\n" % (
                         prog, name, transport, host, port))
+        if server.stops_at is not None:
+            lines.append("%s: stops at %s, after %s (--for)\n" % (
+                prog, time.strftime("%Y-%m-%dT%H:%M:%S%z",
+                                    time.localtime(server.stops_at)),
+                _duration_text(server.duration)))
         lines.append("%s: running as %s, pid %d\n" % (prog, who, os.getpid()))
         sys.stdout.write("".join(lines))
         sys.stdout.flush()
@@ -3794,8 +4182,30 @@ def _write_text(text):
 
 def _client_parser(command):
     import argparse
-    parser = argparse.ArgumentParser(prog="diagsvc " + command)
-    parser.add_argument("host", metavar="HOST")
+    examples = {
+        "probe": "example:\n"
+                 "  python3 diagsvc.py probe far.example.net echo chargen "
+                 "--tcp --port-offset 10000\n"
+                 "  checks TCP echo and chargen on ports 10007 and 10019 "
+                 "of every address\n"
+                 "  far.example.net resolves to; exit status 0 if all are "
+                 "open.",
+        "measure": "example:\n"
+                   "  python3 diagsvc.py measure far.example.net download "
+                   "--seconds 10 --parallel 4 \\\n"
+                   "          --port-offset 10000\n"
+                   "  chargen over 4 TCP connections for 10 s: MB/s, each "
+                   "byte checked (RFC 864).",
+    }
+    parser = argparse.ArgumentParser(
+        prog="diagsvc " + command,
+        description="Is each service open and answering as its RFC says?"
+        if command == "probe" else "How fast is the path to HOST's "
+        "diagnostic services?",
+        epilog=examples[command],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("host", metavar="HOST", help="the server: a name "
+                        "(every address it resolves to) or an address")
     if command == "probe":
         parser.add_argument("services", nargs="*", metavar="SERVICE",
                             help="default: all of " + ", ".join(SERVICE_NAMES))
@@ -3812,11 +4222,15 @@ def _client_parser(command):
                             metavar="N", help="connections at once for "
                             "download, upload, connect (default 1)")
         parser.add_argument("--connect-service", choices=("daytime", "time"),
-                            default="daytime")
+                            default="daytime", help="the one-shot service "
+                            "the connect test uses (default %(default)s)")
     parser.add_argument("--port-offset", type=_non_negative(int), default=0,
-                        metavar="N")
+                        metavar="N", help="the server's --port-offset: "
+                        "standard port + N (default 0)")
     parser.add_argument("--port", action="append", type=_port_assignment,
-                        default=[], metavar="SERVICE=PORT")
+                        default=[], metavar="SERVICE=PORT",
+                        help="one service's port, over the offset "
+                        "(repeatable)")
     family = parser.add_mutually_exclusive_group()
     family.add_argument("-4", dest="family", action="store_const", const=4,
                         help="IPv4 only")

@@ -3373,5 +3373,675 @@ class ConstructionTest(unittest.TestCase):
                     self.assertIn(counted, log)
 
 
+# --- The help a person reads first (issue 12, part 5) -----------------------
+
+
+class HelpTest(unittest.TestCase):
+
+    def test_usage_names_the_client_commands(self):
+        result = run_command("--help")
+        usage = result.stdout.split("\n\n")[0]
+        self.assertIn("diagsvc probe HOST", usage)
+        self.assertIn("diagsvc measure HOST", usage)
+        self.assertIn("--for DURATION", result.stdout)
+
+    def test_client_help_explains_every_argument_with_an_example(self):
+        for command in ("probe", "measure"):
+            with self.subTest(command=command):
+                parser = diagsvc._client_parser(command)
+                for action in parser._actions:
+                    self.assertTrue(action.help, "no help for %s" % (
+                        action.option_strings or action.dest))
+                result = run_command(command, "--help")
+                self.assertEqual(result.returncode, 0)
+                self.assertRegex(result.stdout, r"\n  HOST +\S")
+                self.assertIn("example:\n  python3 diagsvc.py " + command,
+                              result.stdout)
+
+
+
+# --- Running as a service: systemd, sd_notify, --for (issue 12) -------------
+
+SOCKET_ACTIVATE = "/usr/bin/systemd-socket-activate"
+SYSTEMD_ANALYZE = "/usr/bin/systemd-analyze"
+
+# Sets LISTEN_* by hand the way systemd does, then execs diagsvc: the
+# descriptors given in argv[1] become 3, 4, ...; LISTEN_PID is this
+# process, which exec keeps.  argv[2] is LISTEN_FDNAMES ("-": unset).
+ACTIVATE = r"""
+import fcntl, os, sys
+fds = [int(fd) for fd in sys.argv[1].split(",")]
+high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 100) for fd in fds]
+for fd in fds:
+    os.close(fd)
+for index, fd in enumerate(high):
+    os.dup2(fd, 3 + index)
+    os.close(fd)
+os.environ["LISTEN_PID"] = str(os.getpid())
+os.environ["LISTEN_FDS"] = str(len(fds))
+if sys.argv[2] != "-":
+    os.environ["LISTEN_FDNAMES"] = sys.argv[2]
+os.execv(sys.executable, [sys.executable] + sys.argv[3:])
+"""
+
+
+def free_port(kind=socket.SOCK_STREAM, host="127.0.0.1"):
+    """A port free now (bound to 0, then closed: a tiny race, accepted)."""
+    with socket.socket(socket.AF_INET, kind) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+class LineReader(object):
+    """Lines from a pipe, each waited for with a deadline, never forever."""
+
+    def __init__(self, pipe):
+        self.fd = pipe.fileno()
+        self.buffer = b""
+
+    def line(self, timeout=TIMEOUT):
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.buffer:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.fd], [], [], left)[0]:
+                raise AssertionError("no line within %s s; so far %r" % (
+                    timeout, self.buffer))
+            chunk = os.read(self.fd, 4096)
+            if not chunk:
+                line, self.buffer = self.buffer, b""
+                return line.decode()
+            self.buffer += chunk
+        line, _, self.buffer = self.buffer.partition(b"\n")
+        return line.decode() + "\n"
+
+
+class LaunchedServer(object):
+    """A diagsvc process started by some launcher; start lines parsed."""
+
+    def __init__(self, command, pass_fds=(), env=None):
+        self.process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            pass_fds=pass_fds, env=env)
+        self.stdout = LineReader(self.process.stdout)
+        self.stderr = LineReader(self.process.stderr)
+        self.addresses = {}
+        self.lines = []
+
+    def read_start_lines(self):
+        while True:
+            line = self.stdout.line()
+            if not line:
+                raise AssertionError("server exited: %r" % (
+                    self.process.stderr.read(),))
+            self.lines.append(line.rstrip("\n"))
+            match = START_LINE.match(line.rstrip("\n"))
+            if match:
+                service, transport, host, port = match.groups()
+                self.addresses.setdefault((service, transport), []).append(
+                    (host, int(port)))
+            elif line.startswith("diagsvc: running as"):
+                return self
+
+    def wait(self):
+        try:
+            return self.process.wait(TIMEOUT)
+        finally:
+            self.process.stdout.close()
+            self.process.stderr.close()
+
+    def stop(self):
+        import signal
+        self.process.send_signal(signal.SIGTERM)
+        return self.wait()
+
+    def kill(self):
+        if self.process.poll() is None:
+            self.process.kill()
+            self.wait()
+
+
+def activated(sockets, names, *args):
+    """diagsvc over sockets passed the way systemd passes them."""
+    for sock in sockets:
+        sock.set_inheritable(True)
+    fds = [sock.fileno() for sock in sockets]
+    return LaunchedServer(
+        [sys.executable, "-c", ACTIVATE, ",".join(map(str, fds)), names,
+         SCRIPT] + list(args), pass_fds=fds)
+
+
+def listening(host="127.0.0.1", port=0):
+    sock = sock_from(host, port)
+    sock.listen(16)
+    return sock
+
+
+class ActivationEnvironmentTest(unittest.TestCase):
+    """The pure parts: sd_listen_fds(3)'s variables, --for's durations."""
+
+    def test_listen_fds_follows_sd_listen_fds(self):
+        listen = diagsvc._listen_fds
+        self.assertEqual(listen({}, 42), [])
+        # For another process (a parent's, inherited): not ours.
+        self.assertEqual(listen({"LISTEN_PID": "41", "LISTEN_FDS": "2"}, 42),
+                         [])
+        self.assertEqual(listen({"LISTEN_PID": "42", "LISTEN_FDS": "2"}, 42),
+                         [(3, None), (4, None)])
+        self.assertEqual(listen({"LISTEN_PID": "42", "LISTEN_FDS": "3",
+                                 "LISTEN_FDNAMES": "echo::diagsvc.socket"},
+                                42),
+                         [(3, "echo"), (4, None), (5, "diagsvc.socket")])
+        for bad, text in (({"LISTEN_FDS": "x"}, "not a number"),
+                          ({"LISTEN_FDS": "2", "LISTEN_FDNAMES": "echo"},
+                           "1 names for LISTEN_FDS=2")):
+            bad["LISTEN_PID"] = "42"
+            with self.assertRaisesRegex(diagsvc.ServerError, text):
+                listen(bad, 42)
+
+    def test_variables_are_removed_once_read(self):
+        for environ in ({"LISTEN_PID": "1", "LISTEN_FDS": "1",
+                         "LISTEN_FDNAMES": "echo", "PATH": "/bin"},
+                        {"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": "0",
+                         "PATH": "/bin"},
+                        {"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": "x",
+                         "PATH": "/bin"}):
+            with self.subTest(environ=dict(environ)):
+                try:
+                    self.assertIsNone(diagsvc._take_passed_sockets(environ))
+                except diagsvc.ServerError:
+                    pass
+                self.assertEqual(environ, {"PATH": "/bin"})
+
+    def test_ipv4_on_a_dual_stack_socket_is_judged_as_ipv4(self):
+        self.assertTrue(diagsvc._is_group_address("::ffff:224.0.0.1"))
+        self.assertTrue(diagsvc._is_group_address("::ffff:255.255.255.255"))
+        self.assertFalse(diagsvc._is_group_address("::ffff:192.0.2.1"))
+        mapped = b"\0" * 10 + b"\xff\xff"
+        self.assertTrue(diagsvc._is_group_destination(mapped + b"\xe0\0\0\1"))
+        self.assertFalse(diagsvc._is_group_destination(mapped + b"\x7f\0\0\1"))
+        self.assertTrue(diagsvc._is_group_destination(b"\xff" + b"\0" * 15))
+        access = diagsvc.AccessList(allow=["127.0.0.0/8"])
+        self.assertTrue(access.permits("::ffff:127.0.0.1"))
+        self.assertFalse(access.permits("::ffff:192.0.2.1"))
+        # Per-source limits: one IPv4 client each, not all of them in ::/64.
+        self.assertEqual(diagsvc.source_group("::ffff:192.0.2.7"), "192.0.2.7")
+        self.assertEqual(diagsvc.source_group("::ffff:192.0.2.7", 24),
+                         "192.0.2.0/24")
+
+    def test_durations(self):
+        for text, seconds in (("90s", 90), ("30m", 1800), ("2h", 7200),
+                              ("1.5", 1.5), ("45", 45), ("0.5S", 0.5)):
+            with self.subTest(text=text):
+                self.assertEqual(diagsvc.parse_duration(text), seconds)
+        for text in ("", "0", "-5s", "10x", "m", "nan", "inf", "1e300",
+                     "1e9h"):
+            with self.subTest(text=text):
+                self.assertRaises(ValueError, diagsvc.parse_duration, text)
+
+
+class PassedSocketTest(ServerTestCase):
+    """Server(sockets=...): served exactly as the sockets it binds."""
+
+    def test_matched_by_name_or_port_and_served(self):
+        echo_tcp, time_tcp = listening(), listening()
+        echo_udp = sock_from("127.0.0.1", kind=socket.SOCK_DGRAM)
+        # time by its port: systemd names an unnamed socket after its unit.
+        offset = time_tcp.getsockname()[1] - 37
+        server = diagsvc.Server(
+            sockets=[(echo_tcp, "echo"), (time_tcp, "diagsvc.socket"),
+                     (echo_udp, "echo")], port_offset=offset)
+        self.addCleanup(server.close)
+        server.start()
+        self.assertEqual(server.services, ["echo", "time"])
+        self.assertEqual(server.addresses["echo", "tcp"],
+                         [echo_tcp.getsockname()])
+        self.assertEqual(server.addresses["time", "tcp"],
+                         [time_tcp.getsockname()])
+        self.assertEqual(server.addresses["time", "udp"], [])
+        self.assertEqual(self.udp_exchange(server, "echo", b"dgram"), b"dgram")
+        with self.connect(server, "echo") as sock:
+            sock.sendall(b"stream")
+            self.assertEqual(recv_exactly(sock, 6), b"stream")
+        with self.connect(server, "time") as sock:
+            self.assertEqual(len(recv_to_eof(sock)), 4)
+        server.close()
+        self.assertEqual(echo_tcp.fileno(), -1, "the server owns them")
+
+    def test_limits_and_lists_apply(self):
+        server = diagsvc.Server(
+            sockets=[(listening(), "echo"), (listening(), "discard"),
+                     (sock_from("127.0.0.1", kind=socket.SOCK_DGRAM),
+                      "echo")],
+            max_per_source=1, deny=["127.0.0.1"])
+        self.addCleanup(server.close)
+        server.start()
+        with self.connect(server, "echo") as sock:
+            self.assertEqual(sock.recv(100), b"")
+        sock = self.udp_socket(timeout=0.5)
+        sock.sendto(b"x", server.addresses["echo", "udp"][0])
+        wait_until(lambda: server.counters["echo", "udp"].refusals,
+                   message="the UDP refusal")
+        self.assertEqual(server.counters["echo", "udp"].refusals,
+                         {"denied": 1})
+        self.assertEqual(server.counters["echo", "tcp"].refusals,
+                         {"denied": 1})
+        server.close()
+        server = diagsvc.Server(sockets=[(listening(), "discard")],
+                                max_per_source=1)
+        self.addCleanup(server.close)
+        server.start()
+        first = self.connect(server, "discard")
+        wait_until(lambda: server.streams, message="the first connection")
+        with self.connect(server, "discard") as second:
+            self.assertEqual(second.recv(100), b"")
+        self.assertEqual(server.counters["discard", "tcp"].refusals,
+                         {"max-per-source": 1})
+        first.close()
+
+    @unittest.skipUnless(HAVE_IPV6, "no IPv6 here")
+    def test_dual_stack_socket_lists_see_ipv4_clients(self):
+        # systemd's ListenStream=7 is one [::] socket for both families:
+        # an IPv4 client arrives as ::ffff:127.0.0.1.
+        for allow, deny, served in ((["127.0.0.1"], [], True),
+                                    ([], ["127.0.0.0/8"], False)):
+            with self.subTest(allow=allow, deny=deny):
+                dual = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+                dual.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+                dual.bind(("::", 0))
+                server = diagsvc.Server(sockets=[(dual, "echo")],
+                                        allow=allow, deny=deny)
+                self.addCleanup(server.close)
+                server.start()
+                port = server.addresses["echo", "udp"][0][1]
+                sock = self.udp_socket()
+                sock.sendto(b"v4", ("127.0.0.1", port))
+                if served:
+                    self.assertEqual(sock.recv(100), b"v4")
+                else:
+                    wait_until(lambda: server.counters[
+                        "echo", "udp"].refusals, message="the refusal")
+                    self.assertEqual(server.counters["echo", "udp"].refusals,
+                                     {"denied": 1})
+                server.close()
+
+    @needs_linux
+    def test_wildcard_udp_socket_passed_in_replies_from_its_destination(self):
+        wildcards = [(socket.AF_INET, "0.0.0.0", 4)]
+        if HAVE_IPV6:                   # systemd's dual-stack [::] too
+            wildcards.append((socket.AF_INET6, "::", 6))
+        for family, host, pktinfo in wildcards:
+            with self.subTest(host=host):
+                wildcard = socket.socket(family, socket.SOCK_DGRAM)
+                if family == socket.AF_INET6:
+                    wildcard.setsockopt(socket.IPPROTO_IPV6,
+                                        socket.IPV6_V6ONLY, 0)
+                wildcard.bind((host, 0))
+                server = diagsvc.Server(sockets=[(wildcard, "echo")])
+                self.addCleanup(server.close)
+                server.start()
+                self.assertEqual(server.endpoints[0].pktinfo, pktinfo)
+                sock = self.udp_socket()
+                sock.connect(("127.0.0.2",
+                              server.addresses["echo", "udp"][0][1]))
+                sock.send(b"via 127.0.0.2")
+                self.assertEqual(sock.recv(100), b"via 127.0.0.2")
+                server.close()
+
+    def test_sockets_it_cannot_serve_raise_and_are_closed(self):
+        unix = None
+        if hasattr(socket, "AF_UNIX"):
+            unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        not_listening = sock_from("127.0.0.1")
+        cases = [
+            ([(listening(), None)], {}, "matches no service: name it"),
+            ([(listening(), "echo")], {"services": ["time"]},
+             "echo is not among the services asked for"),
+            ([(sock_from("127.0.0.1", kind=socket.SOCK_DGRAM), "echo")],
+             {"transports": ("tcp",)}, "only tcp was asked for"),
+            ([(listening(), "echo")], {"bind": ["127.0.0.1"]},
+             "--bind has no meaning"),
+        ]
+        if hasattr(socket, "SO_ACCEPTCONN"):
+            cases.append(([(not_listening, "echo")], {},
+                          "is not listening; pass listening sockets"))
+        if unix is not None:
+            cases.append(([(unix, "echo")], {}, "not an IPv4 or IPv6"))
+        for sockets, options, text in cases:
+            with self.subTest(text=text):
+                with self.assertRaisesRegex(diagsvc.ServerError, text):
+                    diagsvc.Server(sockets=sockets, **options)
+                self.assertEqual(sockets[0][0].fileno(), -1)
+
+
+class DurationTest(ServerTestCase):
+
+    def test_a_duration_without_a_datable_end_is_refused(self):
+        for duration in (float("nan"), float("inf"), 1e300, -1):
+            with self.subTest(duration=duration):
+                with self.assertRaisesRegex(diagsvc.ServerError,
+                                            "--for must be 0 to"):
+                    diagsvc.Server(["echo"], bind=["127.0.0.1"],
+                                   port_offset=None, duration=duration)
+
+    def test_duration_returns_from_serve_forever(self):
+        server = diagsvc.Server(["time"], bind=["127.0.0.1"],
+                                port_offset=None, duration=0.3)
+        self.addCleanup(server.close)
+        started = time.monotonic()
+        server.serve_forever()          # in this thread: it must return
+        self.assertGreaterEqual(time.monotonic() - started, 0.25)
+        self.assertEqual((server.listeners, server.endpoints), ([], []))
+
+    def test_at_the_end_every_socket_is_closed(self):
+        server = self.start_server(["echo"], duration=3600.0)
+        self.assertLess(abs(server.stops_at - time.time() - 3600), TIMEOUT)
+        address = server.addresses["echo", "tcp"][0]
+        client = self.connect(server, "echo")
+        client.sendall(b"in the window")
+        self.assertEqual(recv_exactly(client, 13), b"in the window")
+        # The hour is up: bring the end forward rather than wait for it
+        # (the loop's timers look at it at least once a second).
+        server._stop_deadline = time.monotonic()
+        server._thread.join(TIMEOUT)
+        self.assertFalse(server._thread.is_alive())
+        self.assertEqual(client.recv(100), b"", "connections are closed")
+        self.assertEqual((server.listeners, server.endpoints), ([], []))
+        probe = socket.socket()
+        self.addCleanup(probe.close)
+        self.assertRaises(ConnectionRefusedError, probe.connect, address)
+
+
+class NotifyListener(object):
+    """The service manager's end of NOTIFY_SOCKET: a datagram socket."""
+
+    def __init__(self, test, abstract=False):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        test.addCleanup(self.sock.close)
+        if abstract:
+            name = "diagsvc-test-%s" % os.urandom(6).hex()
+            self.sock.bind("\0" + name)
+            self.address = "@" + name
+        else:
+            directory = tempfile.mkdtemp()
+            test.addCleanup(os.rmdir, directory)
+            self.address = os.path.join(directory, "notify")
+            self.sock.bind(self.address)
+            test.addCleanup(os.unlink, self.address)
+        self.sock.settimeout(TIMEOUT)
+        self.messages = []
+        self.unread = []
+
+    def wait_for(self, field):
+        """The next line FIELD=... not yet taken, read with a deadline."""
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            for line in self.unread:
+                if line.startswith(field + "="):
+                    self.unread.remove(line)
+                    return line
+            if time.monotonic() > deadline:
+                raise AssertionError("no %s= within %s s" % (field, TIMEOUT))
+            message = self.sock.recv(4096).decode()
+            self.messages.append(message)
+            self.unread.extend(message.split("\n"))
+
+
+@unittest.skipUnless(hasattr(socket, "AF_UNIX"), "no AF_UNIX sockets")
+class NotifyTest(unittest.TestCase):
+
+    def test_ready_status_watchdog_and_stopping(self):
+        kinds = [False] + ([True] if ON_LINUX else [])
+        for abstract in kinds:
+            with self.subTest(abstract=abstract):
+                listener = NotifyListener(self, abstract)
+                env = dict(os.environ, NOTIFY_SOCKET=listener.address,
+                           WATCHDOG_USEC="400000")
+                server = LaunchedServer(
+                    [sys.executable, SCRIPT, "echo", "--bind", "127.0.0.1",
+                     "--port", "echo=0", "--user", "root", "-q"], env=env)
+                self.addCleanup(server.kill)
+                server.read_start_lines()
+                self.assertEqual(listener.wait_for("READY"), "READY=1")
+                status = listener.wait_for("STATUS")
+                self.assertRegex(status, r"^STATUS=serving echo on 2 sockets; "
+                                 r"0 connections open; 0 connections, 0 "
+                                 r"datagrams, 0 refused so far$")
+                for _ in range(2):      # at half of WATCHDOG_USEC, again
+                    self.assertEqual(listener.wait_for("WATCHDOG"),
+                                     "WATCHDOG=1")
+                import signal
+                server.process.send_signal(signal.SIGTERM)
+                self.assertEqual(listener.wait_for("STOPPING"), "STOPPING=1")
+                self.assertEqual(server.wait(), 0)
+
+    def test_status_is_refreshed_with_the_counters(self):
+        listener = NotifyListener(self)
+        original = diagsvc.STATUS_INTERVAL
+        diagsvc.STATUS_INTERVAL = 0.05
+        self.addCleanup(setattr, diagsvc, "STATUS_INTERVAL", original)
+        notifier = diagsvc.SystemdNotifier.from_environment(
+            {"NOTIFY_SOCKET": listener.address})
+        self.addCleanup(notifier.close)
+        self.assertIsNone(notifier.watchdog_interval)
+        server = diagsvc.Server(["echo"], bind=["127.0.0.1"], port_offset=None,
+                                transports=("udp",), notifier=notifier)
+        self.addCleanup(server.close)
+        server.start()
+        self.assertEqual(listener.wait_for("READY"), "READY=1")
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.settimeout(TIMEOUT)
+            sock.sendto(b"count", server.addresses["echo", "udp"][0])
+            self.assertEqual(sock.recv(100), b"count")
+        deadline = time.monotonic() + TIMEOUT
+        while "1 datagrams" not in listener.wait_for("STATUS"):
+            self.assertLess(time.monotonic(), deadline, "never counted")
+        self.assertNotIn("WATCHDOG=1", listener.messages)
+
+    def test_watchdog_only_for_this_process(self):
+        make = diagsvc.SystemdNotifier.from_environment
+        for environ, interval in (
+                ({"WATCHDOG_USEC": "400000"}, 0.2),
+                ({"WATCHDOG_USEC": "400000", "WATCHDOG_PID": "42"}, 0.2),
+                ({"WATCHDOG_USEC": "400000", "WATCHDOG_PID": "41"}, None),
+                ({"WATCHDOG_USEC": "0"}, None), ({}, None)):
+            environ["NOTIFY_SOCKET"] = "@diagsvc-unused"
+            notifier = make(environ, pid=42)
+            self.addCleanup(notifier.close)
+            self.assertEqual(notifier.watchdog_interval, interval)
+        self.assertIsNone(make({"NOTIFY_SOCKET": "vsock:2:1"}))
+        self.assertIsNone(make({}))
+
+
+@unittest.skipIf(sys.platform == "win32", "systemd's interfaces are Unix")
+class ActivationCommandLineTest(unittest.TestCase):
+
+    def launch(self, server):
+        self.addCleanup(server.kill)
+        return server
+
+    @needs_linux
+    def test_hand_passed_sockets_served_after_the_privilege_drop(self):
+        tcp, udp = listening(), sock_from("127.0.0.1", kind=socket.SOCK_DGRAM)
+        self.addCleanup(tcp.close)
+        self.addCleanup(udp.close)
+        server = self.launch(activated([tcp, udp], "echo:echo", "-q"))
+        server.read_start_lines()
+        self.assertEqual(server.addresses, {
+            ("echo", "tcp"): [tcp.getsockname()],
+            ("echo", "udp"): [udp.getsockname()]})
+        if os.geteuid() == 0:
+            self.assertIn("running as user nobody", server.lines[-1])
+        with socket.create_connection(tcp.getsockname(), TIMEOUT) as sock:
+            sock.sendall(b"passed")
+            self.assertEqual(recv_exactly(sock, 6), b"passed")
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.settimeout(TIMEOUT)
+            sock.sendto(b"passed", udp.getsockname())
+            self.assertEqual(sock.recv(100), b"passed")
+        # Close-on-exec now: a program it started would not hold them.
+        for fd in (3, 4):
+            with open("/proc/%d/fdinfo/%d" % (server.process.pid, fd)) as info:
+                flags = int(info.read().split("flags:")[1].split()[0], 8)
+            self.assertTrue(flags & 0o2000000, "fd %d lacks O_CLOEXEC" % fd)
+        self.assertEqual(server.stop(), 0)
+
+    def test_unmatched_socket_exits_2_with_one_line(self):
+        tcp = listening()
+        self.addCleanup(tcp.close)
+        server = self.launch(activated([tcp], "-", "--port-offset", "1"))
+        self.assertEqual(server.stderr.line(), (
+            "diagsvc: error: the passed socket on fd 3 (tcp on 127.0.0.1 port "
+            "%d) matches no service: name it after one with "
+            "FileDescriptorName= (echo, discard, daytime, qotd, chargen, "
+            "time), or listen on a service's standard port or that plus "
+            "--port-offset\n" % tcp.getsockname()[1]))
+        self.assertEqual(server.stderr.line(), "")      # and nothing else
+        self.assertEqual(server.wait(), 2)
+
+    def test_for_with_passed_sockets(self):
+        tcp = listening()
+        self.addCleanup(tcp.close)
+        server = self.launch(activated([tcp], "qotd", "--for", "0.5",
+                                       "--user", "root"))
+        server.read_start_lines()
+        self.assertRegex(server.lines[-2], r"^diagsvc: stops at \S+, after "
+                         r"0\.5 s \(--for\)$")
+        self.assertEqual(server.wait(), 0)
+
+    def systemd_socket_activate(self, listen, names, *args):
+        if not os.path.exists(SOCKET_ACTIVATE):
+            self.skipTest("no systemd-socket-activate here")
+        command = [SOCKET_ACTIVATE]
+        for address in listen:
+            command += ["-l", address]
+        command += ["--fdname=" + names] + list(args)
+        server = self.launch(LaunchedServer(command))
+        for _ in listen:                # "Listening on ADDRESS as FD."
+            self.assertIn("Listening on", server.stderr.line())
+        return server
+
+    def test_systemd_socket_activate_tcp(self):
+        echo_port, time_port = free_port(), free_port()
+        server = self.systemd_socket_activate(
+            ["127.0.0.1:%d" % echo_port, "127.0.0.1:%d" % time_port],
+            "echo:unknown", sys.executable, SCRIPT, "--port-offset",
+            str(time_port - 37), "-q")
+        # It starts diagsvc on the first connection; that one is served.
+        with socket.create_connection(("127.0.0.1", echo_port),
+                                      TIMEOUT) as sock:
+            sock.sendall(b"activated")
+            server.read_start_lines()
+            self.assertEqual(recv_exactly(sock, 9), b"activated")
+        self.assertEqual(server.addresses, {
+            ("echo", "tcp"): [("127.0.0.1", echo_port)],
+            ("time", "tcp"): [("127.0.0.1", time_port)]})
+        with socket.create_connection(("127.0.0.1", time_port),
+                                      TIMEOUT) as sock:
+            self.assertEqual(len(recv_to_eof(sock)), 4)
+        self.assertEqual(server.stop(), 0)
+
+    def test_systemd_socket_activate_udp(self):
+        port = free_port(socket.SOCK_DGRAM)
+        server = self.systemd_socket_activate(
+            ["127.0.0.1:%d" % port], "daytime", "--datagram",
+            sys.executable, SCRIPT, "--for", "30s", "-q")
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.settimeout(TIMEOUT)
+            sock.sendto(b"first", ("127.0.0.1", port))   # starts diagsvc
+            server.read_start_lines()
+            self.assertRegex(sock.recv(100), DAYTIME)
+        self.assertEqual(server.addresses, {
+            ("daytime", "udp"): [("127.0.0.1", port)]})
+        self.assertRegex(server.lines[-2], r"after 30 s \(--for\)$")
+        self.assertEqual(server.stop(), 0)
+
+
+class DurationCommandLineTest(unittest.TestCase):
+
+    def test_for_serves_then_exits_0_by_itself(self):
+        server = LaunchedServer([sys.executable, SCRIPT, "echo", "--bind",
+                                 "127.0.0.1", "--port", "echo=0", "--for",
+                                 "1s", "--user", "root", "-q"])
+        self.addCleanup(server.kill)
+        server.read_start_lines()
+        self.assertRegex(server.lines[-2], r"^diagsvc: stops at "
+                         r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4}, after "
+                         r"1 s \(--for\)$")
+        self.assertEqual(server.wait(), 0)
+
+    def test_bad_duration_exits_2(self):
+        result = run_command("--for", "soon")
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("'soon' is not a duration: give e.g. 90s, 30m, 2h",
+                      result.stderr)
+
+
+def readme_unit_sets():
+    """The unit files in the README, as written there: [{name: text}].
+    A file name seen again starts a new set (each set is one way to run it)."""
+    with open(os.path.join(HERE, "README.md")) as readme:
+        text = readme.read()
+    sets = [{}]
+    for block in re.findall(r"```ini\n(.*?)```", text, re.S):
+        match = re.match(r"# /etc/systemd/system/(\S+)\n", block)
+        if not match:
+            continue
+        if match.group(1) in sets[-1]:
+            sets.append({})
+        sets[-1][match.group(1)] = block
+    return sets
+
+
+class UnitFileTest(unittest.TestCase):
+
+    def test_readme_units_name_what_the_code_serves(self):
+        sets = readme_unit_sets()
+        self.assertEqual([sorted(units) for units in sets],
+                         [["diagsvc-echo.socket", "diagsvc.service",
+                           "diagsvc.socket"], ["diagsvc.service"]])
+        activation, plain = sets
+        listens = re.findall(r"^Listen(Stream|Datagram)=(\d+)$",
+                             activation["diagsvc.socket"], re.M)
+        self.assertEqual(sorted(listens), sorted(
+            (kind, str(diagsvc.SERVICES[name].port))
+            for name in diagsvc.SERVICE_NAMES
+            for kind in ("Stream", "Datagram")))
+        self.assertEqual(re.findall(r"^FileDescriptorName=(\S+)$",
+                                    activation["diagsvc-echo.socket"], re.M),
+                         ["echo"])
+        for units in sets:
+            service = units["diagsvc.service"]
+            self.assertIn("\nType=notify\n", service)
+            self.assertIn("\nDynamicUser=yes\n", service)
+            for line in re.findall(r"^ExecStart=(.*)$", service, re.M):
+                self.assertTrue(line.split()[1].endswith("/diagsvc.py"))
+                # Every option it gives is one the parser takes.
+                diagsvc._build_parser().parse_args(line.split()[2:])
+        self.assertIn("AmbientCapabilities=CAP_NET_BIND_SERVICE",
+                      plain["diagsvc.service"])
+
+    @unittest.skipUnless(os.path.exists(SYSTEMD_ANALYZE),
+                         "no systemd-analyze here")
+    def test_systemd_analyze_verify_accepts_the_readme_units(self):
+        for units in readme_unit_sets():
+            with self.subTest(units=sorted(units)):
+                directory = tempfile.mkdtemp()
+                self.addCleanup(__import__("shutil").rmtree, directory)
+                paths = []
+                for name, text in units.items():
+                    # ExecStart's interpreter must exist; the script's path
+                    # is only an argument to it.
+                    paths.append(os.path.join(directory, name))
+                    with open(paths[-1], "w") as unit:
+                        unit.write(text)
+                result = subprocess.run(
+                    [SYSTEMD_ANALYZE, "verify", "--man=no"] + paths,
+                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                    universal_newlines=True, timeout=60,
+                    env=dict(os.environ, SYSTEMD_LOG_LEVEL="notice"))
+                self.assertEqual(result.returncode, 0, result.stdout)
+                self.assertEqual(result.stdout, "")
+
+
 if __name__ == "__main__":
     unittest.main()
