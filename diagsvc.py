@@ -67,6 +67,7 @@ import struct
 import sys
 import threading                    # the log writer (and Server.start)
 import time
+import weakref
 from binascii import crc32
 
 # --- Compatibility: computed once, by feature detection ---------------------
@@ -1338,6 +1339,119 @@ class _Waker(object):
         self.writer.close()
 
 
+class _LogWriter(object):
+    """The thread that writes the log, and the queue it writes from.
+
+    It holds the queue, its wake-up socketpair and the stream, never the
+    Server: a Server that nobody closes is still collected, and a
+    weakref.finalize stops its writer then.  After os.fork() the child
+    gets a writer of its own (the parent's thread does not exist there).
+    """
+
+    def __init__(self, stream):
+        self.stream = stream            # None: sys.stderr at each write
+        self.lines = collections.deque()
+        self.thread = None
+        self.wake_reader = self.wake_writer = None
+        self.pid = os.getpid()
+        self._start()
+        _LOG_WRITERS.add(self)
+
+    def _start(self):
+        reader, writer = socket.socketpair()
+        writer.setblocking(False)
+        self.closing = False
+        thread = threading.Thread(
+            target=_run_log_writer, name="diagsvc-log",
+            args=(self.lines, reader, self.stream, self))
+        thread.daemon = True
+        try:
+            thread.start()
+        except RuntimeError as error:   # "can't start new thread" (nproc)
+            reader.close()
+            writer.close()
+            raise ServerError("cannot start the log thread: %s" % (error,))
+        # Only a thread that runs is kept: close() joins nothing else.
+        self.wake_reader, self.wake_writer = reader, writer
+        self.thread = thread
+
+    def after_fork_in_child(self):
+        """The parent's thread is not here: start one (the queued lines
+        are the parent's, which writes them)."""
+        self.pid = os.getpid()
+        if self.thread is None:
+            return                      # stopped before the fork
+        for sock in (self.wake_reader, self.wake_writer):
+            sock.close()                # the child's copies only
+        self.lines.clear()
+        self.thread = None
+        try:
+            self._start()
+        except ServerError:
+            pass                        # log() then drops and counts
+
+    def put(self, line):
+        """Queue one line; False if it was dropped (stopped, or full)."""
+        if self.pid != os.getpid():     # forked, without register_at_fork
+            self.after_fork_in_child()
+        if self.thread is None or len(self.lines) >= LOG_QUEUE_MAX:
+            return False
+        self.lines.append(line)
+        try:
+            self.wake_writer.send(b"\0")
+        except OSError:                 # full (already woken) or closed
+            pass
+        return True
+
+    def stop(self):
+        """Write out what is queued, waiting LOG_DRAIN_TIMEOUT at most."""
+        thread = self.thread
+        if thread is None:
+            return
+        self.thread = None
+        self.closing = True
+        try:
+            self.wake_writer.send(b"\0")
+        except OSError:
+            pass
+        if thread is not threading.current_thread():
+            thread.join(LOG_DRAIN_TIMEOUT)
+        if not thread.is_alive():       # else it still holds them
+            self.wake_reader.close()
+            self.wake_writer.close()
+
+
+def _run_log_writer(lines, wake_reader, stream, owner):
+    """The log thread: write queued lines whenever woken, until closing."""
+    while True:
+        try:
+            wake_reader.recv(4096)
+        except OSError:
+            return
+        while lines:
+            line = lines.popleft()
+            out = stream or sys.stderr
+            try:
+                out.write(line)
+                out.flush()
+            except (OSError, ValueError):   # a closed or full stderr
+                pass                        # stops nothing
+        if owner.closing:
+            return
+
+
+_LOG_WRITERS = weakref.WeakSet()
+
+
+def _log_writers_after_fork():
+    for writer in list(_LOG_WRITERS):
+        writer.after_fork_in_child()
+
+
+if hasattr(os, "register_at_fork"):     # 3.7+; put() checks the pid too
+    os.register_at_fork(after_in_child=_log_writers_after_fork)
+
+
 def _is_select_based(selector_class):
     """True for select(), whose FD_SETSIZE bounds what the loop can watch."""
     select_selector = getattr(selectors, "SelectSelector", None)
@@ -1722,9 +1836,7 @@ class Server(object):
         self.loop_suspects = {}         # (host, port) -> returns, decaying
         self._returns_decayed = self.now    # its own clock: see below
         self._refusals_logged = {}
-        self._log_lines = collections.deque()
-        self._log_writer = None         # the thread, from here to close()
-        self._log_closing = False
+        self._log = None                # a _LogWriter, from here to close()
         self._log_tokens = float(LOG_BURST)
         self._log_tokens_stamp = self.now
         self.log_lines_suppressed = 0   # held back by the bucket
@@ -1758,10 +1870,16 @@ class Server(object):
         self._waker = None
         self._select_based = select_based
         try:
-            self._start_log_writer()
+            self._log = _LogWriter(log_file)
+            # An unreferenced Server is collected (its sockets close with
+            # it); this stops its log thread then, or at close().
+            self._stop_log = weakref.finalize(self, self._log.stop)
             if "chargen" in self.services and "tcp" in self.transports:
                 self.chargen_ring_file = chargen_ring_file()
             self._ring_file_to_close = self.chargen_ring_file
+            if self._ring_file_to_close is not None:
+                self._close_ring = weakref.finalize(
+                    self, os.close, self._ring_file_to_close)
             self.selector = self.selector_class()
             self._waker = _Waker()
             self._register_own(self._waker.sock, self._waker,
@@ -1983,17 +2101,11 @@ class Server(object):
         """Write one line to the log without ever blocking the loop."""
         line = "%s diagsvc: %s\n" % (time.strftime("%Y-%m-%dT%H:%M:%S"),
                                      message)
-        if self._log_writer is None or len(self._log_lines) >= LOG_QUEUE_MAX:
+        if self._log is None or not self._log.put(line):
             # Closed, or the log is not keeping up: a write here could wait
             # for a full pipe (or for a writer stuck on one, which holds the
             # stream), in the loop or in a signal handler.
             self.log_lines_dropped += 1
-        else:
-            self._log_lines.append(line)
-            try:
-                self._log_wake_writer.send(b"\0")
-            except OSError:             # full (already woken) or closed
-                pass
 
     def notice(self, message):
         """log() for what a remote peer can cause: within the bucket."""
@@ -2017,50 +2129,6 @@ class Server(object):
             self.log("%d log lines suppressed (at most %d at once, then %g "
                      "a second; the counters count every refusal)" % (
                          held_back, LOG_BURST, LOG_RATE))
-
-    def _write_log_line(self, line):
-        stream = self.log_file or sys.stderr
-        try:
-            stream.write(line)
-            stream.flush()
-        except (OSError, ValueError):   # a closed or full stderr stops nothing
-            pass
-
-    def _start_log_writer(self):
-        self._log_wake_reader, self._log_wake_writer = socket.socketpair()
-        self._log_wake_writer.setblocking(False)
-        self._log_writer = threading.Thread(target=self._run_log_writer,
-                                            name="diagsvc-log")
-        self._log_writer.daemon = True
-        self._log_writer.start()
-
-    def _run_log_writer(self):
-        lines = self._log_lines
-        while True:
-            try:
-                self._log_wake_reader.recv(4096)
-            except OSError:
-                return
-            while lines:
-                self._write_log_line(lines.popleft())
-            if self._log_closing:
-                return
-
-    def _stop_log_writer(self):
-        """Write out what is queued, waiting LOG_DRAIN_TIMEOUT at most."""
-        writer = self._log_writer
-        if writer is None:
-            return
-        self._log_closing = True
-        try:
-            self._log_wake_writer.send(b"\0")
-        except OSError:
-            pass
-        writer.join(LOG_DRAIN_TIMEOUT)
-        self._log_writer = None
-        if not writer.is_alive():       # else it still holds them
-            self._log_wake_reader.close()
-            self._log_wake_writer.close()
 
     def refuse(self, counters, reason, source, transport, service):
         """Count a refusal; log it once per source, reason and interval."""
@@ -2168,11 +2236,11 @@ class Server(object):
             return                      # closed earlier in this same pass
         self.streams.discard(stream)
         group = self.group_of(stream.source)
-        remaining = self.per_source[group] - 1
-        if remaining:
+        remaining = self.per_source.get(group, 0) - 1
+        if remaining > 0:
             self.per_source[group] = remaining
         else:
-            del self.per_source[group]
+            self.per_source.pop(group, None)
         try:
             self.selector.unregister(stream.sock)
         except (KeyError, ValueError, OSError):
@@ -2472,6 +2540,11 @@ class Server(object):
             if self._stop_deadline is not None and \
                     self.now >= self._stop_deadline:
                 self._close_window()
+            if self._closing:
+                # close() on this thread (a handler, a signal handler) only
+                # asked: the teardown is done here, between passes, where
+                # nothing iterates over what it closes.
+                self._teardown()
             # Not under the lock: a close() waiting for this event may be
             # holding it (re-entered from a signal handler).
             self._loop_thread_id = None
@@ -2554,38 +2627,55 @@ class Server(object):
         """Stop the loop, wait for it, and close every socket.
 
         Safe from any thread, a signal handler or the loop itself, any
-        number of times.  When it returns, no loop runs (whoever started
-        it) and every descriptor is closed.  Called from the loop's own
-        thread (a handler), the loop ends as soon as that handler returns,
-        without touching a socket again.
+        number of times.  From any other thread, when it returns no loop
+        runs (whoever started it) and every descriptor is closed.  On the
+        loop's own thread (a handler, or a signal handler interrupting the
+        loop) it only asks: the loop stops after the current step, and
+        serve_forever() closes every descriptor before it returns.
         """
         self.shutdown()
         with self._state_lock:
             self._closing = True        # a serve_forever() yet to come
-            in_loop = self._loop_thread_id == threading.get_ident()
-        if not in_loop:
-            self._loop_idle.wait()
-            thread = self._thread
-            if thread is not None and thread is not threading.current_thread():
-                thread.join()
+            if self._loop_thread_id == threading.get_ident():
+                return                  # serve_forever()'s finally does it
+        self._loop_idle.wait()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+        self._teardown()
+
+    def _teardown(self):
+        """Close everything, once; each step alone, so that one failure
+        (a broken selector, say) cannot leave the rest open."""
         with self._state_lock:
             if self._closed:
                 return
             self._closed = True
             for stream in list(self.streams):
-                self.close_stream(stream)
+                self._quietly(self.close_stream, stream)
+                self._quietly(stream.sock.close)
+            self.streams.clear()
+            self.per_source.clear()
             for handler in self.listeners + self.endpoints:
-                handler.sock.close()
+                self._quietly(handler.sock.close)
             self.listeners = []
             self.endpoints = []
             if self._waker is not None:
-                self._waker.close()
+                self._quietly(self._waker.close)
             if self.selector is not None:
-                self.selector.close()
-            self._stop_log_writer()
+                self._quietly(self.selector.close)
+            if self._log is not None:
+                self._quietly(self._stop_log)
             if self._ring_file_to_close is not None:
-                os.close(self._ring_file_to_close)
+                self._quietly(self._close_ring)
                 self._ring_file_to_close = self.chargen_ring_file = None
+
+    @staticmethod
+    def _quietly(step, *arguments):
+        try:
+            step(*arguments)
+        except Exception:               # nowhere to report it, nothing to
+            pass                        # gain by stopping the teardown
 
     def __enter__(self):
         return self
