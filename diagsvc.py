@@ -2164,7 +2164,8 @@ class Server(object):
               self.per_source.get(self.group_of(source), 0) >=
               self.max_per_source):
             reason = "max-per-source"
-        elif self._select_based and not self.can_watch(sock):
+        elif (self._select_based and not self.can_watch(sock) and
+              service.stream_class is not None):
             reason = "unwatchable"      # select() past FD_SETSIZE
         if reason is not None:
             # Accept and close at once: the client learns now, and the
@@ -2205,6 +2206,19 @@ class Server(object):
             sock.close()
             return
         counters.bytes_out += sent
+        if self._select_based and not self.can_watch(sock):
+            # select() cannot wait for this one's close: answered and
+            # closed at once, as before the linger (a reply under 512
+            # bytes fits a new socket's buffer).  Pending input is read
+            # first, so the close sends no reset for it.
+            try:
+                sock.shutdown(socket.SHUT_WR)
+                while sock.recv_into(self.stream_buffer, 0, _MSG_DONTWAIT):
+                    pass
+            except OSError:             # nothing (more) pending, or reset
+                pass
+            sock.close()
+            return
         stream = OneShotStream(self, sock, source, counters)
         if sent < len(reply):
             sock.setblocking(False)
@@ -2411,7 +2425,13 @@ class Server(object):
             self._resume_accepting()
         if now >= self._next_sweep:
             self._next_sweep = now + self._sweep_interval()
-            linger_deadline = now - ONE_SHOT_LINGER
+            # A one-shot whose reply went out lingers for the client's
+            # close at most ONE_SHOT_LINGER, or the idle timeout if that is
+            # shorter; it was answered, so its end is no refusal.
+            linger = ONE_SHOT_LINGER
+            if self.idle_timeout:
+                linger = min(linger, self.idle_timeout)
+            linger_deadline = now - linger
             for stream in [s for s in self.streams
                            if type(s) is OneShotStream and
                            s.owed is None and
@@ -2420,7 +2440,9 @@ class Server(object):
             if self.idle_timeout:
                 deadline = now - self.idle_timeout
                 for stream in [s for s in self.streams
-                               if s.last_active < deadline]:
+                               if s.last_active < deadline and not (
+                                   type(s) is OneShotStream and
+                                   s.owed is None)]:
                     stream.counters.refuse("idle-timeout")
                     if self.verbosity > 1:
                         self.log("closing idle connection from %s" %
