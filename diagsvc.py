@@ -269,6 +269,33 @@ def parse_quotes(text, name="<quotes>"):
     return tuple(quotes)
 
 
+def checked_quotes(quotes):
+    """Quotes given as bytes (Server(quotes=...)), held to the rules that
+    parse_quotes() applies to a file (RFC 865: printable ASCII, space,
+    CR and LF, fewer than 512 characters); a tuple, or QuoteFileError."""
+    checked = []
+    for number, quote in enumerate(quotes, 1):
+        if isinstance(quote, str):
+            try:
+                quote = quote.encode("ascii")
+            except UnicodeEncodeError:
+                raise QuoteFileError("quotes: quote %d is not ASCII "
+                                     "(RFC 865)" % number)
+        if not isinstance(quote, bytes) or not quote.strip():
+            raise QuoteFileError("quotes: quote %d is not a non-empty byte "
+                                 "string" % number)
+        if len(quote) > QOTD_MAX:
+            raise QuoteFileError("quotes: quote %d is %d characters; RFC 865 "
+                                 "wants fewer than 512" % (number, len(quote)))
+        for byte in bytearray(quote):
+            if not (32 <= byte <= 126 or byte in (13, 10)):
+                raise QuoteFileError(
+                    "quotes: quote %d holds byte %d, which is not printable "
+                    "ASCII, CR or LF (RFC 865)" % (number, byte))
+        checked.append(quote)
+    return tuple(checked)
+
+
 def load_quotes(path):
     """Quotes from a fortune-format file; QuoteFileError says what is wrong."""
     try:
@@ -1742,6 +1769,8 @@ class Server(object):
         self.transports = [t for t in TRANSPORTS if t in transports]
         if duration is not None:
             _checked_limit("for", duration)     # a finite, datable end
+        if quotes:                      # before sockets passed in are taken
+            quotes = checked_quotes(quotes)
         adopted = None
         if sockets is not None:
             try:
@@ -1759,7 +1788,7 @@ class Server(object):
                              if any(name == match[1] for match in adopted)]
             self.transports = [t for t in TRANSPORTS
                                if any(t == match[2] for match in adopted)]
-        self.quotes = tuple(quotes) if quotes else tuple(
+        self.quotes = quotes if quotes else tuple(
             parse_quotes("\n%\n".join(BUILTIN_QUOTES)))
         self.selector_class = selector or SELECTORS[0]
         # Every number is checked here, for the command line and callers
