@@ -668,7 +668,8 @@ DEFAULT_UDP_RATE = 10.0             # replies a second per source (amplifiers)
 DEFAULT_UDP_BURST = 50              # ... after a burst of this many
 DEFAULT_IPV4_PREFIX = 32            # per-source limits count an address...
 DEFAULT_IPV6_PREFIX = 64            # ... but an IPv6 /64 (one host's share)
-DESCRIPTOR_RESERVE = 32             # kept free for listeners, logs, files
+DESCRIPTOR_RESERVE = 64             # stdio, 24 listeners, waker, log, ring
+                                    # (32 in all), and as many to spare
 # select()'s FD_SETSIZE: on Unix a bound on the descriptor's value (1024 on
 # Linux, macOS and the BSDs), on Windows on the number of sockets (512 in
 # CPython's build).  The default --max-connections under select() is this
