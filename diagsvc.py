@@ -1465,6 +1465,10 @@ def _run_log_writer(lines, wake_reader, stream, owner):
             except (OSError, ValueError):   # a closed or full stderr
                 pass                        # stops nothing
         if owner.closing:
+            # Closed here too: stop() may not wait for this thread (the
+            # collector can run it on this very thread, or the stream hangs).
+            wake_reader.close()
+            owner.wake_writer.close()
             return
 
 
