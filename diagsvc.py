@@ -4117,7 +4117,7 @@ def _build_parser():
     limits = parser.add_argument_group("limits (see the README's Safety section)")
     limits.add_argument("--max-connections", type=_non_negative(int),
                         default=0, metavar="N", help="TCP connections at "
-                        "once (default: the open-file limit less %d)" %
+                        "once (default, or 0: the open-file limit less %d)" %
                         DESCRIPTOR_RESERVE)
     limits.add_argument("--max-per-source", type=_non_negative(int),
                         default=DEFAULT_MAX_PER_SOURCE, metavar="N",
