@@ -2602,10 +2602,14 @@ class Server(object):
                 # nothing iterates over what it closes.
                 self._teardown()
             # Not under the lock: a close() waiting for this event may be
-            # holding it (re-entered from a signal handler).
-            self._loop_thread_id = None
+            # holding it (re-entered from a signal handler).  The event is
+            # set before the thread id is cleared, so that a signal
+            # handler's close() on this thread never waits for it.
             self._running = False
             self._loop_idle.set()
+            self._loop_thread_id = None
+            if self._closing:
+                self._teardown()        # a close() that came meanwhile
 
     def _selector_failed(self, error):
         """select() itself raised: log it, drop what it cannot watch (a
