@@ -1699,6 +1699,9 @@ class Server(object):
     shutdown()        stop the loop, from any thread or a signal handler
     close()           stop the loop whoever runs it, wait for it, close
                       every socket; from any thread, any number of times
+                      (on the loop's own thread it only asks: the sockets
+                      are closed when serve_forever() returns).  This, or
+                      the with block, is how a Server releases them
     addresses         {(service, transport): [(host, port), ...]}
     counters          {(service, transport): Counters}
     stats()           the counters as plain dicts
