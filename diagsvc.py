@@ -67,6 +67,7 @@ import struct
 import sys
 import threading                    # the log writer (and Server.start)
 import time
+import weakref
 from binascii import crc32
 
 # --- Compatibility: computed once, by feature detection ---------------------
@@ -266,6 +267,33 @@ def parse_quotes(text, name="<quotes>"):
         raise QuoteFileError("%s: no quotes found (fortune format: quotes "
                              "separated by lines holding only %%)" % name)
     return tuple(quotes)
+
+
+def checked_quotes(quotes):
+    """Quotes given as bytes (Server(quotes=...)), held to the rules that
+    parse_quotes() applies to a file (RFC 865: printable ASCII, space,
+    CR and LF, fewer than 512 characters); a tuple, or QuoteFileError."""
+    checked = []
+    for number, quote in enumerate(quotes, 1):
+        if isinstance(quote, str):
+            try:
+                quote = quote.encode("ascii")
+            except UnicodeEncodeError:
+                raise QuoteFileError("quotes: quote %d is not ASCII "
+                                     "(RFC 865)" % number)
+        if not isinstance(quote, bytes) or not quote.strip():
+            raise QuoteFileError("quotes: quote %d is not a non-empty byte "
+                                 "string" % number)
+        if len(quote) > QOTD_MAX:
+            raise QuoteFileError("quotes: quote %d is %d characters; RFC 865 "
+                                 "wants fewer than 512" % (number, len(quote)))
+        for byte in bytearray(quote):
+            if not (32 <= byte <= 126 or byte in (13, 10)):
+                raise QuoteFileError(
+                    "quotes: quote %d holds byte %d, which is not printable "
+                    "ASCII, CR or LF (RFC 865)" % (number, byte))
+        checked.append(quote)
+    return tuple(checked)
 
 
 def load_quotes(path):
@@ -640,7 +668,8 @@ DEFAULT_UDP_RATE = 10.0             # replies a second per source (amplifiers)
 DEFAULT_UDP_BURST = 50              # ... after a burst of this many
 DEFAULT_IPV4_PREFIX = 32            # per-source limits count an address...
 DEFAULT_IPV6_PREFIX = 64            # ... but an IPv6 /64 (one host's share)
-DESCRIPTOR_RESERVE = 32             # kept free for listeners, logs, files
+DESCRIPTOR_RESERVE = 64             # stdio, 24 listeners, waker, log, ring
+                                    # (32 in all), and as many to spare
 # select()'s FD_SETSIZE: on Unix a bound on the descriptor's value (1024 on
 # Linux, macOS and the BSDs), on Windows on the number of sockets (512 in
 # CPython's build).  The default --max-connections under select() is this
@@ -1338,6 +1367,123 @@ class _Waker(object):
         self.writer.close()
 
 
+class _LogWriter(object):
+    """The thread that writes the log, and the queue it writes from.
+
+    It holds the queue, its wake-up socketpair and the stream, never the
+    Server: a Server that nobody closes is still collected, and a
+    weakref.finalize stops its writer then.  After os.fork() the child
+    gets a writer of its own (the parent's thread does not exist there).
+    """
+
+    def __init__(self, stream):
+        self.stream = stream            # None: sys.stderr at each write
+        self.lines = collections.deque()
+        self.thread = None
+        self.wake_reader = self.wake_writer = None
+        self.pid = os.getpid()
+        self._start()
+        _LOG_WRITERS.add(self)
+
+    def _start(self):
+        reader, writer = socket.socketpair()
+        writer.setblocking(False)
+        self.closing = False
+        thread = threading.Thread(
+            target=_run_log_writer, name="diagsvc-log",
+            args=(self.lines, reader, self.stream, self))
+        thread.daemon = True
+        try:
+            thread.start()
+        except RuntimeError as error:   # "can't start new thread" (nproc)
+            reader.close()
+            writer.close()
+            raise ServerError("cannot start the log thread: %s" % (error,))
+        # Only a thread that runs is kept: close() joins nothing else.
+        self.wake_reader, self.wake_writer = reader, writer
+        self.thread = thread
+
+    def after_fork_in_child(self):
+        """The parent's thread is not here: start one (the queued lines
+        are the parent's, which writes them)."""
+        self.pid = os.getpid()
+        if self.thread is None:
+            return                      # stopped before the fork
+        for sock in (self.wake_reader, self.wake_writer):
+            sock.close()                # the child's copies only
+        self.lines.clear()
+        self.thread = None
+        try:
+            self._start()
+        except ServerError:
+            pass                        # log() then drops and counts
+
+    def put(self, line):
+        """Queue one line; False if it was dropped (stopped, or full)."""
+        if self.pid != os.getpid():     # forked, without register_at_fork
+            self.after_fork_in_child()
+        if self.thread is None or len(self.lines) >= LOG_QUEUE_MAX:
+            return False
+        self.lines.append(line)
+        try:
+            self.wake_writer.send(b"\0")
+        except OSError:                 # full (already woken) or closed
+            pass
+        return True
+
+    def stop(self):
+        """Write out what is queued, waiting LOG_DRAIN_TIMEOUT at most."""
+        thread = self.thread
+        if thread is None:
+            return
+        self.thread = None
+        self.closing = True
+        try:
+            self.wake_writer.send(b"\0")
+        except OSError:
+            pass
+        if thread is not threading.current_thread():
+            thread.join(LOG_DRAIN_TIMEOUT)
+        if not thread.is_alive():       # else it still holds them
+            self.wake_reader.close()
+            self.wake_writer.close()
+
+
+def _run_log_writer(lines, wake_reader, stream, owner):
+    """The log thread: write queued lines whenever woken, until closing."""
+    while True:
+        try:
+            wake_reader.recv(4096)
+        except OSError:
+            return
+        while lines:
+            line = lines.popleft()
+            out = stream or sys.stderr
+            try:
+                out.write(line)
+                out.flush()
+            except (OSError, ValueError):   # a closed or full stderr
+                pass                        # stops nothing
+        if owner.closing:
+            # Closed here too: stop() may not wait for this thread (the
+            # collector can run it on this very thread, or the stream hangs).
+            wake_reader.close()
+            owner.wake_writer.close()
+            return
+
+
+_LOG_WRITERS = weakref.WeakSet()
+
+
+def _log_writers_after_fork():
+    for writer in list(_LOG_WRITERS):
+        writer.after_fork_in_child()
+
+
+if hasattr(os, "register_at_fork"):     # 3.7+; put() checks the pid too
+    os.register_at_fork(after_in_child=_log_writers_after_fork)
+
+
 def _is_select_based(selector_class):
     """True for select(), whose FD_SETSIZE bounds what the loop can watch."""
     select_selector = getattr(selectors, "SelectSelector", None)
@@ -1553,6 +1699,9 @@ class Server(object):
     shutdown()        stop the loop, from any thread or a signal handler
     close()           stop the loop whoever runs it, wait for it, close
                       every socket; from any thread, any number of times
+                      (on the loop's own thread it only asks: the sockets
+                      are closed when serve_forever() returns).  This, or
+                      the with block, is how a Server releases them
     addresses         {(service, transport): [(host, port), ...]}
     counters          {(service, transport): Counters}
     stats()           the counters as plain dicts
@@ -1628,6 +1777,8 @@ class Server(object):
         self.transports = [t for t in TRANSPORTS if t in transports]
         if duration is not None:
             _checked_limit("for", duration)     # a finite, datable end
+        if quotes:                      # before sockets passed in are taken
+            quotes = checked_quotes(quotes)
         adopted = None
         if sockets is not None:
             try:
@@ -1645,7 +1796,7 @@ class Server(object):
                              if any(name == match[1] for match in adopted)]
             self.transports = [t for t in TRANSPORTS
                                if any(t == match[2] for match in adopted)]
-        self.quotes = tuple(quotes) if quotes else tuple(
+        self.quotes = quotes if quotes else tuple(
             parse_quotes("\n%\n".join(BUILTIN_QUOTES)))
         self.selector_class = selector or SELECTORS[0]
         # Every number is checked here, for the command line and callers
@@ -1722,9 +1873,7 @@ class Server(object):
         self.loop_suspects = {}         # (host, port) -> returns, decaying
         self._returns_decayed = self.now    # its own clock: see below
         self._refusals_logged = {}
-        self._log_lines = collections.deque()
-        self._log_writer = None         # the thread, from here to close()
-        self._log_closing = False
+        self._log = None                # a _LogWriter, from here to close()
         self._log_tokens = float(LOG_BURST)
         self._log_tokens_stamp = self.now
         self.log_lines_suppressed = 0   # held back by the bucket
@@ -1758,10 +1907,16 @@ class Server(object):
         self._waker = None
         self._select_based = select_based
         try:
-            self._start_log_writer()
+            self._log = _LogWriter(log_file)
+            # An unreferenced Server is collected (its sockets close with
+            # it); this stops its log thread then, or at close().
+            self._stop_log = weakref.finalize(self, self._log.stop)
             if "chargen" in self.services and "tcp" in self.transports:
                 self.chargen_ring_file = chargen_ring_file()
             self._ring_file_to_close = self.chargen_ring_file
+            if self._ring_file_to_close is not None:
+                self._close_ring = weakref.finalize(
+                    self, os.close, self._ring_file_to_close)
             self.selector = self.selector_class()
             self._waker = _Waker()
             self._register_own(self._waker.sock, self._waker,
@@ -1983,17 +2138,11 @@ class Server(object):
         """Write one line to the log without ever blocking the loop."""
         line = "%s diagsvc: %s\n" % (time.strftime("%Y-%m-%dT%H:%M:%S"),
                                      message)
-        if self._log_writer is None or len(self._log_lines) >= LOG_QUEUE_MAX:
+        if self._log is None or not self._log.put(line):
             # Closed, or the log is not keeping up: a write here could wait
             # for a full pipe (or for a writer stuck on one, which holds the
             # stream), in the loop or in a signal handler.
             self.log_lines_dropped += 1
-        else:
-            self._log_lines.append(line)
-            try:
-                self._log_wake_writer.send(b"\0")
-            except OSError:             # full (already woken) or closed
-                pass
 
     def notice(self, message):
         """log() for what a remote peer can cause: within the bucket."""
@@ -2017,50 +2166,6 @@ class Server(object):
             self.log("%d log lines suppressed (at most %d at once, then %g "
                      "a second; the counters count every refusal)" % (
                          held_back, LOG_BURST, LOG_RATE))
-
-    def _write_log_line(self, line):
-        stream = self.log_file or sys.stderr
-        try:
-            stream.write(line)
-            stream.flush()
-        except (OSError, ValueError):   # a closed or full stderr stops nothing
-            pass
-
-    def _start_log_writer(self):
-        self._log_wake_reader, self._log_wake_writer = socket.socketpair()
-        self._log_wake_writer.setblocking(False)
-        self._log_writer = threading.Thread(target=self._run_log_writer,
-                                            name="diagsvc-log")
-        self._log_writer.daemon = True
-        self._log_writer.start()
-
-    def _run_log_writer(self):
-        lines = self._log_lines
-        while True:
-            try:
-                self._log_wake_reader.recv(4096)
-            except OSError:
-                return
-            while lines:
-                self._write_log_line(lines.popleft())
-            if self._log_closing:
-                return
-
-    def _stop_log_writer(self):
-        """Write out what is queued, waiting LOG_DRAIN_TIMEOUT at most."""
-        writer = self._log_writer
-        if writer is None:
-            return
-        self._log_closing = True
-        try:
-            self._log_wake_writer.send(b"\0")
-        except OSError:
-            pass
-        writer.join(LOG_DRAIN_TIMEOUT)
-        self._log_writer = None
-        if not writer.is_alive():       # else it still holds them
-            self._log_wake_reader.close()
-            self._log_wake_writer.close()
 
     def refuse(self, counters, reason, source, transport, service):
         """Count a refusal; log it once per source, reason and interval."""
@@ -2096,7 +2201,8 @@ class Server(object):
               self.per_source.get(self.group_of(source), 0) >=
               self.max_per_source):
             reason = "max-per-source"
-        elif self._select_based and not self.can_watch(sock):
+        elif (self._select_based and not self.can_watch(sock) and
+              service.stream_class is not None):
             reason = "unwatchable"      # select() past FD_SETSIZE
         if reason is not None:
             # Accept and close at once: the client learns now, and the
@@ -2137,6 +2243,19 @@ class Server(object):
             sock.close()
             return
         counters.bytes_out += sent
+        if self._select_based and not self.can_watch(sock):
+            # select() cannot wait for this one's close: answered and
+            # closed at once, as before the linger (a reply under 512
+            # bytes fits a new socket's buffer).  Pending input is read
+            # first, so the close sends no reset for it.
+            try:
+                sock.shutdown(socket.SHUT_WR)
+                while sock.recv_into(self.stream_buffer, 0, _MSG_DONTWAIT):
+                    pass
+            except OSError:             # nothing (more) pending, or reset
+                pass
+            sock.close()
+            return
         stream = OneShotStream(self, sock, source, counters)
         if sent < len(reply):
             sock.setblocking(False)
@@ -2168,11 +2287,11 @@ class Server(object):
             return                      # closed earlier in this same pass
         self.streams.discard(stream)
         group = self.group_of(stream.source)
-        remaining = self.per_source[group] - 1
-        if remaining:
+        remaining = self.per_source.get(group, 0) - 1
+        if remaining > 0:
             self.per_source[group] = remaining
         else:
-            del self.per_source[group]
+            self.per_source.pop(group, None)
         try:
             self.selector.unregister(stream.sock)
         except (KeyError, ValueError, OSError):
@@ -2343,7 +2462,13 @@ class Server(object):
             self._resume_accepting()
         if now >= self._next_sweep:
             self._next_sweep = now + self._sweep_interval()
-            linger_deadline = now - ONE_SHOT_LINGER
+            # A one-shot whose reply went out lingers for the client's
+            # close at most ONE_SHOT_LINGER, or the idle timeout if that is
+            # shorter; it was answered, so its end is no refusal.
+            linger = ONE_SHOT_LINGER
+            if self.idle_timeout:
+                linger = min(linger, self.idle_timeout)
+            linger_deadline = now - linger
             for stream in [s for s in self.streams
                            if type(s) is OneShotStream and
                            s.owed is None and
@@ -2352,7 +2477,9 @@ class Server(object):
             if self.idle_timeout:
                 deadline = now - self.idle_timeout
                 for stream in [s for s in self.streams
-                               if s.last_active < deadline]:
+                               if s.last_active < deadline and not (
+                                   type(s) is OneShotStream and
+                                   s.owed is None)]:
                     stream.counters.refuse("idle-timeout")
                     if self.verbosity > 1:
                         self.log("closing idle connection from %s" %
@@ -2472,11 +2599,20 @@ class Server(object):
             if self._stop_deadline is not None and \
                     self.now >= self._stop_deadline:
                 self._close_window()
+            if self._closing:
+                # close() on this thread (a handler, a signal handler) only
+                # asked: the teardown is done here, between passes, where
+                # nothing iterates over what it closes.
+                self._teardown()
             # Not under the lock: a close() waiting for this event may be
-            # holding it (re-entered from a signal handler).
-            self._loop_thread_id = None
+            # holding it (re-entered from a signal handler).  The event is
+            # set before the thread id is cleared, so that a signal
+            # handler's close() on this thread never waits for it.
             self._running = False
             self._loop_idle.set()
+            self._loop_thread_id = None
+            if self._closing:
+                self._teardown()        # a close() that came meanwhile
 
     def _selector_failed(self, error):
         """select() itself raised: log it, drop what it cannot watch (a
@@ -2554,38 +2690,55 @@ class Server(object):
         """Stop the loop, wait for it, and close every socket.
 
         Safe from any thread, a signal handler or the loop itself, any
-        number of times.  When it returns, no loop runs (whoever started
-        it) and every descriptor is closed.  Called from the loop's own
-        thread (a handler), the loop ends as soon as that handler returns,
-        without touching a socket again.
+        number of times.  From any other thread, when it returns no loop
+        runs (whoever started it) and every descriptor is closed.  On the
+        loop's own thread (a handler, or a signal handler interrupting the
+        loop) it only asks: the loop stops after the current step, and
+        serve_forever() closes every descriptor before it returns.
         """
         self.shutdown()
         with self._state_lock:
             self._closing = True        # a serve_forever() yet to come
-            in_loop = self._loop_thread_id == threading.get_ident()
-        if not in_loop:
-            self._loop_idle.wait()
-            thread = self._thread
-            if thread is not None and thread is not threading.current_thread():
-                thread.join()
+            if self._loop_thread_id == threading.get_ident():
+                return                  # serve_forever()'s finally does it
+        self._loop_idle.wait()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+        self._teardown()
+
+    def _teardown(self):
+        """Close everything, once; each step alone, so that one failure
+        (a broken selector, say) cannot leave the rest open."""
         with self._state_lock:
             if self._closed:
                 return
             self._closed = True
             for stream in list(self.streams):
-                self.close_stream(stream)
+                self._quietly(self.close_stream, stream)
+                self._quietly(stream.sock.close)
+            self.streams.clear()
+            self.per_source.clear()
             for handler in self.listeners + self.endpoints:
-                handler.sock.close()
+                self._quietly(handler.sock.close)
             self.listeners = []
             self.endpoints = []
             if self._waker is not None:
-                self._waker.close()
+                self._quietly(self._waker.close)
             if self.selector is not None:
-                self.selector.close()
-            self._stop_log_writer()
+                self._quietly(self.selector.close)
+            if self._log is not None:
+                self._quietly(self._stop_log)
             if self._ring_file_to_close is not None:
-                os.close(self._ring_file_to_close)
+                self._quietly(self._close_ring)
                 self._ring_file_to_close = self.chargen_ring_file = None
+
+    @staticmethod
+    def _quietly(step, *arguments):
+        try:
+            step(*arguments)
+        except Exception:               # nowhere to report it, nothing to
+            pass                        # gain by stopping the teardown
 
     def __enter__(self):
         return self
@@ -3971,7 +4124,7 @@ def _build_parser():
     limits = parser.add_argument_group("limits (see the README's Safety section)")
     limits.add_argument("--max-connections", type=_non_negative(int),
                         default=0, metavar="N", help="TCP connections at "
-                        "once (default: the open-file limit less %d)" %
+                        "once (default, or 0: the open-file limit less %d)" %
                         DESCRIPTOR_RESERVE)
     limits.add_argument("--max-per-source", type=_non_negative(int),
                         default=DEFAULT_MAX_PER_SOURCE, metavar="N",
