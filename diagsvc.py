@@ -2398,10 +2398,16 @@ def drop_privileges(user):
 # and xinetd included), from one selectors loop where there is concurrency.
 
 PROBE_OK = ("open", "open|filtered")
-MEASURE_TESTS = ("latency", "download", "upload", "echo", "connect")
+MEASURE_TESTS = ("latency", "download", "upload", "echo", "connect", "udp")
+# Run when no test is named.  udp, loaded and mtu only when named: loaded
+# saturates the path, udp's load is the user's choice, mtu sends 64 KiB.
+DEFAULT_MEASURE_TESTS = MEASURE_TESTS[:5]
 # The service each test measures (connect: daytime or time, as asked).
 _MEASURE_SERVICE = {"latency": "echo", "download": "chargen",
-                    "upload": "discard", "echo": "echo"}
+                    "upload": "discard", "echo": "echo", "udp": "echo",
+                    "loaded": "echo", "mtu": "echo"}
+# The transport of a test's one row when an error stops it (loaded: both).
+_MEASURE_TRANSPORT = {"udp": "udp", "mtu": "udp"}
 DEFAULT_PROBE_TIMEOUT = 2.0
 _IN_PROGRESS = frozenset((errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN,
                           10035))       # 10035: Windows' WSAEWOULDBLOCK
@@ -2866,7 +2872,10 @@ def probe(host, services=None, transports=TRANSPORTS, port_offset=0,
         for task in probes:
             task.close()
         selector.close()
-    return [task.row for task in probes]
+    rows = [task.row for task in probes]
+    for row in rows:
+        row["host"] = host
+    return rows
 
 
 # -- measure --
@@ -2898,11 +2907,21 @@ def _percentiles(samples):
 
 
 class _Progress(object):
-    """One status line updated in place on stderr, only on a terminal."""
+    """One status line updated in place on stderr, only on a terminal; and
+    with --interval, a row every `interval` seconds during each test.
 
-    def __init__(self, enabled):
+    A test calls begin() with a function giving its running totals (counts
+    that only grow, plus "rtts": a list of round-trip times it appends to),
+    then tick() from its loop, waking by wake(); each interval row holds the
+    differences since the previous row, and emit(row) writes it out.
+    """
+
+    def __init__(self, enabled, interval=None, emit=None):
         self.enabled = enabled
         self.last = 0.0
+        self.interval = interval or 0.0
+        self.emit = emit
+        self.totals = None
 
     def show(self, text):
         now = time.monotonic()
@@ -2915,6 +2934,74 @@ class _Progress(object):
         if self.enabled:
             sys.stderr.write("\r\x1b[K")
             sys.stderr.flush()
+
+    def begin(self, test, transport, totals):
+        self.finish()
+        if not self.interval:
+            return
+        now = time.monotonic()
+        self.test, self.transport, self.totals = test, transport, totals
+        self.started = self.mark = now
+        self.next_row = now + self.interval
+        self.previous = self._counts(totals())
+        self.rtts_seen = len(totals().get("rtts", ()))
+
+    def wake(self, now):
+        """Seconds until the next interval row is due (at most 3600)."""
+        if self.totals is None:
+            return 3600.0
+        return max(0.0, self.next_row - now)
+
+    def tick(self, now=None):
+        if self.totals is not None:
+            now = time.monotonic() if now is None else now
+            if now >= self.next_row:
+                self._row(now)
+                # Rows on the interval's grid, as iperf3 does; skip a
+                # boundary that a long wait has already passed.
+                while self.next_row <= now:
+                    self.next_row += self.interval
+
+    def finish(self):
+        """The test is over: its last, shorter interval, if any time passed."""
+        if self.totals is not None:
+            now = time.monotonic()
+            if now - self.mark > 0.001:
+                self._row(now)
+            self.totals = None
+
+    @staticmethod
+    def _counts(current):
+        return dict((key, value) for key, value in current.items()
+                    if isinstance(value, (int, float)) and
+                    not isinstance(value, bool))
+
+    def _row(self, now):
+        current = self.totals()
+        span = max(1e-9, now - self.mark)
+        row = {"type": "interval", "test": self.test,
+               "transport": self.transport,
+               "start_s": round(self.mark - self.started, 3),
+               "end_s": round(now - self.started, 3)}
+        counts = self._counts(current)
+        for key, value in sorted(counts.items()):
+            delta = value - self.previous.get(key, 0)
+            row[key] = delta
+            if key == "bytes":
+                row["mbyte_per_s"] = round(delta / 1e6 / span, 3)
+            else:
+                row[key + "_per_s"] = round(delta / span, 1)
+        for key, value in current.items():
+            if key != "rtts" and key not in counts:
+                row[key] = value            # a label, such as a phase
+        rtts = current.get("rtts")
+        if rtts is not None:
+            row.update(_percentiles(rtts[self.rtts_seen:]))
+            self.rtts_seen = len(rtts)
+        self.previous = counts
+        self.mark = now
+        self.clear()
+        self.emit(row)
 
 
 def _connect(family, address, port, timeout):
@@ -2975,6 +3062,8 @@ def _measure_latency(family, address, ports, seconds, progress, timeout):
                 sock = socket.socket(family, socket.SOCK_DGRAM)
                 sock.settimeout(min(timeout, 1.0))
                 sock.connect(_endpoint(address, ports["echo"]))
+            progress.begin("latency", transport,
+                           lambda: {"count": len(samples), "rtts": samples})
             end = time.monotonic() + seconds
             sequence = 0
             while time.monotonic() < end:
@@ -3001,6 +3090,7 @@ def _measure_latency(family, address, ports, seconds, progress, timeout):
                     wrong += 1
                     continue
                 samples.append(clock() - started)
+                progress.tick()
                 progress.show("latency %s: %d round trips" % (
                     transport, len(samples)))
         except OSError as failure:
@@ -3034,9 +3124,11 @@ def _stream_loop(connections, seconds, on_ready, progress, label):
             now = time.monotonic()
             if now >= end or not selector.get_map():
                 break
-            for key, events in selector.select(min(0.25, end - now)):
+            for key, events in selector.select(min(0.25, end - now,
+                                                   progress.wake(now))):
                 if not on_ready(key.data, events):
                     selector.unregister(key.fileobj)
+            progress.tick()
             progress.show(label())
     finally:
         selector.close()
@@ -3133,6 +3225,8 @@ def _measure_download(family, address, ports, seconds, parallel, progress,
         flow.offset = (offset + count) % CHARGEN_PERIOD_SIZE
         return True
 
+    progress.begin("download", "tcp",
+                   lambda: {"bytes": sum(flow.bytes for flow in flows)})
     try:
         _stream_loop(flows, seconds, on_ready, progress, lambda: (
             "download: %.0f MB/s" % (sum(f.bytes for f in flows) / 1e6 /
@@ -3193,6 +3287,8 @@ def _measure_upload(family, address, ports, seconds, parallel, progress,
         drain["closed"] += 1
         return False
 
+    progress.begin("upload", "tcp",
+                   lambda: {"bytes": sum(flow.bytes for flow in flows)})
     try:
         _stream_loop(flows, seconds, on_ready, progress, lambda: (
             "upload: %.0f MB/s" % (sum(f.bytes for f in flows) / 1e6 /
@@ -3284,6 +3380,7 @@ def _measure_echo(family, address, ports, seconds, progress, timeout):
             state["received"] += count
         return True
 
+    progress.begin("echo", "tcp", lambda: {"bytes": state["received"]})
     try:
         _stream_loop([flow], seconds, on_ready, progress, lambda: (
             "echo: %.0f MB/s" % (state["received"] / 1e6 /
@@ -3346,13 +3443,16 @@ def _measure_connect(family, address, ports, seconds, parallel, progress,
             errors[outcome] = errors.get(outcome, 0) + 1
 
     try:
+        progress.begin("connect", "tcp", lambda: {
+            "count": len(durations), "errors": sum(errors.values())})
         for _ in range(parallel):
             open_one()
         while True:
             now = time.monotonic()
             if now >= end:
                 break
-            for key, _ in selector.select(min(0.1, end - now)):
+            for key, _ in selector.select(min(0.1, end - now,
+                                              progress.wake(now))):
                 state = key.data
                 try:
                     chunk = state[0].recv(4096)
@@ -3374,6 +3474,7 @@ def _measure_connect(family, address, ports, seconds, parallel, progress,
                 if now - key.data[1] > timeout:
                     close_one(key, "timeout")
                     open_one()
+            progress.tick()
             progress.show("connect: %d connections" % len(durations))
     finally:
         for key in list(selector.get_map().values()):
@@ -3388,46 +3489,352 @@ def _measure_connect(family, address, ports, seconds, parallel, progress,
     return [row]
 
 
+# -- udp: a paced, sequence-numbered echo stream --
+
+# Each datagram's payload: a magic, the flow's id, the sequence number and the
+# send time (the sender's perf_counter, in seconds), then zeros up to the size
+# asked.  The far end only has to echo it, so any RFC 862 server will do.
+_STREAM_MAGIC = b"dsv1"
+_STREAM_HEADER = struct.Struct("!4sIQd")
+STREAM_MIN_SIZE = _STREAM_HEADER.size          # 24 bytes
+# The largest UDP payload: 65,535 less the IPv4 (20) and UDP (8) headers; an
+# IPv6 payload length does not count its 40-byte header (RFC 8200).
+STREAM_MAX_SIZE = {socket.AF_INET: 65507, socket.AF_INET6: 65527}
+DEFAULT_STREAM_RATE = 100.0     # pps: 64-byte datagrams, 51 kbit/s, safe
+DEFAULT_STREAM_SIZE = 64        # on any shared link
+_STREAM_BATCH = 1024            # at most this many sends between two reads
+_STREAM_CATCH_UP = 0.99         # below 99 % of the asked rate: client-limited
+
+
+def stream_datagram(flow_id, sequence, sent_at, size):
+    """One udp-test payload of `size` bytes (STREAM_MIN_SIZE at least)."""
+    payload = bytearray(max(size, STREAM_MIN_SIZE))
+    _STREAM_HEADER.pack_into(payload, 0, _STREAM_MAGIC, flow_id, sequence,
+                             sent_at)
+    return bytes(payload)
+
+
+def parse_stream_datagram(data):
+    """(flow_id, sequence, sent_at), or None if data is not a udp-test payload."""
+    if len(data) < STREAM_MIN_SIZE or bytes(data[:4]) != _STREAM_MAGIC:
+        return None
+    _, flow_id, sequence, sent_at = _STREAM_HEADER.unpack_from(data)
+    return flow_id, sequence, sent_at
+
+
+class _StreamTally(object):
+    """One flow's arithmetic: what came back, in which order, and when.
+
+    arrived() is called for every reply.  A sequence number seen before is a
+    duplicate; a new one below the highest seen so far is reordered (RFC
+    4737's Type-P-Reordered: below NextExp).  summary(wait) then counts a
+    reply as received when it came within `wait` seconds of its send, late
+    when it came after that, and the rest of what was sent as lost.
+    """
+
+    def __init__(self, planned):
+        from array import array
+        self.rtt_by_sequence = array("d", [-1.0]) * planned
+        self.sent = 0
+        self.arrivals = 0           # distinct sequence numbers back
+        self.duplicated = 0
+        self.reordered = 0
+        self.foreign = 0            # not ours, never sent, or cut short
+        self.highest = -1
+        self.rtts = []              # in arrival order, for --interval
+
+    def arrived(self, sequence, rtt):
+        if sequence >= self.sent:
+            self.foreign += 1
+            return
+        if self.rtt_by_sequence[sequence] >= 0.0:
+            self.duplicated += 1
+            return
+        self.rtt_by_sequence[sequence] = rtt = max(0.0, rtt)
+        self.rtts.append(rtt)
+        self.arrivals += 1
+        if sequence < self.highest:
+            self.reordered += 1
+        else:
+            self.highest = sequence
+
+    def on_time(self, wait):
+        """RTTs within the wait, in sequence order (-1 for none)."""
+        return [rtt if rtt <= wait else -1.0
+                for rtt in self.rtt_by_sequence[:self.sent]]
+
+
+def _stream_figures(tallies, wait):
+    """The figures of one flow, or of several added up (pure arithmetic)."""
+    sent = sum(tally.sent for tally in tallies)
+    samples = []
+    differences = []
+    late = 0
+    for tally in tallies:
+        by_sequence = tally.on_time(wait)
+        samples.extend(rtt for rtt in by_sequence if rtt >= 0.0)
+        late += tally.arrivals - sum(1 for rtt in by_sequence if rtt >= 0.0)
+        # RFC 3393 IPDV between consecutive packets of the stream, both
+        # answered in time.
+        differences.extend(abs(later - earlier) for earlier, later in
+                           zip(by_sequence, by_sequence[1:])
+                           if earlier >= 0.0 and later >= 0.0)
+    received = len(samples)
+    lost = sent - received - late
+    row = {"sent": sent, "received": received, "lost": lost,
+           "loss_pct": round(100.0 * lost / sent, 2) if sent else 0.0,
+           "late": late, "late_after_s": wait,
+           "duplicated": sum(tally.duplicated for tally in tallies),
+           "reordered": sum(tally.reordered for tally in tallies),
+           "foreign": sum(tally.foreign for tally in tallies)}
+    figures = _percentiles(samples)
+    row.update(figures)
+    if figures:
+        # RFC 5481 PDV: a high percentile of delay less the minimum.
+        row["pdv_us"] = round(figures["p99_us"] - figures["min_us"], 1)
+    if differences:
+        row["ipdv_mean_us"] = round(sum(differences) / len(differences) * 1e6,
+                                    1)
+    return row
+
+
+def _stream_rate(rate, bitrate, size, family):
+    """(packets a second, payload bytes) from any two of rate, bitrate, size.
+
+    The bitrate counts UDP payload bits, as iperf3 does.  Raises ValueError
+    with a sentence for the user.
+    """
+    largest = STREAM_MAX_SIZE.get(family, 65507)
+    if rate and bitrate and size:
+        raise ValueError("give at most two of --rate, --bitrate and --size")
+    if rate and bitrate:
+        size = int(round(bitrate / 8.0 / rate))
+    size = size or DEFAULT_STREAM_SIZE
+    if not STREAM_MIN_SIZE <= size <= largest:
+        raise ValueError("a datagram of %d bytes: the udp test needs %d to %d"
+                         % (size, STREAM_MIN_SIZE, largest))
+    if bitrate and not rate:
+        rate = bitrate / 8.0 / size
+    rate = rate or DEFAULT_STREAM_RATE
+    return float(rate), size
+
+
+def _measure_udp(family, address, ports, seconds, parallel, progress,
+                 timeout, rate=DEFAULT_STREAM_RATE, size=DEFAULT_STREAM_SIZE):
+    """A paced stream of sequence-numbered datagrams over `parallel` flows.
+
+    The schedule is by absolute time: datagram g is due at start + g/rate
+    and goes out on flow g mod N.  Each wake sends everything due (in a
+    batch when behind), then select() sleeps until the next one is due or a
+    reply comes.  After the last send, replies are awaited for `timeout`.
+    """
+    planned = max(1, int(round(seconds * rate)))
+    clock = time.perf_counter
+    base_id = struct.unpack("!I", os.urandom(4))[0]
+    flows = []
+    selector = SELECTORS[0]()
+    try:
+        for index in range(parallel):
+            # One socket a flow: N source ports, N paths through a bundle.
+            flow = {"sock": socket.socket(family, socket.SOCK_DGRAM),
+                    "id": (base_id + index) & 0xFFFFFFFF, "index": index,
+                    "tally": _StreamTally(len(range(index, planned,
+                                                    parallel))),
+                    "payload": bytearray(size), "errors": {}}
+            flows.append(flow)
+            flow["sock"].setblocking(False)
+            flow["sock"].connect(_endpoint(address, ports["echo"]))
+            selector.register(flow["sock"], EVENT_READ, flow)
+        receive_buffer = bytearray(65536)
+        sent = [0]
+        biggest_lag = [0.0]
+
+        def totals():
+            return {"sent": sent[0],
+                    "received": sum(f["tally"].arrivals for f in flows),
+                    "rtts": flows[0]["tally"].rtts if parallel == 1 else
+                    [rtt for f in flows for rtt in f["tally"].rtts]}
+
+        def note_error(flow, error):
+            kind = ("refused" if isinstance(error, ConnectionRefusedError)
+                    else error.strerror or str(error))
+            flow["errors"][kind] = flow["errors"].get(kind, 0) + 1
+
+        def read_replies(flow):
+            sock, tally = flow["sock"], flow["tally"]
+            for _ in range(_STREAM_BATCH):
+                try:
+                    count = sock.recv_into(receive_buffer)
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError as error:    # an ICMP error, reported here
+                    note_error(flow, error)
+                    return
+                arrived = clock()
+                parsed = parse_stream_datagram(receive_buffer[:count]) \
+                    if count == size else None
+                if parsed is None or parsed[0] != flow["id"]:
+                    tally.foreign += 1
+                else:
+                    tally.arrived(parsed[1], arrived - parsed[2])
+
+        def read_ready(wait):
+            for key, _ in selector.select(wait):
+                read_replies(key.data)
+
+        progress.begin("udp", "udp", totals)
+        started = clock()
+        end = started + seconds
+        last_send = started
+        while True:
+            now = clock()
+            due = min(planned, int((now - started) * rate) + 1)
+            if due > sent[0]:
+                biggest_lag[0] = max(biggest_lag[0],
+                                     now - (started + sent[0] / rate))
+            batch = min(due - sent[0], _STREAM_BATCH)
+            while batch > 0:
+                number = sent[0]
+                flow = flows[number % parallel]
+                tally = flow["tally"]
+                payload = flow["payload"]
+                last_send = clock()
+                _STREAM_HEADER.pack_into(payload, 0, _STREAM_MAGIC, flow["id"],
+                                         tally.sent, last_send)
+                try:
+                    flow["sock"].send(payload)
+                except (BlockingIOError, InterruptedError):
+                    break                   # the socket buffer is full
+                except OSError as error:
+                    # An earlier ICMP error reported on this send (Linux)
+                    # or ENOBUFS: this datagram did not leave.
+                    note_error(flow, error)
+                    if isinstance(error, ConnectionRefusedError):
+                        continue
+                    break
+                tally.sent += 1
+                sent[0] += 1
+                batch -= 1
+            if sent[0] >= planned or now >= end:
+                break
+            next_due = started + sent[0] / rate
+            wait = next_due - clock()
+            if batch > 0:               # blocked: give the kernel a moment
+                wait = 0.0005
+            read_ready(max(0.0, min(wait, progress.wake(time.monotonic()))))
+            progress.tick()
+            progress.show("udp: %d sent" % sent[0])
+        send_seconds = max(clock(), end) - started \
+            if sent[0] < planned else seconds
+        # Replies still on their way: wait for them, at most `timeout`.
+        deadline = last_send + timeout
+        while any(f["tally"].arrivals < f["tally"].sent for f in flows):
+            now = clock()
+            if now >= deadline:
+                break
+            read_ready(min(deadline - now, progress.wake(time.monotonic())))
+            progress.tick()
+        progress.finish()
+    finally:
+        for flow in flows:
+            flow["sock"].close()
+        selector.close()
+    # A row per flow when there are several, then the total.
+    groups = [([flow], flow["index"] + 1) for flow in flows] \
+        if parallel > 1 else []
+    groups.append((flows, "total"))
+    achieved = sent[0] / send_seconds
+    rows = []
+    for members, name in groups:
+        figures = _stream_figures([flow["tally"] for flow in members],
+                                  timeout)
+        errors = {}
+        for flow in members:
+            for kind, count in flow["errors"].items():
+                errors[kind] = errors.get(kind, 0) + count
+        row = {"test": "udp", "transport": "udp", "flow": name,
+               "unit": "% loss", "value": figures["loss_pct"]}
+        row.update(figures)
+        row.update({
+            "size_bytes": size,
+            "rate_asked_pps": round(rate * len(members) / parallel, 1),
+            "rate_sent_pps": round(figures["sent"] / send_seconds, 1),
+            "bitrate_sent_bps": int(figures["sent"] * size * 8 /
+                                    send_seconds),
+            "parallel": parallel,
+            # The sender as a whole fell behind: the figures describe the
+            # client, not the path.
+            "client_limited": achieved < rate * _STREAM_CATCH_UP,
+            "send_lag_max_ms": round(biggest_lag[0] * 1e3, 3),
+            "errors": errors})
+        rows.append(row)
+    return rows
+
+
+def _measure_loaded(family, address, ports, seconds, parallel, progress,
+                    timeout):
+    raise NotImplementedError
+
+
+def _measure_mtu(family, address, ports, progress, timeout):
+    raise NotImplementedError
+
+
 def measure(host, tests=None, seconds=5.0, parallel=1, port_offset=0,
             ports=None, family=None, timeout=DEFAULT_PROBE_TIMEOUT,
-            connect_service="daytime", progress=False):
+            connect_service="daytime", progress=False, rate=None,
+            bitrate=None, size=None, interval=None, report=None):
     """Measure the path to HOST's echo, chargen, discard and daytime.
 
-    tests: any of latency, download, upload, echo, connect (default: all).
-    Returns a list of dicts: test, transport, address, unit, value, and
-    the test's own figures (percentiles in µs, bytes, errors...).  A
-    content error (a wrong chargen or echo byte) is counted in wrong_bytes.
-    A figure that has no value (no round trip completed) is None.  A test
-    that a socket error stopped fails alone: its row has only test,
-    transport, address, port, value None and error (the reason), and the
-    next test runs.  _measure_failures(rows) says what failed, if anything
-    did.
+    tests: any of MEASURE_TESTS (default: DEFAULT_MEASURE_TESTS, the first
+    five).  Returns a list of dicts: host, test, transport, address, port,
+    unit, value, and the test's own figures (percentiles in µs, bytes,
+    errors...).  A content error (a wrong chargen or echo byte) is counted
+    in wrong_bytes.  A figure that has no value (no round trip completed)
+    is None.  A test that a socket error stopped fails alone: its row has
+    only test, transport, address, port, value None and error (the
+    reason), and the next test runs.  _measure_failures(rows) says what
+    failed, if anything did.  udp: rate (datagrams a second, all flows
+    together), bitrate (payload bits a second) and size (payload bytes),
+    any two.  interval: report(row) gets a row every `interval` seconds
+    during each test ("type": "interval"), and each test's rows as it ends.
     """
     _require_duration("seconds", seconds)
     _require_duration("timeout", timeout)
     tests = [name for name in MEASURE_TESTS if name in (tests or
-                                                       MEASURE_TESTS)]
+                                                       DEFAULT_MEASURE_TESTS)]
     target_family, address = _resolve_targets(host, family)[0]
     shown = _shown_address(address)
+    if "udp" in tests:
+        rate, size = _stream_rate(rate, bitrate, size, target_family)
     all_ports = dict((name, _service_port(name, port_offset, ports))
                      for name in SERVICE_NAMES)
-    status = _Progress(progress)
+    context = {"host": host, "address": shown}
+
+    def emit(row):
+        row.update(context)
+        row["port"] = all_ports[_MEASURE_SERVICE.get(row["test"],
+                                                     connect_service)]
+        if report is not None:
+            report(row)
+
+    status = _Progress(progress, interval, emit)
     rows = []
     try:
         for test in tests:
             try:
                 found = _measure_one(test, target_family, address, all_ports,
                                      seconds, parallel, status, timeout,
-                                     connect_service)
+                                     connect_service, rate, size)
             except (OSError, ServerError) as error:
                 # This test alone: the rows of the others are kept.
-                found = [{"test": test, "transport": "tcp", "value": None,
+                found = [{"test": test, "transport": _MEASURE_TRANSPORT.get(
+                              test, "tcp"), "value": None,
                           "error": _socket_error(error)
                           if isinstance(error, OSError) else str(error)}]
+            status.finish()
             for row in found:
-                row["address"] = shown
-                row["port"] = all_ports[_MEASURE_SERVICE.get(test,
-                                                             connect_service)]
+                emit(row)
             rows.extend(found)
     finally:
         status.clear()
@@ -3435,7 +3842,7 @@ def measure(host, tests=None, seconds=5.0, parallel=1, port_offset=0,
 
 
 def _measure_one(test, family, address, ports, seconds, parallel, progress,
-                 timeout, connect_service):
+                 timeout, connect_service, rate=None, size=None):
     """The rows of one measure test (one function each)."""
     if test == "latency":
         return _measure_latency(family, address, ports, seconds, progress,
@@ -3449,6 +3856,14 @@ def _measure_one(test, family, address, ports, seconds, parallel, progress,
     if test == "echo":
         return _measure_echo(family, address, ports, seconds, progress,
                              timeout)
+    if test == "udp":
+        return _measure_udp(family, address, ports, seconds, parallel,
+                            progress, timeout, rate, size)
+    if test == "loaded":
+        return _measure_loaded(family, address, ports, seconds, parallel,
+                               progress, timeout)
+    if test == "mtu":
+        return _measure_mtu(family, address, ports, progress, timeout)
     return _measure_connect(family, address, ports, seconds, parallel,
                             progress, timeout, connect_service)
 
@@ -3491,6 +3906,13 @@ def _measure_row_failures(row):
                        "half-close")
     if test == "connect" and not row["count"]:
         reasons.append("no connection succeeded")
+    if test == "udp" and not row["received"]:
+        reasons.append("no datagram came back")
+    if test == "loaded" and not (row["idle_count"] and row["loaded_count"]):
+        reasons.append("no round trip in the %s phase" % (
+            "idle" if not row["idle_count"] else "loaded"))
+    if test == "mtu" and row["limit"] == "nothing-back":
+        reasons.append("no datagram came back")
     return reasons
 
 
@@ -3512,6 +3934,21 @@ def _port_assignment(text):
             "%r: give SERVICE=PORT, e.g. echo=7007 (0 for any free port); "
             "services: %s" % (text, ", ".join(SERVICE_NAMES)))
     return name, int(port)
+
+
+def _bitrate(text):
+    """'10M' -> 10e6: k, M and G are SI powers of 1000."""
+    import argparse
+    scale = {"k": 1e3, "K": 1e3, "m": 1e6, "M": 1e6, "g": 1e9, "G": 1e9}
+    number = text[:-1] if text[-1:] in scale else text
+    try:
+        value = float(number) * scale.get(text[-1:], 1.0)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError("%r is not a bitrate such as 10M, "
+                                         "500k or 64000" % text)
+    return value
 
 
 def _non_negative(kind):
@@ -3748,10 +4185,50 @@ def _figure(value):
     return "-" if value is None else str(value)
 
 
+def _rtt_text(row, prefix=""):
+    """'min/p50/p90/p99/max a/b/c/d/e µs' from a row's percentile keys."""
+    names = ("min", "p50", "p90", "p99", "max")
+    if prefix + "p50_us" not in row:
+        return "none (nothing came back)"
+    return "%s %s µs" % ("/".join(names), "/".join(
+        "%g" % row[prefix + name + "_us"] for name in names))
+
+
 def _measure_detail(row):
     test = row["test"]
     if "unit" not in row:               # a test an error stopped at once
         return "port %d" % row["port"]
+    if test == "udp":
+        text = ("sent %d at %g pps (asked %g), received %d, lost %d, late %d "
+                "(after %g s), duplicated %d, reordered %d; RTT %s" % (
+                    row["sent"], row["rate_sent_pps"], row["rate_asked_pps"],
+                    row["received"], row["lost"], row["late"],
+                    row["late_after_s"], row["duplicated"], row["reordered"],
+                    _rtt_text(row)))
+        if "pdv_us" in row:
+            text += "; PDV %g µs" % row["pdv_us"]
+        if "ipdv_mean_us" in row:
+            text += ", IPDV %g µs" % row["ipdv_mean_us"]
+        if row["foreign"]:
+            text += "; %d replies not ours or cut short" % row["foreign"]
+        if row["errors"]:
+            text += "; errors: " + ", ".join(
+                "%s %d" % item for item in sorted(row["errors"].items()))
+        if row["client_limited"]:
+            text += ("; CLIENT-LIMITED: this host could not send at the asked "
+                     "rate, so these figures describe it, not the path")
+        return text
+    if test == "loaded":
+        text = "idle %s; loaded %s; increase p50 %+g p99 %+g µs" % (
+            _rtt_text(row, "idle_"), _rtt_text(row, "loaded_"),
+            row.get("increase_p50_us", 0), row.get("increase_p99_us", 0))
+        if "loaded_loss_pct" in row:
+            text += "; loss idle %g %% loaded %g %%" % (
+                row["idle_loss_pct"], row["loaded_loss_pct"])
+        return text + "; load: download %g MB/s, upload %g MB/s" % (
+            row["download_mbyte_per_s"], row["upload_mbyte_per_s"])
+    if test == "mtu":
+        return row["detail"]
     if test == "latency":
         text = "%d round trips; min %s p90 %s p99 %s max %s µs" % (
             row["count"], _figure(row.get("min_us")),
@@ -3798,13 +4275,16 @@ def _client_parser(command):
     parser.add_argument("host", metavar="HOST")
     if command == "probe":
         parser.add_argument("services", nargs="*", metavar="SERVICE",
-                            help="default: all of " + ", ".join(SERVICE_NAMES))
+                            help="more hosts, and services (default: all of "
+                            "%s)" % ", ".join(SERVICE_NAMES))
         transport = parser.add_mutually_exclusive_group()
         transport.add_argument("--tcp", action="store_true", help="TCP only")
         transport.add_argument("--udp", action="store_true", help="UDP only")
     else:
         parser.add_argument("tests", nargs="*", metavar="TEST",
-                            help="default: all of " + ", ".join(MEASURE_TESTS))
+                            help="more hosts, and tests: %s (default: %s)" % (
+                                ", ".join(MEASURE_TESTS),
+                                ", ".join(DEFAULT_MEASURE_TESTS)))
         parser.add_argument("--seconds", type=_positive(float),
                             default=5.0, metavar="S",
                             help="each test's duration (default %(default)s)")
@@ -3813,6 +4293,32 @@ def _client_parser(command):
                             "download, upload, connect (default 1)")
         parser.add_argument("--connect-service", choices=("daytime", "time"),
                             default="daytime")
+        udp = parser.add_argument_group(
+            "udp (any two of --rate, --bitrate, --size; default %g pps of %d "
+            "bytes)" % (DEFAULT_STREAM_RATE, DEFAULT_STREAM_SIZE))
+        udp.add_argument("--rate", type=_positive(float), metavar="PPS",
+                         help="datagrams a second, all flows together")
+        udp.add_argument("--bitrate", type=_bitrate, metavar="BITS",
+                         help="UDP payload bits a second (10M, 500k...)")
+        udp.add_argument("--size", type=_positive(int), metavar="BYTES",
+                         help="payload bytes, %d to 65507 (65527 over IPv6)"
+                         % STREAM_MIN_SIZE)
+        report = parser.add_argument_group("reporting and thresholds")
+        report.add_argument("--interval", type=_positive(float), metavar="S",
+                            help="a row every S seconds during each test "
+                            "(with --json: newline-delimited JSON)")
+        report.add_argument("--max-loss", type=_non_negative(float),
+                            metavar="PCT", help="exit 1 if a loss_pct is "
+                            "above PCT")
+        report.add_argument("--max-rtt", type=_non_negative(float),
+                            metavar="MS", help="exit 1 if an RTT percentile "
+                            "(--rtt-percentile) is above MS milliseconds")
+        report.add_argument("--rtt-percentile", type=int, default=99,
+                            choices=(50, 90, 99), help="for --max-rtt "
+                            "(default %(default)s)")
+        report.add_argument("--min-rate", type=_non_negative(float),
+                            metavar="MB/S", help="exit 1 if download, upload "
+                            "or echo is below MB/S (10^6 bytes a second)")
     parser.add_argument("--port-offset", type=_non_negative(int), default=0,
                         metavar="N")
     parser.add_argument("--port", action="append", type=_port_assignment,
@@ -3827,7 +4333,54 @@ def _client_parser(command):
                         help="per answer (default %(default)s)")
     parser.add_argument("--json", action="store_true",
                         help="a JSON array, one object a row")
+    # HOST [HOST ...] [NAME ...]: a word that names a service (probe) or a
+    # test (measure) is one; every other word is a host.
     return parser
+
+
+def _interval_text(row):
+    """One --interval row for people: the test, the span, what moved."""
+    parts = ["%s %s" % (row["test"], row["transport"]),
+             "%.2f-%.2f s" % (row["start_s"], row["end_s"])]
+    if "phase" in row:
+        parts.append(row["phase"])
+    if "mbyte_per_s" in row:
+        parts.append("%.1f MB/s" % row["mbyte_per_s"])
+    for key in ("count", "sent", "received", "errors", "payload_bytes"):
+        if key in row:
+            parts.append("%s %d" % (key, row[key]))
+    if "p50_us" in row:
+        parts.append("RTT p50 %g p99 %g µs" % (row["p50_us"], row["p99_us"]))
+    return "  ".join(parts) + "\n"
+
+
+def _threshold_failures(rows, options):
+    """One sentence for each threshold a row crossed (--max-loss, --max-rtt,
+    --min-rate)."""
+    failures = []
+    percentile = "p%d_us" % options.rtt_percentile
+    for row in rows:
+        name = "%s %s/%s" % (row["host"], row["test"], row["transport"])
+        if row.get("flow") not in (None, "total"):
+            name += " flow %s" % row["flow"]
+        for key in sorted(row):
+            if options.max_loss is not None and key.endswith("loss_pct") \
+                    and row[key] > options.max_loss:
+                failures.append("%s: %s %g %% is above --max-loss %g" % (
+                    name, key, row[key], options.max_loss))
+            # RTTs: latency, udp and loaded (both phases); not connect,
+            # whose percentiles are whole connections.
+            if options.max_rtt is not None and row["test"] != "connect" \
+                    and (key == percentile or key.endswith("_" + percentile)) \
+                    and row[key] > options.max_rtt * 1000.0:
+                failures.append("%s: %s %g ms is above --max-rtt %g" % (
+                    name, key, row[key] / 1000.0, options.max_rtt))
+        if options.min_rate is not None and \
+                row["test"] in ("download", "upload", "echo") and \
+                row["value"] is not None and row["value"] < options.min_rate:
+            failures.append("%s: %g MB/s is below --min-rate %g" % (
+                name, row["value"], options.min_rate))
+    return failures
 
 
 def _client_main(argv):
@@ -3836,39 +4389,69 @@ def _client_main(argv):
     parser = _client_parser(command)
     options = _parse_mixed(parser, argv[1:], "services" if command == "probe"
                            else "tests")
-    names = options.services if command == "probe" else options.tests
+    words = options.services if command == "probe" else options.tests
     choices = SERVICE_NAMES if command == "probe" else MEASURE_TESTS
-    for name in names:
-        if name not in choices:
-            parser.error("unknown %s %r (choose from %s)" % (
-                "service" if command == "probe" else "test", name,
-                ", ".join(choices)))
+    names = [word for word in words if word in choices]
+    hosts = [options.host] + [word for word in words if word not in choices]
+    stream = options.json and command == "measure" and options.interval
+
+    def report(row):                    # --interval: rows as they come
+        if stream:
+            row = dict(row, type=row.get("type", "summary"))
+            sys.stdout.write(json.dumps(row, sort_keys=False) + "\n")
+            sys.stdout.flush()
+        elif row.get("type") == "interval":
+            prefix = "[%s] " % row["host"] if len(hosts) > 1 else ""
+            _write_text(prefix + _interval_text(row))
+            sys.stdout.flush()
+
+    rows = []
     try:
-        if command == "probe":
-            rows = probe(options.host, names,
-                         ("tcp",) if options.tcp else ("udp",) if options.udp
-                         else TRANSPORTS, options.port_offset,
-                         dict(options.port), options.family, options.timeout)
-        else:
-            if options.parallel < 1 or options.seconds <= 0:
-                parser.error("--parallel and --seconds must be above 0")
-            rows = measure(options.host, names, options.seconds,
-                           options.parallel, options.port_offset,
-                           dict(options.port), options.family,
-                           options.timeout, options.connect_service,
-                           progress=sys.stderr.isatty())
-    except ServerError as error:        # no such host, or echo misbehaved
+        for host in hosts:              # all or nothing: a typo is an error
+            try:
+                _resolve_targets(host, options.family)
+            except ServerError as error:
+                if "." not in host and ":" not in host:
+                    raise ServerError("%s (nor is it a %s: %s)" % (
+                        error, "service" if command == "probe" else "test",
+                        ", ".join(choices)))
+                raise
+        if command == "measure" and (options.parallel < 1 or
+                                     options.seconds <= 0):
+            parser.error("--parallel and --seconds must be above 0")
+        for host in hosts:
+            if command == "probe":
+                rows += probe(host, names,
+                              ("tcp",) if options.tcp else ("udp",)
+                              if options.udp else TRANSPORTS,
+                              options.port_offset, dict(options.port),
+                              options.family, options.timeout)
+            else:
+                rows += measure(host, names, options.seconds,
+                                options.parallel, options.port_offset,
+                                dict(options.port), options.family,
+                                options.timeout, options.connect_service,
+                                progress=sys.stderr.isatty(),
+                                rate=options.rate, bitrate=options.bitrate,
+                                size=options.size, interval=options.interval,
+                                report=report if options.interval else None)
+    except (ServerError, ValueError) as error:
+        # No such host, echo misbehaved, a udp size that cannot be.
         sys.stderr.write("diagsvc %s: error: %s\n" % (command, error))
         return 2
     except OSError as error:
         sys.stderr.write("diagsvc %s: error: %s\n" % (
             command, error.strerror or error))
         return 1
-    if options.json:
+    several = len(hosts) > 1
+    host_column = [("HOST", lambda r: r["host"])] if several else []
+    if stream:
+        pass                            # every row is out already
+    elif options.json:
         # ASCII with escapes ("\u00b5s"): valid JSON whatever the locale.
         sys.stdout.write(json.dumps(rows, indent=1) + "\n")
     elif command == "probe":
-        _write_text(_table(rows, [
+        _write_text(_table(rows, host_column + [
             ("SERVICE", lambda r: r["service"]),
             ("PROTO", lambda r: r["transport"]),
             ("ADDRESS", lambda r: r["address"]),
@@ -3878,8 +4461,9 @@ def _client_main(argv):
              "%.2f ms" % r["rtt_ms"]),
             ("DETAIL", lambda r: r["detail"])]))
     else:
-        _write_text(_table(rows, [
-            ("TEST", lambda r: r["test"]),
+        _write_text(_table(rows, host_column + [
+            ("TEST", lambda r: r["test"] if r.get("flow") in (None, "total")
+             else "%s %s" % (r["test"], r["flow"])),
             ("PROTO", lambda r: r["transport"]),
             ("RESULT", lambda r: "-" if r["value"] is None else
              "%s %s" % (r["value"], r["unit"])),
@@ -3888,7 +4472,10 @@ def _client_main(argv):
                                         _measure_row_failures(r)]))]))
     if command == "probe":
         return 0 if all(row["verdict"] in PROBE_OK for row in rows) else 1
-    return 1 if _measure_failures(rows) else 0
+    crossed = _threshold_failures(rows, options)
+    for crossing in crossed:
+        sys.stderr.write("diagsvc measure: failed: %s\n" % crossing)
+    return 1 if _measure_failures(rows) or crossed else 0
 
 
 def _install_signal_handlers(server):

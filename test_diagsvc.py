@@ -995,8 +995,9 @@ class ProbeTest(ServerTestCase):
                 for row in rows:
                     self.assertEqual(set(row), {
                         "service", "transport", "address", "port", "verdict",
-                        "rtt_ms", "detail"})
+                        "rtt_ms", "detail", "host"})
                     self.assertEqual(row["address"], host)
+                    self.assertEqual(row["host"], host)
                     expected = ("open|filtered" if row["service"] == "discard"
                                 and row["transport"] == "udp" else "open")
                     self.assertEqual(row["verdict"], expected, row)
@@ -1160,7 +1161,9 @@ class ClientCommandLineTest(ServerTestCase):
         rows = json.loads(result.stdout)
         self.assertEqual(len(rows), 12)
         self.assertEqual(set(rows[0]), {"service", "transport", "address",
-                                        "port", "verdict", "rtt_ms", "detail"})
+                                        "port", "verdict", "rtt_ms", "detail",
+                                        "host"})
+        self.assertEqual(rows[0]["host"], "127.0.0.1")
         server.close()                      # now nothing listens there
         result = run_command("probe", "127.0.0.1", "echo", "--tcp",
                              *self.port_options(server))
@@ -1809,6 +1812,7 @@ class MeasureTestsFailAloneTest(ServerTestCase):
         self.assertEqual(result.stderr, "")
         download, echo, connect = json.loads(result.stdout)
         self.assertEqual(echo, {"test": "echo", "transport": "tcp",
+                                "host": "127.0.0.1",
                                 "address": "127.0.0.1", "port": port,
                                 "value": None, "error": "Connection refused"})
         self.assertGreater(download["bytes"], 0)
@@ -1948,6 +1952,308 @@ class IntermixedArgumentsTest(ServerTestCase):
         self.assertEqual(sorted(server.addresses), [("chargen", "tcp"),
                                                     ("echo", "tcp")])
         server.stop()
+
+
+# --- measure udp, loaded, mtu; intervals and thresholds ---------------------
+
+
+STREAM_HEADER = struct.Struct("!4sIQd")     # the README's layout, written out
+
+
+class MischievousEcho(object):
+    """A UDP echo server that misbehaves on purpose, by sequence number.
+
+    Drops every datagram whose number ends in 9; echoes those divisible by
+    7 twice; holds each number ending in 4 until the next one has been
+    echoed (a swapped pair); holds number 10 for `late_hold` seconds (a late
+    reply).  It records the sequence numbers and send times it saw.
+    """
+
+    def __init__(self, late_hold=None, mischief=True):
+        self.mischief = mischief
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.late_hold = late_hold
+        self.seen = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.serve)
+        self.thread.start()
+
+    def echo(self, data, source, sequence):
+        for _ in range(2 if sequence % 7 == 0 else 1):
+            self.sock.sendto(data, source)
+
+    def serve(self):
+        swapped = None
+        late = None
+        while not self.stop.is_set():
+            wait = 0.05
+            if late is not None:
+                wait = max(0.0, min(wait, late[0] - time.monotonic()))
+            if select.select([self.sock], [], [], wait)[0]:
+                data, source = self.sock.recvfrom(70000)
+                _, _, sequence, sent_at = STREAM_HEADER.unpack_from(data)
+                self.seen.append((sequence, sent_at, source[1]))
+                if not self.mischief:
+                    self.sock.sendto(data, source)
+                elif sequence % 10 == 9:
+                    pass
+                elif sequence == 10 and self.late_hold is not None:
+                    late = (time.monotonic() + self.late_hold, data, source)
+                elif sequence % 10 == 4:
+                    swapped = (data, source, sequence)
+                else:
+                    self.echo(data, source, sequence)
+                    if swapped is not None:
+                        self.echo(*swapped)
+                        swapped = None
+            if late is not None and time.monotonic() >= late[0]:
+                self.echo(late[1], late[2], 10)
+                late = None
+
+    def close(self):
+        self.stop.set()
+        self.thread.join()
+        self.sock.close()
+
+
+class UdpStreamTest(ServerTestCase):
+
+    def test_payload_layout_round_trip(self):
+        data = diagsvc.stream_datagram(0x01020304, 2 ** 40 + 5, 12.5, 64)
+        self.assertEqual(len(data), 64)
+        self.assertEqual(data[:24], b"dsv1\x01\x02\x03\x04" +
+                         struct.pack("!Q", 2 ** 40 + 5) +
+                         struct.pack("!d", 12.5))
+        self.assertEqual(data[24:], bytes(40))
+        self.assertEqual(diagsvc.parse_stream_datagram(data),
+                         (0x01020304, 2 ** 40 + 5, 12.5))
+        smallest = diagsvc.stream_datagram(7, 0, 1.0, 0)
+        self.assertEqual(len(smallest), diagsvc.STREAM_MIN_SIZE)
+        self.assertEqual(diagsvc.STREAM_MIN_SIZE, 24)
+        self.assertEqual(diagsvc.parse_stream_datagram(smallest), (7, 0, 1.0))
+        for wrong in (b"", smallest[:23], b"xsv1" + smallest[4:]):
+            self.assertIsNone(diagsvc.parse_stream_datagram(wrong))
+
+    def test_rate_bitrate_and_size(self):
+        v4, v6 = socket.AF_INET, socket.AF_INET6
+        self.assertEqual(diagsvc._stream_rate(None, None, None, v4),
+                         (100.0, 64))
+        self.assertEqual(diagsvc._stream_rate(None, 1e6, 1250, v4),
+                         (100.0, 1250))
+        self.assertEqual(diagsvc._stream_rate(1000, 8e6, None, v4),
+                         (1000.0, 1000))
+        self.assertEqual(diagsvc._stream_rate(10, None, 65527, v6),
+                         (10.0, 65527))
+        for arguments in ((1, 1, 100), (None, None, 23), (None, None, 65508),
+                          (1, 8 * 70000, None)):
+            with self.assertRaises(ValueError):
+                diagsvc._stream_rate(*(arguments + (v4,)))
+
+    def test_loss_duplicates_reordering_and_late_replies(self):
+        echo = MischievousEcho(late_hold=1.5)
+        self.addCleanup(echo.close)
+        # 200 datagrams in 1 s; a reply is late after 1 s.
+        rows = diagsvc.measure("127.0.0.1", ["udp"], seconds=1.0,
+                               rate=200, timeout=1.0,
+                               ports={"echo": echo.port})
+        self.assertEqual(len(rows), 1)
+        row = rows[0]
+        self.assertEqual([entry[0] for entry in echo.seen],
+                         list(range(200)))
+        self.assertEqual(row["sent"], 200)
+        self.assertEqual(row["lost"], 20)           # 9, 19, ... 199
+        self.assertEqual(row["loss_pct"], 10.0)
+        self.assertEqual(row["late"], 1)            # 10
+        self.assertEqual(row["late_after_s"], 1.0)
+        self.assertEqual(row["received"], 179)
+        # 0, 7, ... 196 less 49, 119 and 189, which were dropped.
+        self.assertEqual(row["duplicated"], 26)
+        # 4, 14, ... 194 behind their successors, and 10 behind them all.
+        self.assertEqual(row["reordered"], 21)
+        self.assertEqual(row["foreign"], 0)
+        self.assertEqual(row["flow"], "total")
+        self.assertEqual((row["test"], row["transport"], row["unit"],
+                          row["value"]), ("udp", "udp", "% loss", 10.0))
+        self.assertTrue(row["min_us"] <= row["p50_us"] <= row["p90_us"] <=
+                        row["p99_us"] <= row["max_us"] < 1e6)
+        self.assertEqual(row["pdv_us"], round(row["p99_us"] -
+                                              row["min_us"], 1))
+        self.assertGreater(row["ipdv_mean_us"], 0)
+
+    def test_figures_arithmetic(self):
+        tally = diagsvc._StreamTally(6)
+        tally.sent = 6
+        # 0 and 1 in order, 3 before 2, 3 twice, 5 late, 4 lost, 9 unknown.
+        for sequence, rtt in ((0, 0.001), (1, 0.003), (3, 0.002), (2, 0.006),
+                              (3, 0.002), (5, 2.5), (9, 0.001)):
+            tally.arrived(sequence, rtt)
+        row = diagsvc._stream_figures([tally], 2.0)
+        self.assertEqual(
+            dict((key, row[key]) for key in (
+                "sent", "received", "lost", "late", "duplicated",
+                "reordered", "foreign", "min_us", "max_us")),
+            {"sent": 6, "received": 4, "lost": 1, "late": 1,
+             "duplicated": 1, "reordered": 1, "foreign": 1,
+             "min_us": 1000.0, "max_us": 6000.0})
+        # RFC 3393 pairs (0,1), (1,2), (2,3): |3-1|, |6-3|, |2-6| ms.
+        self.assertEqual(row["ipdv_mean_us"], 3000.0)
+        self.assertEqual(row["pdv_us"], row["p99_us"] - 1000.0)
+
+    def test_pacing_follows_the_clock(self):
+        echo = MischievousEcho(mischief=False)
+        self.addCleanup(echo.close)
+        rows = diagsvc.measure("127.0.0.1", ["udp"], seconds=1.0, rate=200,
+                               timeout=0.2, ports={"echo": echo.port})
+        row = rows[0]
+        self.assertEqual(row["sent"], 200)
+        self.assertEqual(row["rate_asked_pps"], 200.0)
+        self.assertTrue(180 <= row["rate_sent_pps"] <= 220, row)
+        self.assertFalse(row["client_limited"])
+        # Paced, not a burst: number k leaves k/200 s after the start at the
+        # earliest, whatever the load on this machine.
+        sent_at = [entry[1] for entry in sorted(echo.seen)]
+        self.assertEqual(len(sent_at), 200)
+        self.assertGreater(sent_at[-1] - sent_at[0], 0.5)
+        self.assertEqual(sent_at, sorted(sent_at))
+
+    def test_parallel_flows_have_their_own_ports_and_rows(self):
+        echo = MischievousEcho(mischief=False)
+        self.addCleanup(echo.close)
+        rows = diagsvc.measure("127.0.0.1", ["udp"], seconds=0.3, rate=300,
+                               parallel=3, ports={"echo": echo.port})
+        self.assertEqual([row["flow"] for row in rows], [1, 2, 3, "total"])
+        self.assertEqual([row["sent"] for row in rows], [30, 30, 30, 90])
+        self.assertEqual([row["rate_asked_pps"] for row in rows],
+                         [100.0, 100.0, 100.0, 300.0])
+        for row in rows:
+            self.assertEqual((row["received"], row["lost"], row["late"]),
+                             (row["sent"], 0, 0), row)
+        by_port = {}
+        for sequence, _, port in echo.seen:
+            by_port.setdefault(port, []).append(sequence)
+        self.assertEqual(sorted(by_port.values()), [list(range(30))] * 3)
+
+    def test_against_diagsvc(self):
+        server = self.start_server(["echo"])
+        rows = diagsvc.measure("127.0.0.1", ["udp"], seconds=0.3, rate=100,
+                               size=1000, ports=ports_of(server, "udp"))
+        self.assertEqual((rows[0]["sent"], rows[0]["received"],
+                          rows[0]["size_bytes"]), (30, 30, 1000))
+        self.assertEqual(server.counters["echo", "udp"].datagrams, 30)
+        self.assertEqual(server.counters["echo", "udp"].bytes_in, 30000)
+
+
+class ReportingTest(ServerTestCase):
+
+    def port_options(self, server):
+        return ["--port=%s=%d" % item for item in sorted(ports_of(server).items())]
+
+    def test_interval_rows_stream_as_json_lines(self):
+        server = self.start_server(["echo", "chargen"])
+        result = run_command("measure", "127.0.0.1", "latency", "udp",
+                             "download", "--seconds", "0.5", "--interval",
+                             "0.2", "--json", *self.port_options(server))
+        self.assertEqual(result.returncode, 0, result.stderr)
+        lines = result.stdout.splitlines()
+        rows = [json.loads(line) for line in lines]     # every line is JSON
+        kinds = [(row["type"], row["test"], row["transport"]) for row in rows]
+        summaries = [kind for kind in kinds if kind[0] == "summary"]
+        self.assertEqual(summaries, [
+            ("summary", "latency", "tcp"), ("summary", "latency", "udp"),
+            ("summary", "download", "tcp"), ("summary", "udp", "udp")])
+        # Each test's interval rows come before its summary, in time order.
+        for test, transport in (("latency", "tcp"), ("latency", "udp"),
+                                ("udp", "udp"), ("download", "tcp")):
+            spans = [(row["start_s"], row["end_s"]) for row in rows
+                     if row["type"] == "interval" and row["test"] == test
+                     and row["transport"] == transport]
+            self.assertGreaterEqual(len(spans), 2, (test, transport))
+            self.assertEqual(spans[0][0], 0.0)
+            for (start, end), (next_start, _) in zip(spans, spans[1:]):
+                self.assertLess(start, end)
+                self.assertEqual(end, next_start)
+            last_interval = max(i for i, kind in enumerate(kinds)
+                                if kind == ("interval", test, transport))
+            self.assertLess(last_interval, kinds.index(
+                ("summary", test, transport)))
+        common = {"type", "test", "transport", "host", "address", "port"}
+        for row in rows:
+            self.assertLessEqual(common, set(row), row)
+            self.assertEqual(row["host"], "127.0.0.1")
+            self.assertNotIn(None, row.values())
+            if row["type"] == "interval":
+                self.assertLessEqual({"start_s", "end_s"}, set(row))
+                if row["test"] == "download":
+                    self.assertLessEqual({"bytes", "mbyte_per_s"}, set(row))
+                elif row["test"] == "udp":
+                    self.assertLessEqual({"sent", "received"}, set(row))
+                else:
+                    self.assertIn("count", row)
+
+    def test_interval_rows_for_people_then_the_table(self):
+        server = self.start_server(["echo"])
+        result = run_command("measure", "127.0.0.1", "udp", "--seconds",
+                             "0.5", "--interval", "0.2", "--rate", "50",
+                             *self.port_options(server))
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertRegex(result.stdout, r"^udp udp  0\.00-0\.2\d s  sent 1\d"
+                                        r"  received \d+  RTT p50 ")
+        self.assertRegex(result.stdout, r"\nTEST +PROTO +RESULT +DETAIL\n"
+                                        r"udp +udp +0\.0 % loss +sent 25 ")
+
+    def test_thresholds_set_the_exit_status_and_say_which(self):
+        echo = MischievousEcho()            # loses 10 %
+        self.addCleanup(echo.close)
+        for limit, status in (("5", 1), ("20", 0)):
+            result = run_command("measure", "127.0.0.1", "udp", "--seconds",
+                                 "0.2", "--rate", "100", "--timeout", "0.5",
+                                 "--max-loss", limit, "--port",
+                                 "echo=%d" % echo.port)
+            self.assertEqual(result.returncode, status, result.stderr)
+        self.assertEqual(result.stderr, "")
+        server = self.start_server(["echo", "chargen"])
+        result = run_command("measure", "127.0.0.1", "latency", "download",
+                             "--seconds", "0.2", "--max-rtt", "0",
+                             "--rtt-percentile", "50", "--min-rate", "1e9",
+                             *self.port_options(server))
+        self.assertEqual(result.returncode, 1)
+        self.assertEqual(len(result.stderr.splitlines()), 3, result.stderr)
+        self.assertRegex(result.stderr, r"latency/tcp: p50_us [0-9.]+ ms is "
+                                        r"above --max-rtt 0\n")
+        self.assertRegex(result.stderr, r"latency/udp: p50_us [0-9.]+ ms is "
+                                        r"above --max-rtt 0\n")
+        self.assertRegex(result.stderr, r"download/tcp: [0-9.]+ MB/s is below "
+                                        r"--min-rate 1e\+09\n")
+
+    def test_several_hosts_in_one_command(self):
+        server = self.start_server(["echo"])
+        port = "--port=echo=%d" % server.addresses["echo", "tcp"][0][1]
+        # Nothing listens on 127.0.0.2: its row is refused, the exit is 1.
+        result = run_command("probe", "127.0.0.1", "127.0.0.2", "echo",
+                             "--tcp", "--json", port)
+        self.assertEqual(result.returncode, 1, result.stderr)
+        rows = json.loads(result.stdout)
+        self.assertEqual([(row["host"], row["service"], row["verdict"])
+                          for row in rows],
+                         [("127.0.0.1", "echo", "open"),
+                          ("127.0.0.2", "echo", "refused")])
+        result = run_command("probe", "127.0.0.1", "127.0.0.2", "echo",
+                             "--tcp", port)
+        self.assertRegex(result.stdout, r"^HOST +SERVICE +PROTO")
+        result = run_command("measure", "127.0.0.1", "localhost", "latency",
+                             "--seconds", "0.1", "-4", "--json", port)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual([(row["host"], row["address"], row["transport"])
+                          for row in json.loads(result.stdout)],
+                         [("127.0.0.1", "127.0.0.1", "tcp"),
+                          ("127.0.0.1", "127.0.0.1", "udp"),
+                          ("localhost", "127.0.0.1", "tcp"),
+                          ("localhost", "127.0.0.1", "udp")])
+        result = run_command("measure", "127.0.0.1", "latnecy")
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("nor is it a test: latency, download", result.stderr)
 
 
 # --- Lifecycle ----------------------------------------------------------------
