@@ -2398,7 +2398,8 @@ def drop_privileges(user):
 # and xinetd included), from one selectors loop where there is concurrency.
 
 PROBE_OK = ("open", "open|filtered")
-MEASURE_TESTS = ("latency", "download", "upload", "echo", "connect", "udp")
+MEASURE_TESTS = ("latency", "download", "upload", "echo", "connect", "udp",
+                 "loaded", "mtu")
 # Run when no test is named.  udp, loaded and mtu only when named: loaded
 # saturates the path, udp's load is the user's choice, mtu sends 64 KiB.
 DEFAULT_MEASURE_TESTS = MEASURE_TESTS[:5]
@@ -3771,13 +3772,429 @@ def _measure_udp(family, address, ports, seconds, parallel, progress,
     return rows
 
 
+# -- loaded: latency under load --
+
+_LOADED_PING_SPACING = 0.01     # at most 100 round trips a second a transport
+
+
+class _Pinger(object):
+    """Echo round trips one at a time, over TCP or UDP, inside a loop.
+
+    Each ping is a udp-test payload (its sequence number and send time);
+    the next leaves once the reply is in and _LOADED_PING_SPACING has passed.
+    A UDP ping unanswered within `patience` counts as lost.  Samples go to
+    the list that `phase` names.
+    """
+
+    def __init__(self, transport, sock, patience):
+        self.transport = transport
+        self.sock = sock
+        self.patience = patience
+        self.sequence = 0
+        self.waiting = False
+        self.sent_at = 0.0
+        self.next_send = 0.0
+        self.received = bytearray()
+        self.samples = {"idle": [], "loaded": []}
+        self.lost = {"idle": 0, "loaded": 0}
+        self.phase = "idle"
+
+    def due(self, now):
+        if self.waiting and self.transport == "udp":
+            return self.sent_at + self.patience
+        return None if self.waiting else self.next_send
+
+    def on_timer(self, now):
+        if self.waiting:                # UDP only: this one is lost
+            self.lost[self.phase] += 1
+            self.waiting = False
+        if now >= self.next_send:
+            self.sequence += 1
+            self.sent_at = now
+            self.next_send = now + _LOADED_PING_SPACING
+            try:
+                self.sock.send(stream_datagram(0, self.sequence, now, 32))
+            except (BlockingIOError, InterruptedError):
+                return                  # TCP: 32 bytes always fit, UDP: retry
+            except OSError:
+                if self.transport == "tcp":
+                    raise
+                return
+            self.waiting = True
+
+    def on_readable(self, now, buffer):
+        try:
+            count = self.sock.recv_into(buffer)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            if self.transport == "tcp":
+                raise
+            return
+        if self.transport == "tcp":
+            if not count:
+                raise ServerError("echo closed the connection")
+            self.received += buffer[:count]
+            if len(self.received) < 32:
+                return
+            reply, self.received = bytes(self.received[:32]), \
+                self.received[32:]
+        else:
+            reply = bytes(buffer[:count])
+        parsed = parse_stream_datagram(reply)
+        if parsed is None or (self.transport == "tcp" and
+                              parsed[1] != self.sequence):
+            raise ServerError("echo returned %r" % reply[:40])
+        if self.waiting and parsed[1] == self.sequence:
+            self.samples[self.phase].append(now - self.sent_at)
+            self.waiting = False
+        # A UDP reply to an earlier, lost ping: already counted.
+
+
 def _measure_loaded(family, address, ports, seconds, parallel, progress,
                     timeout):
-    raise NotImplementedError
+    """Echo RTT over TCP and UDP, idle, then with chargen downloads and
+    discard uploads saturating both directions (half the time each)."""
+    clock = time.perf_counter
+    selector = SELECTORS[0]()
+    load = []                   # [socket, "download" | "upload", bytes]
+    buffer = bytearray(CHARGEN_CHUNK)
+    block = memoryview(bytes(CHARGEN_CHUNK))
+    tcp = _connect(family, address, ports["echo"], timeout)
+    udp = socket.socket(family, socket.SOCK_DGRAM)
+    pingers = []
+    try:
+        tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        udp.connect(_endpoint(address, ports["echo"]))
+        for transport, sock in (("tcp", tcp), ("udp", udp)):
+            sock.setblocking(False)
+            pinger = _Pinger(transport, sock, min(timeout, 1.0))
+            pingers.append(pinger)
+            selector.register(sock, EVENT_READ, pinger)
+        phase_seconds = seconds / 2.0
+        # Queues take a moment to fill: the first quarter of the loaded
+        # phase (at most a second) is not sampled.
+        ramp = min(1.0, phase_seconds / 4.0)
+        started = clock()
+        phases = (("idle", started + phase_seconds),
+                  ("ramp", started + phase_seconds + ramp),
+                  ("loaded", started + seconds))
+        phase_index = 0
+        load_started = None
+        progress.begin("loaded", "tcp", lambda: {
+            "phase": phases[phase_index][0] if phase_index < 3 else "done",
+            "bytes": sum(entry[2] for entry in load),
+            "rtts": pingers[0].samples["idle"] + pingers[0].samples["loaded"]})
+        while True:
+            now = clock()
+            while phase_index < 3 and now >= phases[phase_index][1]:
+                phase_index += 1
+                if phase_index == 1:    # start the load, both directions
+                    load_started = now
+                    for _ in range(parallel):
+                        for kind, service in (("download", "chargen"),
+                                              ("upload", "discard")):
+                            sock = _connect(family, address, ports[service],
+                                            timeout)
+                            sock.setblocking(False)
+                            load.append([sock, kind, 0])
+                            selector.register(sock, EVENT_READ if kind ==
+                                              "download" else EVENT_WRITE,
+                                              load[-1])
+            if phase_index == 3:
+                break
+            phase = phases[phase_index][0]
+            for pinger in pingers:
+                # Ramp-up samples are kept apart, and never reported.
+                pinger.phase = phase if phase != "ramp" else "loaded"
+                if phase == "ramp":
+                    pinger.samples["loaded"] = []
+                    pinger.lost["loaded"] = 0
+                due = pinger.due(now)
+                if due is not None and now >= due:
+                    pinger.on_timer(now)
+            wake = min([phases[phase_index][1]] +
+                       [d for d in (p.due(now) for p in pingers)
+                        if d is not None])
+            for key, _ in selector.select(max(0.0, min(
+                    wake - clock(), progress.wake(time.monotonic())))):
+                if isinstance(key.data, _Pinger):
+                    key.data.on_readable(clock(), buffer)
+                    continue
+                entry = key.data
+                try:
+                    if entry[1] == "download":
+                        count = entry[0].recv_into(buffer)
+                        if not count:
+                            selector.unregister(entry[0])
+                    else:
+                        count = entry[0].send(block)
+                except (BlockingIOError, InterruptedError):
+                    count = 0
+                except OSError:
+                    selector.unregister(entry[0])
+                    count = 0
+                entry[2] += count
+            progress.tick()
+            progress.show("loaded: %s" % phases[min(phase_index, 2)][0])
+        load_seconds = max(1e-6, clock() - load_started)
+    finally:
+        for entry in load:
+            entry[0].close()
+        tcp.close()
+        udp.close()
+        selector.close()
+    rates = {}
+    for kind in ("download", "upload"):
+        moved = sum(entry[2] for entry in load if entry[1] == kind)
+        rates[kind + "_mbyte_per_s"] = round(moved / 1e6 / load_seconds, 2)
+    rows = []
+    for pinger in pingers:
+        row = {"test": "loaded", "transport": pinger.transport, "unit": "µs"}
+        figures = {}
+        for phase in ("idle", "loaded"):
+            samples = pinger.samples[phase]
+            figures[phase] = _percentiles(samples)
+            row[phase + "_count"] = len(samples)
+            for key, value in figures[phase].items():
+                row[phase + "_" + key] = value
+            if pinger.transport == "udp":
+                tries = len(samples) + pinger.lost[phase]
+                row[phase + "_loss_pct"] = round(
+                    100.0 * pinger.lost[phase] / tries, 2) if tries else 0.0
+        row["value"] = figures["loaded"].get("p50_us", 0.0)
+        if figures["idle"] and figures["loaded"]:
+            for key in ("p50_us", "p90_us", "p99_us"):
+                row["increase_" + key] = round(figures["loaded"][key] -
+                                               figures["idle"][key], 1)
+        row.update(rates)
+        row["parallel"] = parallel
+        rows.append(row)
+    return rows
+
+
+# -- mtu: the largest datagram that crosses the path, and how bigger ones fail --
+
+# Forbidding fragmentation.  Linux: IP_MTU_DISCOVER / IPV6_MTU_DISCOVER set to
+# "probe" (send with DF, ignore the learned path MTU: each size tests the path
+# itself) and IP_MTU / IPV6_MTU to read the MTU the kernel holds for a
+# connected socket.  Python before 3.x lacks some of these names on Linux: the
+# numbers are Linux's <linux/in.h> and <linux/in6.h>.  Elsewhere (BSDs, macOS)
+# IP_DONTFRAG / IPV6_DONTFRAG, where Python has them.
+if _ON_LINUX:
+    _IP_MTU_DISCOVER = getattr(socket, "IP_MTU_DISCOVER", 10)
+    _IP_PMTUDISC_DONT = getattr(socket, "IP_PMTUDISC_DONT", 0)
+    _IP_PMTUDISC_PROBE = getattr(socket, "IP_PMTUDISC_PROBE", 3)
+    _IPV6_MTU_DISCOVER = getattr(socket, "IPV6_MTU_DISCOVER", 23)
+    _IPV6_PMTUDISC_DONT = getattr(socket, "IPV6_PMTUDISC_DONT", 0)
+    _IPV6_PMTUDISC_PROBE = getattr(socket, "IPV6_PMTUDISC_PROBE", 3)
+    _IP_MTU = getattr(socket, "IP_MTU", 14)
+    _IPV6_MTU = getattr(socket, "IPV6_MTU", 24)
+_IP_DONTFRAG = getattr(socket, "IP_DONTFRAG", None)
+_IPV6_DONTFRAG = getattr(socket, "IPV6_DONTFRAG", 62 if _ON_LINUX else None)
+# IPv4 (20) or IPv6 (40) header, and UDP's 8 bytes.
+_UDP_OVERHEAD = {socket.AF_INET: 28, socket.AF_INET6: 48}
+_MTU_TRIES = 3                  # sends of one size before it counts as lost
+
+
+def _set_fragmentation(sock, family, allowed):
+    """Allow or forbid fragmentation of what sock sends; False if this
+    platform offers no way to forbid it."""
+    v6 = family == socket.AF_INET6
+    level = socket.IPPROTO_IPV6 if v6 else socket.IPPROTO_IP
+    try:
+        if _ON_LINUX:
+            if v6:
+                sock.setsockopt(level, _IPV6_MTU_DISCOVER, _IPV6_PMTUDISC_DONT
+                                if allowed else _IPV6_PMTUDISC_PROBE)
+            else:
+                sock.setsockopt(level, _IP_MTU_DISCOVER, _IP_PMTUDISC_DONT
+                                if allowed else _IP_PMTUDISC_PROBE)
+            return True
+        option = _IPV6_DONTFRAG if v6 else _IP_DONTFRAG
+        if option is None:
+            return False
+        sock.setsockopt(level, option, 0 if allowed else 1)
+        return True
+    except OSError:
+        return False
+
+
+def _kernel_mtu(sock, family):
+    """The path MTU the kernel holds for a connected socket (Linux), or None."""
+    if not _ON_LINUX:
+        return None
+    try:
+        if family == socket.AF_INET6:
+            return sock.getsockopt(socket.IPPROTO_IPV6, _IPV6_MTU)
+        return sock.getsockopt(socket.IPPROTO_IP, _IP_MTU)
+    except OSError:
+        return None
+
+
+def _mtu_search(attempt, smallest, largest):
+    """Binary search for the largest size that attempt() gets through.
+
+    attempt(size) returns ("ok", None), ("lost", None) or ("refused", fits):
+    the local host refused the size and `fits` is the largest size its MTU
+    allows (or None): every size above it fails the same way, and it is
+    tried next.  Returns (largest that passed or None, smallest that failed
+    or None, how it failed, sizes tried in order).
+    """
+    passed = failed = failure = None
+    low, high = smallest, largest
+    size = largest                      # most paths: one try says "no limit"
+    tried = []
+    while low <= high:
+        tried.append(size)
+        outcome, fits = attempt(size)
+        if outcome == "ok":
+            passed, low = size, size + 1
+        elif outcome == "refused" and fits is not None and low <= fits < size:
+            failed, failure, high = fits + 1, outcome, fits
+        else:
+            failed, failure, high = size, outcome, size - 1
+        size = high if high == fits else (low + high + 1) // 2
+    return passed, failed, failure, tried
+
+
+def _mtu_verdict(passed, failed, failure, kernel_mtu, overhead,
+                 fragmented, forbidden, fragmented_size=None):
+    """The mtu row's named outcome and sentence (pure, for the tests)."""
+    row = {"largest_payload_bytes": passed or 0, "fragmented": fragmented,
+           "fragmentation_forbidden": forbidden}
+    if passed is None:
+        row["limit"] = "nothing-back"
+        text = "no datagram came back, even of %d bytes" % (failed or 0)
+    else:
+        row["path_mtu_bytes"] = passed + overhead
+        text = "%d-byte payloads (%d-byte packets) come back" % (
+            passed, passed + overhead)
+    if failed is None:
+        row["limit"] = "none"
+        return row, text + ": the largest UDP datagram crosses this path"
+    if passed is None:
+        pass
+    elif failure == "refused":
+        row["limit"] = "local-mtu"
+        if kernel_mtu:
+            row["limit_mtu_bytes"] = kernel_mtu
+        text += "; %d bytes and more are refused by this host (EMSGSIZE): " \
+                "its MTU on this route is %s" % (failed, kernel_mtu or "unknown")
+    elif kernel_mtu and kernel_mtu < failed + overhead:
+        row["limit"] = "icmp-too-big"
+        row["limit_mtu_bytes"] = kernel_mtu
+        text += "; %d bytes and more are too big for a hop, which said so " \
+                "(ICMP fragmentation needed / packet too big): next-hop MTU " \
+                "%d" % (failed, kernel_mtu)
+    else:
+        row["limit"] = "black-hole"
+        text += "; %d bytes and more vanish without an ICMP error: a path " \
+                "MTU black hole" % failed
+    if not forbidden:
+        text += " (this platform cannot forbid fragmentation: sizes are " \
+                "what came back, fragmented or not)"
+    if fragmented != "untested":
+        row["fragmented_size_bytes"] = fragmented_size
+        text += "; allowed to fragment, %d bytes %s" % (
+            fragmented_size, "come back" if fragmented == "passes"
+            else "are lost too")
+    return row, text
 
 
 def _measure_mtu(family, address, ports, progress, timeout):
-    raise NotImplementedError
+    """Search the largest UDP echo payload that comes back unfragmented."""
+    largest = STREAM_MAX_SIZE.get(family, 65507)
+    overhead = _UDP_OVERHEAD.get(family, 28)
+    token = struct.unpack("!I", os.urandom(4))[0]
+    clock = time.perf_counter
+    receive_buffer = bytearray(65536)
+    sockets = []
+    selector = SELECTORS[0]()
+    state = {"sizes": 0, "largest": 0}
+
+    def open_socket(allowed):
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        sockets.append(sock)
+        settable = _set_fragmentation(sock, family, allowed)
+        sock.setblocking(False)
+        sock.connect(_endpoint(address, ports["echo"]))
+        selector.register(sock, EVENT_READ)
+        return sock, settable
+
+    def attempt(sock, size):
+        """Up to _MTU_TRIES sends of `size`, spread over `timeout`."""
+        payload = stream_datagram(token, size, 0.0, size)
+        deadline = clock() + timeout
+        for try_number in range(_MTU_TRIES):
+            try:
+                sock.send(payload)
+            except OSError as error:
+                if error.errno == errno.EMSGSIZE:
+                    mtu = _kernel_mtu(sock, family)
+                    return "refused", mtu - overhead if mtu else None
+                if not isinstance(error, (BlockingIOError,
+                                          ConnectionRefusedError)):
+                    raise
+            try_end = min(deadline, clock() + timeout / _MTU_TRIES)
+            while True:
+                now = clock()
+                if now >= try_end:
+                    break
+                if not selector.select(min(try_end - now,
+                                           progress.wake(time.monotonic()))):
+                    progress.tick()
+                    continue
+                try:
+                    count = sock.recv_into(receive_buffer)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except ConnectionRefusedError:
+                    return "lost", None     # nothing listens: no use waiting
+                reply = parse_stream_datagram(receive_buffer[:count])
+                if count == size and reply and reply[:2] == (token, size):
+                    return "ok", None
+        return "lost", None
+
+    def counted(sock):
+        def attempt_and_count(size):
+            outcome = attempt(sock, size)
+            state["sizes"] += 1
+            if outcome[0] == "ok":
+                state["largest"] = max(state["largest"], size)
+            progress.tick()
+            progress.show("mtu: %d bytes %s" % (size, outcome[0]))
+            return outcome
+        return attempt_and_count
+
+    progress.begin("mtu", "udp", lambda: {
+        "sizes": state["sizes"], "payload_bytes": state["largest"]})
+    try:
+        sock, forbidden = open_socket(allowed=False)
+        passed, failed, failure, tried = _mtu_search(
+            counted(sock), STREAM_MIN_SIZE, largest)
+        kernel_mtu = _kernel_mtu(sock, family)
+        fragmented, fragmented_size = "untested", None
+        if failed is not None and passed is not None and forbidden:
+            # Does a datagram too big for the path get through when it may
+            # be fragmented?  At least the first failing size, and big
+            # enough that this host itself must fragment it.
+            fragmented_size = min(largest, max(failed, (kernel_mtu or 0) -
+                                               overhead + 1))
+            loose, _ = open_socket(allowed=True)
+            outcome, _ = counted(loose)(fragmented_size)
+            fragmented = "passes" if outcome == "ok" else "lost"
+    finally:
+        for sock in sockets:
+            sock.close()
+        selector.close()
+    row, detail = _mtu_verdict(passed, failed, failure, kernel_mtu, overhead,
+                               fragmented, forbidden, fragmented_size)
+    result = {"test": "mtu", "transport": "udp", "unit": "bytes",
+              "value": row["largest_payload_bytes"]}
+    result.update(row)
+    result.update({"sizes_tried": tried, "detail": detail})
+    return [result]
 
 
 def measure(host, tests=None, seconds=5.0, parallel=1, port_offset=0,

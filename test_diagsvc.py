@@ -2145,6 +2145,174 @@ class UdpStreamTest(ServerTestCase):
         self.assertEqual(server.counters["echo", "udp"].bytes_in, 30000)
 
 
+def namespace_run(test, setup, code, timeout=60):
+    """Run `code` (Python, with diagsvc importable) in a new network
+    namespace after the shell commands `setup`; its stdout, parsed as JSON.
+    Skips unless root on Linux with unshare, ip (and nft or tc if used)."""
+    import shutil
+    if not ON_LINUX or os.geteuid() != 0:
+        test.skipTest("needs root on Linux for a network namespace")
+    for tool in ("unshare", "ip", "nft", "tc"):
+        if (tool in ("unshare", "ip") or
+                any(command.startswith(tool + " ") for command in setup)) \
+                and shutil.which(tool) is None:
+            test.skipTest("needs %s" % tool)
+    if subprocess.run(["unshare", "-n", "true"]).returncode:
+        test.skipTest("unshare -n is not allowed here")
+    import shlex
+    script = " && ".join(["ip link set lo up"] + list(setup) + [
+        "exec %s -c %s" % (shlex.quote(sys.executable), shlex.quote(
+            "import sys; sys.path.insert(0, %r)\n" % HERE + code))])
+    result = subprocess.run(["unshare", "-n", "sh", "-c", script],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            universal_newlines=True, timeout=timeout)
+    test.assertEqual(result.returncode, 0, result.stderr)
+    return json.loads(result.stdout)
+
+
+# In a fresh namespace every port is free: the servers use fixed ones.
+NAMESPACE_MEASURE = """
+import json, subprocess, sys
+import diagsvc
+server = subprocess.Popen(
+    [sys.executable, %r, "echo", "chargen", "discard", "--bind", "127.0.0.1",
+     "--port-offset", "20000", "--max-per-source", "0"],
+    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, universal_newlines=True)
+try:
+    for line in server.stdout:
+        if line.startswith("diagsvc: running as"):
+            break
+    rows = diagsvc.measure("127.0.0.1", port_offset=20000, **%%r)
+    print(json.dumps(rows))
+finally:
+    server.terminate()
+    server.wait()
+""" % SCRIPT
+
+
+class PathMtuTest(ServerTestCase):
+
+    @staticmethod
+    def fake_path(local_mtu, drop_above=None, overhead=28):
+        """attempt() for a path: refused locally above the MTU, silently
+        lost above drop_above."""
+        def attempt(size):
+            if size + overhead > local_mtu:
+                return "refused", local_mtu - overhead
+            if drop_above is not None and size + overhead > drop_above:
+                return "lost", None
+            return "ok", None
+        return attempt
+
+    def test_search_finds_the_boundary_and_how_it_fails(self):
+        search = diagsvc._mtu_search
+        self.assertEqual(search(self.fake_path(65536), 24, 65507),
+                         (65507, None, None, [65507]))
+        # The kernel's MTU is tried at once, and is the answer.
+        self.assertEqual(search(self.fake_path(1400), 24, 65507),
+                         (1372, 1373, "refused", [65507, 1372]))
+        passed, failed, failure, tried = search(
+            self.fake_path(1500, drop_above=1200), 24, 65507)
+        self.assertEqual((passed, failed, failure), (1172, 1173, "lost"))
+        self.assertEqual(tried[:2], [65507, 1472])
+        self.assertLessEqual(len(tried), 14)
+        for mtu in range(60, 1600, 7):      # every boundary, exactly
+            self.assertEqual(search(self.fake_path(65536, mtu), 24, 65507)[:2],
+                             (mtu - 28, mtu - 27))
+        self.assertEqual(search(lambda size: ("lost", None), 24, 65507)[:3],
+                         (None, 24, "lost"))
+
+    def test_outcomes_are_named(self):
+        verdict = diagsvc._mtu_verdict
+        row, text = verdict(65507, None, None, 65536, 28, "untested", True)
+        self.assertEqual(row["limit"], "none")
+        row, text = verdict(1372, 1373, "refused", 1400, 28, "passes", True,
+                            1373)
+        self.assertEqual((row["limit"], row["limit_mtu_bytes"],
+                          row["path_mtu_bytes"]), ("local-mtu", 1400, 1400))
+        self.assertIn("refused by this host (EMSGSIZE): its MTU on this "
+                      "route is 1400; allowed to fragment, 1373 bytes come "
+                      "back", text)
+        # The kernel learned a smaller MTU than the lost size needed: an
+        # ICMP "fragmentation needed" / "packet too big" came back.
+        row, text = verdict(1252, 1253, "lost", 1280, 28, "lost", True, 1473)
+        self.assertEqual((row["limit"], row["limit_mtu_bytes"]),
+                         ("icmp-too-big", 1280))
+        self.assertIn("next-hop MTU 1280", text)
+        row, text = verdict(1172, 1173, "lost", 1500, 28, "lost", True, 1473)
+        self.assertEqual(row["limit"], "black-hole")
+        self.assertNotIn("limit_mtu_bytes", row)
+        self.assertIn("a path MTU black hole; allowed to fragment, 1473 "
+                      "bytes are lost too", text)
+        row, text = verdict(None, 24, "lost", None, 28, "untested", True)
+        self.assertEqual((row["limit"], row["largest_payload_bytes"]),
+                         ("nothing-back", 0))
+        self.assertNotIn(None, row.values())
+
+    def test_loopback_carries_the_largest_datagram(self):
+        server = self.start_server(["echo"])
+        rows = diagsvc.measure("127.0.0.1", ["mtu"],
+                               ports=ports_of(server, "udp"))
+        self.assertEqual((rows[0]["value"], rows[0]["limit"],
+                          rows[0]["sizes_tried"]), (65507, "none", [65507]))
+
+    def test_local_mtu_refuses_with_emsgsize(self):
+        rows = namespace_run(self, ["ip link set lo mtu 1400"],
+                             NAMESPACE_MEASURE % {"tests": ["mtu"],
+                                                  "timeout": 0.5})
+        row = rows[0]
+        self.assertEqual((row["largest_payload_bytes"], row["limit"],
+                          row["limit_mtu_bytes"], row["fragmented"],
+                          row["fragmented_size_bytes"]),
+                         (1372, "local-mtu", 1400, "passes", 1373))
+
+    def test_black_hole_is_named_and_fragments_are_lost_too(self):
+        rows = namespace_run(self, [
+            "ip link set lo mtu 1300",
+            "nft add table inet lab",
+            "nft add chain inet lab in '{ type filter hook input priority 0; }'",
+            # meta length counts the IP header: 1,172 bytes of UDP payload.
+            "nft add rule inet lab in udp dport 20007 meta length gt 1200 drop"],
+            NAMESPACE_MEASURE % {"tests": ["mtu"], "timeout": 0.4})
+        row = rows[0]
+        self.assertEqual((row["largest_payload_bytes"], row["limit"],
+                          row["fragmented"], row["fragmented_size_bytes"]),
+                         (1172, "black-hole", "lost", 1273))
+        self.assertNotIn("limit_mtu_bytes", row)
+
+
+class LoadedTest(ServerTestCase):
+
+    def test_idle_and_loaded_side_by_side(self):
+        server = self.start_server(["echo", "chargen", "discard"],
+                                   max_per_source=0)
+        rows = diagsvc.measure("127.0.0.1", ["loaded"], seconds=0.8,
+                               ports=ports_of(server))
+        self.assertEqual([row["transport"] for row in rows], ["tcp", "udp"])
+        for row in rows:
+            self.assertGreater(row["idle_count"], 0, row)
+            self.assertGreater(row["loaded_count"], 0, row)
+            self.assertEqual(row["increase_p50_us"], round(
+                row["loaded_p50_us"] - row["idle_p50_us"], 1))
+            self.assertGreater(row["download_mbyte_per_s"], 0)
+            self.assertGreater(row["upload_mbyte_per_s"], 0)
+            self.assertNotIn(None, row.values())
+        self.assertEqual(rows[1]["idle_loss_pct"], 0.0)
+        self.assertGreater(server.counters["discard", "tcp"].bytes_in, 0)
+
+    def test_a_real_queue_raises_the_loaded_rtt(self):
+        # A 20 Mbit/s token bucket on lo (lo's MTU lowered first, or tbf
+        # drops the 64 KiB segments and nothing queues).
+        rows = namespace_run(self, [
+            "ip link set lo mtu 1500",
+            "tc qdisc add dev lo root tbf rate 20mbit burst 32kbit "
+            "latency 300ms"],
+            NAMESPACE_MEASURE % {"tests": ["loaded"], "seconds": 1.6})
+        for row in rows:
+            self.assertLess(row["idle_p50_us"], 5000, row)
+            self.assertGreater(row["increase_p50_us"], 20000, row)
+
+
 class ReportingTest(ServerTestCase):
 
     def port_options(self, server):
