@@ -3505,6 +3505,10 @@ DEFAULT_STREAM_RATE = 100.0     # pps: 64-byte datagrams, 51 kbit/s, safe
 DEFAULT_STREAM_SIZE = 64        # on any shared link
 _STREAM_BATCH = 1024            # at most this many sends between two reads
 _STREAM_CATCH_UP = 0.99         # below 99 % of the asked rate: client-limited
+# Replies wait in the kernel while the sender works through a batch: a
+# larger receive buffer (the kernel caps it at net.core.rmem_max) keeps a
+# busy client from losing them and blaming the path.
+_STREAM_RECEIVE_BUFFER = 4 << 20
 
 
 def stream_datagram(flow_id, sequence, sent_at, size):
@@ -3533,7 +3537,7 @@ class _StreamTally(object):
     when it came after that, and the rest of what was sent as lost.
     """
 
-    def __init__(self, planned):
+    def __init__(self, planned, rtts=None):
         from array import array
         self.rtt_by_sequence = array("d", [-1.0]) * planned
         self.sent = 0
@@ -3542,7 +3546,7 @@ class _StreamTally(object):
         self.reordered = 0
         self.foreign = 0            # not ours, never sent, or cut short
         self.highest = -1
-        self.rtts = []              # in arrival order, for --interval
+        self.rtts = [] if rtts is None else rtts    # arrival order: --interval
 
     def arrived(self, sequence, rtt):
         if sequence >= self.sent:
@@ -3620,138 +3624,78 @@ def _stream_rate(rate, bitrate, size, family):
     return float(rate), size
 
 
-def _measure_udp(family, address, ports, seconds, parallel, progress,
-                 timeout, rate=DEFAULT_STREAM_RATE, size=DEFAULT_STREAM_SIZE):
-    """A paced stream of sequence-numbered datagrams over `parallel` flows.
+class _UdpFlow(object):
+    """One socket of the udp test (its own source port), and its tally."""
 
-    The schedule is by absolute time: datagram g is due at start + g/rate
-    and goes out on flow g mod N.  Each wake sends everything due (in a
-    batch when behind), then select() sleeps until the next one is due or a
-    reply comes.  After the last send, replies are awaited for `timeout`.
-    """
-    planned = max(1, int(round(seconds * rate)))
-    clock = time.perf_counter
-    base_id = struct.unpack("!I", os.urandom(4))[0]
-    flows = []
-    selector = SELECTORS[0]()
-    try:
-        for index in range(parallel):
-            # One socket a flow: N source ports, N paths through a bundle.
-            flow = {"sock": socket.socket(family, socket.SOCK_DGRAM),
-                    "id": (base_id + index) & 0xFFFFFFFF, "index": index,
-                    "tally": _StreamTally(len(range(index, planned,
-                                                    parallel))),
-                    "payload": bytearray(size), "errors": {}}
-            flows.append(flow)
-            flow["sock"].setblocking(False)
-            flow["sock"].connect(_endpoint(address, ports["echo"]))
-            selector.register(flow["sock"], EVENT_READ, flow)
-        receive_buffer = bytearray(65536)
-        sent = [0]
-        biggest_lag = [0.0]
+    def __init__(self, family, address, port, flow_id, index, share, size,
+                 rtts):
+        self.sock = socket.socket(family, socket.SOCK_DGRAM)
+        self.id = flow_id
+        self.index = index
+        self.tally = _StreamTally(share, rtts)
+        self.payload = bytearray(size)
+        self.errors = {}
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF,
+                                 _STREAM_RECEIVE_BUFFER)
+        except OSError:
+            pass                        # the default, then
+        self.sock.setblocking(False)
+        self.sock.connect(_endpoint(address, port))
 
-        def totals():
-            return {"sent": sent[0],
-                    "received": sum(f["tally"].arrivals for f in flows),
-                    "rtts": flows[0]["tally"].rtts if parallel == 1 else
-                    [rtt for f in flows for rtt in f["tally"].rtts]}
+    def note_error(self, error):
+        kind = ("refused" if isinstance(error, ConnectionRefusedError)
+                else error.strerror or str(error))
+        self.errors[kind] = self.errors.get(kind, 0) + 1
 
-        def note_error(flow, error):
-            kind = ("refused" if isinstance(error, ConnectionRefusedError)
-                    else error.strerror or str(error))
-            flow["errors"][kind] = flow["errors"].get(kind, 0) + 1
+    def send_next(self, now):
+        """Send the flow's next datagram; False if the kernel took none."""
+        _STREAM_HEADER.pack_into(self.payload, 0, _STREAM_MAGIC, self.id,
+                                 self.tally.sent, now)
+        try:
+            self.sock.send(self.payload)
+        except (BlockingIOError, InterruptedError):
+            return False                # the socket buffer is full
+        except OSError as error:
+            # An earlier ICMP error reported on this send (Linux), or
+            # ENOBUFS: this datagram did not leave.
+            self.note_error(error)
+            return False
+        self.tally.sent += 1
+        return True
 
-        def read_replies(flow):
-            sock, tally = flow["sock"], flow["tally"]
-            for _ in range(_STREAM_BATCH):
-                try:
-                    count = sock.recv_into(receive_buffer)
-                except (BlockingIOError, InterruptedError):
-                    return
-                except OSError as error:    # an ICMP error, reported here
-                    note_error(flow, error)
-                    return
-                arrived = clock()
-                parsed = parse_stream_datagram(receive_buffer[:count]) \
-                    if count == size else None
-                if parsed is None or parsed[0] != flow["id"]:
-                    tally.foreign += 1
-                else:
-                    tally.arrived(parsed[1], arrived - parsed[2])
+    def read_replies(self, buffer, clock):
+        size = len(self.payload)
+        for _ in range(_STREAM_BATCH):
+            try:
+                count = self.sock.recv_into(buffer)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as error:    # an ICMP error, reported here
+                self.note_error(error)
+                return
+            arrived = clock()
+            parsed = parse_stream_datagram(buffer[:count]) \
+                if count == size else None
+            if parsed is None or parsed[0] != self.id:
+                self.tally.foreign += 1
+            else:
+                self.tally.arrived(parsed[1], arrived - parsed[2])
 
-        def read_ready(wait):
-            for key, _ in selector.select(wait):
-                read_replies(key.data)
 
-        progress.begin("udp", "udp", totals)
-        started = clock()
-        end = started + seconds
-        last_send = started
-        while True:
-            now = clock()
-            due = min(planned, int((now - started) * rate) + 1)
-            if due > sent[0]:
-                biggest_lag[0] = max(biggest_lag[0],
-                                     now - (started + sent[0] / rate))
-            batch = min(due - sent[0], _STREAM_BATCH)
-            while batch > 0:
-                number = sent[0]
-                flow = flows[number % parallel]
-                tally = flow["tally"]
-                payload = flow["payload"]
-                last_send = clock()
-                _STREAM_HEADER.pack_into(payload, 0, _STREAM_MAGIC, flow["id"],
-                                         tally.sent, last_send)
-                try:
-                    flow["sock"].send(payload)
-                except (BlockingIOError, InterruptedError):
-                    break                   # the socket buffer is full
-                except OSError as error:
-                    # An earlier ICMP error reported on this send (Linux)
-                    # or ENOBUFS: this datagram did not leave.
-                    note_error(flow, error)
-                    if isinstance(error, ConnectionRefusedError):
-                        continue
-                    break
-                tally.sent += 1
-                sent[0] += 1
-                batch -= 1
-            if sent[0] >= planned or now >= end:
-                break
-            next_due = started + sent[0] / rate
-            wait = next_due - clock()
-            if batch > 0:               # blocked: give the kernel a moment
-                wait = 0.0005
-            read_ready(max(0.0, min(wait, progress.wake(time.monotonic()))))
-            progress.tick()
-            progress.show("udp: %d sent" % sent[0])
-        send_seconds = max(clock(), end) - started \
-            if sent[0] < planned else seconds
-        # Replies still on their way: wait for them, at most `timeout`.
-        deadline = last_send + timeout
-        while any(f["tally"].arrivals < f["tally"].sent for f in flows):
-            now = clock()
-            if now >= deadline:
-                break
-            read_ready(min(deadline - now, progress.wake(time.monotonic())))
-            progress.tick()
-        progress.finish()
-    finally:
-        for flow in flows:
-            flow["sock"].close()
-        selector.close()
-    # A row per flow when there are several, then the total.
-    groups = [([flow], flow["index"] + 1) for flow in flows] \
+def _udp_rows(flows, rate, size, seconds, wait, send_lag):
+    """A row per flow when there are several, then the total."""
+    parallel = len(flows)
+    groups = [([flow], flow.index + 1) for flow in flows] \
         if parallel > 1 else []
     groups.append((flows, "total"))
-    achieved = sent[0] / send_seconds
+    achieved = sum(flow.tally.sent for flow in flows) / seconds
     rows = []
     for members, name in groups:
-        figures = _stream_figures([flow["tally"] for flow in members],
-                                  timeout)
+        figures = _stream_figures([flow.tally for flow in members], wait)
         errors = {}
         for flow in members:
-            for kind, count in flow["errors"].items():
+            for kind, count in flow.errors.items():
                 errors[kind] = errors.get(kind, 0) + count
         row = {"test": "udp", "transport": "udp", "flow": name,
                "unit": "% loss", "value": figures["loss_pct"]}
@@ -3759,17 +3703,87 @@ def _measure_udp(family, address, ports, seconds, parallel, progress,
         row.update({
             "size_bytes": size,
             "rate_asked_pps": round(rate * len(members) / parallel, 1),
-            "rate_sent_pps": round(figures["sent"] / send_seconds, 1),
-            "bitrate_sent_bps": int(figures["sent"] * size * 8 /
-                                    send_seconds),
+            "rate_sent_pps": round(figures["sent"] / seconds, 1),
+            "bitrate_sent_bps": int(figures["sent"] * size * 8 / seconds),
             "parallel": parallel,
             # The sender as a whole fell behind: the figures describe the
             # client, not the path.
             "client_limited": achieved < rate * _STREAM_CATCH_UP,
-            "send_lag_max_ms": round(biggest_lag[0] * 1e3, 3),
+            "send_lag_max_ms": round(send_lag * 1e3, 3),
             "errors": errors})
         rows.append(row)
     return rows
+
+
+def _measure_udp(family, address, ports, seconds, parallel, progress,
+                 timeout, rate=DEFAULT_STREAM_RATE, size=DEFAULT_STREAM_SIZE):
+    """A paced stream of sequence-numbered datagrams over `parallel` flows.
+
+    The schedule is by absolute time: datagram g is due at start + g/rate
+    and goes out on flow g mod N.  Each wake sends everything due (in a
+    batch when behind), then select() sleeps until the next one is due or a
+    reply comes.  After the last send, replies are awaited for `timeout`;
+    one that comes later than that after its send counts as late.
+    """
+    planned = max(1, int(round(seconds * rate)))
+    clock = time.perf_counter
+    base_id = struct.unpack("!I", os.urandom(4))[0]
+    buffer = bytearray(65536)
+    rtts = []                           # every flow's, in arrival order
+    flows = []
+    selector = SELECTORS[0]()
+    try:
+        for index in range(parallel):
+            flows.append(_UdpFlow(family, address, ports["echo"],
+                                  (base_id + index) & 0xFFFFFFFF, index,
+                                  len(range(index, planned, parallel)), size,
+                                  rtts))
+            selector.register(flows[-1].sock, EVENT_READ, flows[-1])
+
+        def read_ready(wait):
+            for key, _ in selector.select(max(0.0, min(
+                    wait, progress.wake(time.monotonic())))):
+                key.data.read_replies(buffer, clock)
+            progress.tick()
+
+        progress.begin("udp", "udp", lambda: {
+            "sent": sum(flow.tally.sent for flow in flows),
+            "received": sum(flow.tally.arrivals for flow in flows),
+            "rtts": rtts})
+        sent = 0
+        send_lag = 0.0
+        started = clock()
+        end = started + seconds
+        while True:
+            now = clock()
+            due = min(planned, int((now - started) * rate) + 1)
+            if due > sent:
+                send_lag = max(send_lag, now - (started + sent / rate))
+            blocked = False
+            for _ in range(min(due - sent, _STREAM_BATCH)):
+                if not flows[sent % parallel].send_next(clock()):
+                    blocked = True
+                    break
+                sent += 1
+            if sent >= planned or now >= end:
+                break
+            # Sleep until the next one is due; when the kernel took none,
+            # give it a moment.
+            read_ready(0.0005 if blocked else
+                       started + sent / rate - clock())
+            progress.show("udp: %d sent" % sent)
+        last_send = clock()
+        send_seconds = seconds if sent >= planned else last_send - started
+        # Replies still on their way: wait for them, at most `timeout`.
+        deadline = last_send + timeout
+        while any(flow.tally.arrivals < flow.tally.sent for flow in flows) \
+                and clock() < deadline:
+            read_ready(deadline - clock())
+    finally:
+        for flow in flows:
+            flow.sock.close()
+        selector.close()
+    return _udp_rows(flows, rate, size, send_seconds, timeout, send_lag)
 
 
 # -- loaded: latency under load --
@@ -4879,8 +4893,8 @@ def _client_main(argv):
             ("DETAIL", lambda r: r["detail"])]))
     else:
         _write_text(_table(rows, host_column + [
-            ("TEST", lambda r: r["test"] if r.get("flow") in (None, "total")
-             else "%s %s" % (r["test"], r["flow"])),
+            ("TEST", lambda r: "%s %s" % (r["test"], r["flow"])
+             if r.get("parallel", 1) > 1 and "flow" in r else r["test"]),
             ("PROTO", lambda r: r["transport"]),
             ("RESULT", lambda r: "-" if r["value"] is None else
              "%s %s" % (r["value"], r["unit"])),
