@@ -4073,7 +4073,8 @@ def _mtu_search(attempt, smallest, largest):
 
 
 def _mtu_verdict(passed, failed, failure, kernel_mtu, overhead,
-                 fragmented, forbidden, fragmented_size=None):
+                 fragmented, forbidden, fragmented_size=None,
+                 truncated_to=None):
     """The mtu row's named outcome and sentence (pure, for the tests)."""
     row = {"largest_payload_bytes": passed or 0, "fragmented": fragmented,
            "fragmentation_forbidden": forbidden}
@@ -4082,13 +4083,13 @@ def _mtu_verdict(passed, failed, failure, kernel_mtu, overhead,
         text = "no datagram came back, even of %d bytes" % (failed or 0)
     else:
         row["path_mtu_bytes"] = passed + overhead
-        text = "%d-byte payloads (%d-byte packets) come back" % (
+        text = "%d-byte payloads (%d-byte packets) get through" % (
             passed, passed + overhead)
-    if failed is None:
-        row["limit"] = "none"
-        return row, text + ": the largest UDP datagram crosses this path"
     if passed is None:
         pass
+    elif failed is None:
+        row["limit"] = "none"
+        text += ": the largest UDP datagram crosses this path"
     elif failure == "refused":
         row["limit"] = "local-mtu"
         if kernel_mtu:
@@ -4113,6 +4114,11 @@ def _mtu_verdict(passed, failed, failure, kernel_mtu, overhead,
         text += "; allowed to fragment, %d bytes %s" % (
             fragmented_size, "come back" if fragmented == "passes"
             else "are lost too")
+    if truncated_to:
+        row["echo_truncates_to_bytes"] = truncated_to
+        text += "; the echo server returns at most %d bytes of a datagram, " \
+                "so larger ones were seen to arrive (a shorter copy came " \
+                "back), not to come back whole" % truncated_to
     return row, text
 
 
@@ -4166,7 +4172,13 @@ def _measure_mtu(family, address, ports, progress, timeout):
                 except ConnectionRefusedError:
                     return "lost", None     # nothing listens: no use waiting
                 reply = parse_stream_datagram(receive_buffer[:count])
-                if count == size and reply and reply[:2] == (token, size):
+                if reply and reply[:2] == (token, size):
+                    if count < size:
+                        # A shorter copy (xinetd keeps 2,048 bytes): the
+                        # datagram crossed the path; the server's buffer
+                        # cut it.
+                        state["truncated_to"] = min(
+                            count, state.get("truncated_to", count))
                     return "ok", None
         return "lost", None
 
@@ -4203,7 +4215,8 @@ def _measure_mtu(family, address, ports, progress, timeout):
             sock.close()
         selector.close()
     row, detail = _mtu_verdict(passed, failed, failure, kernel_mtu, overhead,
-                               fragmented, forbidden, fragmented_size)
+                               fragmented, forbidden, fragmented_size,
+                               state.get("truncated_to"))
     result = {"test": "mtu", "transport": "udp", "unit": "bytes",
               "value": row["largest_payload_bytes"]}
     result.update(row)
@@ -4622,7 +4635,7 @@ def _rtt_text(row, prefix=""):
     if prefix + "p50_us" not in row:
         return "none (nothing came back)"
     return "%s %s µs" % ("/".join(names), "/".join(
-        "%g" % row[prefix + name + "_us"] for name in names))
+        "%s" % row[prefix + name + "_us"] for name in names))
 
 
 def _measure_detail(row):
@@ -4637,9 +4650,9 @@ def _measure_detail(row):
                     row["late_after_s"], row["duplicated"], row["reordered"],
                     _rtt_text(row)))
         if "pdv_us" in row:
-            text += "; PDV %g µs" % row["pdv_us"]
+            text += "; PDV %s µs" % row["pdv_us"]
         if "ipdv_mean_us" in row:
-            text += ", IPDV %g µs" % row["ipdv_mean_us"]
+            text += ", IPDV %s µs" % row["ipdv_mean_us"]
         if row["foreign"]:
             text += "; %d replies not ours or cut short" % row["foreign"]
         if row["errors"]:
@@ -4650,7 +4663,7 @@ def _measure_detail(row):
                      "rate, so these figures describe it, not the path")
         return text
     if test == "loaded":
-        text = "idle %s; loaded %s; increase p50 %+g p99 %+g µs" % (
+        text = "idle %s; loaded %s; increase p50 %+.1f p99 %+.1f µs" % (
             _rtt_text(row, "idle_"), _rtt_text(row, "loaded_"),
             row.get("increase_p50_us", 0), row.get("increase_p99_us", 0))
         if "loaded_loss_pct" in row:
@@ -4781,7 +4794,7 @@ def _interval_text(row):
         if key in row:
             parts.append("%s %d" % (key, row[key]))
     if "p50_us" in row:
-        parts.append("RTT p50 %g p99 %g µs" % (row["p50_us"], row["p99_us"]))
+        parts.append("RTT p50 %s p99 %s µs" % (row["p50_us"], row["p99_us"]))
     return "  ".join(parts) + "\n"
 
 

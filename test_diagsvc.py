@@ -2256,6 +2256,30 @@ class PathMtuTest(ServerTestCase):
         self.assertEqual((rows[0]["value"], rows[0]["limit"],
                           rows[0]["sizes_tried"]), (65507, "none", [65507]))
 
+    def test_an_echo_that_truncates_is_not_a_black_hole(self):
+        # xinetd's UDP echo returns at most 2,048 bytes of a datagram.
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(sock.close)
+        sock.bind(("127.0.0.1", 0))
+        done = threading.Event()
+
+        def serve():
+            while not done.is_set():
+                if select.select([sock], [], [], 0.05)[0]:
+                    data, source = sock.recvfrom(70000)
+                    sock.sendto(data[:2048], source)
+        thread = threading.Thread(target=serve)
+        thread.start()
+        self.addCleanup(thread.join)
+        self.addCleanup(done.set)
+        rows = diagsvc.measure("127.0.0.1", ["mtu"], timeout=1,
+                               ports={"echo": sock.getsockname()[1]})
+        self.assertEqual((rows[0]["value"], rows[0]["limit"],
+                          rows[0]["echo_truncates_to_bytes"]),
+                         (65507, "none", 2048))
+        self.assertIn("the echo server returns at most 2048 bytes",
+                      rows[0]["detail"])
+
     def test_local_mtu_refuses_with_emsgsize(self):
         rows = namespace_run(self, ["ip link set lo mtu 1400"],
                              NAMESPACE_MEASURE % {"tests": ["mtu"],
