@@ -2964,11 +2964,13 @@ class _Progress(object):
                     self.next_row += self.interval
 
     def finish(self):
-        """The test is over: its last, shorter interval, unless it is under
-        a tenth of an interval (a row of noise, as iperf3 finds too)."""
+        """The test is over: its last, shorter interval, unless that is
+        under a tenth of an interval with nothing in it (esnet/iperf#592
+        drops the same sliver)."""
         if self.totals is not None:
             now = time.monotonic()
-            if now - self.mark >= self.interval / 10.0:
+            if now - self.mark >= self.interval / 10.0 or \
+                    self._counts(self.totals()) != self.previous:
                 self._row(now)
             self.totals = None
 
