@@ -2332,6 +2332,7 @@ class LoadedTest(ServerTestCase):
             "tc qdisc add dev lo root tbf rate 20mbit burst 32kbit "
             "latency 300ms"],
             NAMESPACE_MEASURE % {"tests": ["loaded"], "seconds": 1.6})
+        self.assertEqual([row["transport"] for row in rows], ["tcp", "udp"])
         for row in rows:
             self.assertLess(row["idle_p50_us"], 5000, row)
             self.assertGreater(row["increase_p50_us"], 20000, row)
