@@ -19,6 +19,7 @@ Run it (standard library only, CPython 3.6 to 3.13, any OS):
     python3 diagsvc.py echo chargen --tcp   # a subset
     python3 diagsvc.py probe HOST           # the other end: is the path open?
     python3 diagsvc.py measure HOST         # the other end: how fast?
+    python3 diagsvc.py measure HOST udp loaded mtu   # loss, bufferbloat, MTU
 
 Import it, for example to get an echo server inside a test suite:
 
@@ -50,6 +51,7 @@ __all__ = [
     "SERVICES", "Server", "ServerError", "QuoteFileError",
     "chargen_line", "chargen_stream", "daytime_text", "time_bytes",
     "parse_quotes", "load_quotes", "probe", "measure", "main",
+    "stream_datagram", "parse_stream_datagram",
 ]
 
 import collections
