@@ -4176,6 +4176,7 @@ def _measure_mtu(family, address, ports, progress, timeout):
                 except (BlockingIOError, InterruptedError):
                     continue
                 except ConnectionRefusedError:
+                    state["refused"] = True
                     return "lost", None     # nothing listens: no use waiting
                 reply = parse_stream_datagram(receive_buffer[:count])
                 if reply and reply[:2] == (token, size):
@@ -4226,6 +4227,8 @@ def _measure_mtu(family, address, ports, progress, timeout):
     result = {"test": "mtu", "transport": "udp", "unit": "bytes",
               "value": row["largest_payload_bytes"]}
     result.update(row)
+    if row["limit"] == "nothing-back" and state.get("refused"):
+        detail += " (an ICMP port unreachable: nothing listens there)"
     result.update({"sizes_tried": tried, "detail": detail})
     return [result]
 
