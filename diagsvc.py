@@ -2946,8 +2946,9 @@ class _Progress(object):
         self.test, self.transport, self.totals = test, transport, totals
         self.started = self.mark = now
         self.next_row = now + self.interval
-        self.previous = self._counts(totals())
-        self.rtts_seen = len(totals().get("rtts", ()))
+        current = totals()
+        self.previous = self._counts(current)
+        self.rtts_seen = len(current.get("rtts", ()))
 
     def wake(self, now):
         """Seconds until the next interval row is due (at most 3600)."""
@@ -4821,10 +4822,12 @@ def _threshold_failures(rows, options):
                     and row[key] > options.max_loss:
                 failures.append("%s: %s %g %% is above --max-loss %g" % (
                     name, key, row[key], options.max_loss))
-            # RTTs: latency, udp and loaded (both phases); not connect,
-            # whose percentiles are whole connections.
+            # RTTs: latency, udp and loaded (both phases, not the
+            # increase); not connect, whose percentiles are whole
+            # connections.
             if options.max_rtt is not None and row["test"] != "connect" \
-                    and (key == percentile or key.endswith("_" + percentile)) \
+                    and (key == percentile or key in ("idle_" + percentile,
+                                                      "loaded_" + percentile)) \
                     and row[key] > options.max_rtt * 1000.0:
                 failures.append("%s: %s %g ms is above --max-rtt %g" % (
                     name, key, row[key] / 1000.0, options.max_rtt))
