@@ -4059,23 +4059,45 @@ def _mtu_search(attempt, smallest, largest):
     attempt(size) returns ("ok", None), ("lost", None) or ("refused", fits):
     the local host refused the size and `fits` is the largest size its MTU
     allows (or None): every size above it fails the same way, and it is
-    tried next.  Returns (largest that passed or None, smallest that failed
-    or None, how it failed, sizes tried in order).
+    tried next.  The smallest lost size is tried once more before it is
+    believed: a reply held up past the timeout on a busy host would
+    otherwise end the search low.  Returns (largest that passed or None,
+    smallest that failed or None, how it failed, sizes tried in order).
     """
-    passed = failed = failure = None
+    passed = None
+    failures = {}                       # highest size still possible: (size, how)
+    confirmed = set()
     low, high = smallest, largest
     size = largest                      # most paths: one try says "no limit"
     tried = []
-    while low <= high:
-        tried.append(size)
-        outcome, fits = attempt(size)
-        if outcome == "ok":
-            passed, low = size, size + 1
-        elif outcome == "refused" and fits is not None and low <= fits < size:
-            failed, failure, high = fits + 1, outcome, fits
-        else:
-            failed, failure, high = size, outcome, size - 1
-        size = high if high == fits else (low + high + 1) // 2
+    while True:
+        while low <= high:
+            tried.append(size)
+            outcome, fits = attempt(size)
+            if outcome == "ok":
+                passed, low = size, size + 1
+            elif outcome == "refused" and fits is not None and \
+                    low <= fits < size:
+                high = fits
+                failures[high] = (fits + 1, outcome)
+            else:
+                high = size - 1
+                failures[high] = (size, outcome)
+            size = high if high == fits else (low + high + 1) // 2
+        if not failures:
+            break
+        failed, failure = failures[min(failures)]
+        if failure != "lost" or failed in confirmed:
+            break
+        confirmed.add(failed)
+        tried.append(failed)
+        if attempt(failed)[0] != "ok":
+            break
+        passed = failed                 # it was late, not lost: search on
+        del failures[min(failures)]
+        low, high = failed + 1, min(failures) if failures else largest
+        size = (low + high + 1) // 2
+    failed, failure = failures[min(failures)] if failures else (None, None)
     return passed, failed, failure, tried
 
 

@@ -2224,6 +2224,21 @@ class PathMtuTest(ServerTestCase):
         self.assertEqual(search(lambda size: ("lost", None), 24, 65507)[:3],
                          (None, 24, "lost"))
 
+    def test_a_late_reply_does_not_end_the_search_low(self):
+        path = self.fake_path(1500, drop_above=1200)
+        late = set([1172, 748])         # their first try times out
+
+        def attempt(size):
+            if size in late:
+                late.discard(size)
+                return "lost", None
+            return path(size)
+        passed, failed, failure, tried = diagsvc._mtu_search(attempt, 24,
+                                                             65507)
+        self.assertEqual((passed, failed, failure), (1172, 1173, "lost"))
+        # The smallest lost size is tried twice before it is believed.
+        self.assertEqual(tried.count(1173), 2)
+
     def test_outcomes_are_named(self):
         verdict = diagsvc._mtu_verdict
         row, text = verdict(65507, None, None, 65536, 28, "untested", True)
@@ -2285,7 +2300,7 @@ class PathMtuTest(ServerTestCase):
     def test_local_mtu_refuses_with_emsgsize(self):
         rows = namespace_run(self, ["ip link set lo mtu 1400"],
                              NAMESPACE_MEASURE % {"tests": ["mtu"],
-                                                  "timeout": 0.5})
+                                                  "timeout": 2})
         row = rows[0]
         self.assertEqual((row["largest_payload_bytes"], row["limit"],
                           row["limit_mtu_bytes"], row["fragmented"],
@@ -2293,17 +2308,20 @@ class PathMtuTest(ServerTestCase):
                          (1372, "local-mtu", 1400, "passes", 1373))
 
     def test_black_hole_is_named_and_fragments_are_lost_too(self):
+        # lo's MTU just above the filter's limit: the search meets one lost
+        # size (tried twice), and the fragmented probe one more.
         rows = namespace_run(self, [
-            "ip link set lo mtu 1300",
+            "ip link set lo mtu 1201",
             "nft add table inet lab",
             "nft add chain inet lab in '{ type filter hook input priority 0; }'",
             # meta length counts the IP header: 1,172 bytes of UDP payload.
             "nft add rule inet lab in udp dport 20007 meta length gt 1200 drop"],
-            NAMESPACE_MEASURE % {"tests": ["mtu"], "timeout": 0.4})
+            NAMESPACE_MEASURE % {"tests": ["mtu"], "timeout": 0.6})
         row = rows[0]
         self.assertEqual((row["largest_payload_bytes"], row["limit"],
                           row["fragmented"], row["fragmented_size_bytes"]),
-                         (1172, "black-hole", "lost", 1273))
+                         (1172, "black-hole", "lost", 1174))
+        self.assertEqual(row["sizes_tried"][:3], [65507, 1173, 598])
         self.assertNotIn("limit_mtu_bytes", row)
 
 
