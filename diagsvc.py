@@ -3983,7 +3983,8 @@ def _measure_loaded(family, address, ports, seconds, parallel, progress,
                 tries = len(samples) + pinger.lost[phase]
                 row[phase + "_loss_pct"] = round(
                     100.0 * pinger.lost[phase] / tries, 2) if tries else 0.0
-        row["value"] = figures["loaded"].get("p50_us", 0.0)
+        # No loaded round trip: no figure (None, '-' in the table).
+        row["value"] = figures["loaded"].get("p50_us")
         if figures["idle"] and figures["loaded"]:
             for key in ("p50_us", "p90_us", "p99_us"):
                 row["increase_" + key] = round(figures["loaded"][key] -
@@ -4105,8 +4106,9 @@ def _mtu_verdict(passed, failed, failure, kernel_mtu, overhead,
                  fragmented, forbidden, fragmented_size=None,
                  truncated_to=None):
     """The mtu row's named outcome and sentence (pure, for the tests)."""
-    row = {"largest_payload_bytes": passed or 0, "fragmented": fragmented,
-           "fragmentation_forbidden": forbidden}
+    row = {"fragmented": fragmented, "fragmentation_forbidden": forbidden}
+    if passed is not None:
+        row["largest_payload_bytes"] = passed
     if passed is None:
         row["limit"] = "nothing-back"
         text = "no datagram came back, even of %d bytes" % (failed or 0)
@@ -4248,7 +4250,7 @@ def _measure_mtu(family, address, ports, progress, timeout):
                                fragmented, forbidden, fragmented_size,
                                state.get("truncated_to"))
     result = {"test": "mtu", "transport": "udp", "unit": "bytes",
-              "value": row["largest_payload_bytes"]}
+              "value": row.get("largest_payload_bytes")}
     result.update(row)
     if row["limit"] == "nothing-back" and state.get("refused"):
         detail += " (an ICMP port unreachable: nothing listens there)"

@@ -2262,8 +2262,8 @@ class PathMtuTest(ServerTestCase):
         self.assertIn("a path MTU black hole; allowed to fragment, 1473 "
                       "bytes are lost too", text)
         row, text = verdict(None, 24, "lost", None, 28, "untested", True)
-        self.assertEqual((row["limit"], row["largest_payload_bytes"]),
-                         ("nothing-back", 0))
+        self.assertEqual(row["limit"], "nothing-back")
+        self.assertNotIn("largest_payload_bytes", row)
         self.assertNotIn(None, row.values())
 
     def test_loopback_carries_the_largest_datagram(self):
@@ -2355,7 +2355,9 @@ class LoadedTest(ServerTestCase):
         self.assertEqual([row["transport"] for row in rows], ["tcp", "udp"])
         for row in rows:
             self.assertLess(row["idle_p50_us"], 5000, row)
-            self.assertGreater(row["increase_p50_us"], 20000, row)
+            # TCP's sawtooth empties the queue now and then, so a few
+            # loaded pings are fast: p90 shows the queue.
+            self.assertGreater(row["increase_p90_us"], 20000, row)
 
 
 class ReportingTest(ServerTestCase):
