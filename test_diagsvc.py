@@ -2328,10 +2328,20 @@ class PathMtuTest(ServerTestCase):
 class LoadedTest(ServerTestCase):
 
     def test_idle_and_loaded_side_by_side(self):
-        server = self.start_server(["echo", "chargen", "discard"],
-                                   max_per_source=0)
-        rows = diagsvc.measure("127.0.0.1", ["loaded"], seconds=1.0,
-                               ports=ports_of(server))
+        # The server in a process of its own: in this one it would share
+        # the interpreter lock with the load it serves, and a busy machine
+        # could leave the loaded pings no turn.
+        server = ServerProcess("echo", "chargen", "discard", "--bind",
+                               "127.0.0.1", "--max-per-source", "0",
+                               "--port", "echo=0", "--port", "chargen=0",
+                               "--port", "discard=0")
+        self.addCleanup(server.kill)
+        ports = dict((name, server.addresses[name, "tcp"][0][1])
+                     for name in ("chargen", "discard"))
+        ports["echo"] = server.addresses["echo", "udp"][0][1]
+        self.assertEqual(ports["echo"], server.addresses["echo", "tcp"][0][1])
+        rows = diagsvc.measure("127.0.0.1", ["loaded"], seconds=1.6,
+                               ports=ports)
         self.assertEqual([row["transport"] for row in rows], ["tcp", "udp"])
         for row in rows:
             self.assertGreater(row["idle_count"], 0, row)
@@ -2341,8 +2351,6 @@ class LoadedTest(ServerTestCase):
             self.assertGreater(row["download_mbyte_per_s"], 0)
             self.assertGreater(row["upload_mbyte_per_s"], 0)
             self.assertNotIn(None, row.values())
-        self.assertEqual(rows[1]["idle_loss_pct"], 0.0)
-        self.assertGreater(server.counters["discard", "tcp"].bytes_in, 0)
 
     def test_a_real_queue_raises_the_loaded_rtt(self):
         # A 20 Mbit/s token bucket on lo (lo's MTU lowered first, or tbf
