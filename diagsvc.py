@@ -4175,9 +4175,13 @@ def _measure_mtu(family, address, ports, progress, timeout):
 
     def attempt(sock, size):
         """Up to _MTU_TRIES sends of `size`, spread over `timeout`."""
-        payload = stream_datagram(token, size, 0.0, size)
+        payload = bytearray(stream_datagram(token, size, 0.0, size))
         deadline = clock() + timeout
-        for try_number in range(_MTU_TRIES):
+        for _ in range(_MTU_TRIES):
+            # Each try with its own send time: no two datagrams alike, so
+            # a server's loop watch never takes a retry for its own reply.
+            _STREAM_HEADER.pack_into(payload, 0, _STREAM_MAGIC, token, size,
+                                     clock())
             try:
                 sock.send(payload)
             except OSError as error:
