@@ -2452,6 +2452,20 @@ class ReportingTest(ServerTestCase):
         self.assertRegex(result.stderr, r"download/tcp: [0-9.]+ MB/s is below "
                                         r"--min-rate 1e\+09\n")
 
+    def test_udp_usage_errors_exit_2(self):
+        for args, message in (
+                (["--size", "23"], "the udp test needs 24 to 65507"),
+                (["--rate", "10", "--bitrate", "1M", "--size", "100"],
+                 "at most two of --rate, --bitrate and --size"),
+                (["--bitrate", "10X"], "is not a bitrate such as 10M"),
+                (["--rate", "0"], "is not a number > 0"),
+                (["--interval=-1"], "is not a number > 0")):
+            with self.subTest(args=args):
+                result = run_command("measure", "127.0.0.1", "udp", *args)
+                self.assertEqual(result.returncode, 2, result.stderr)
+                self.assertIn(message, result.stderr)
+                self.assertNotIn("Traceback", result.stderr)
+
     def test_several_hosts_in_one_command(self):
         server = self.start_server(["echo"])
         port = "--port=echo=%d" % server.addresses["echo", "tcp"][0][1]
