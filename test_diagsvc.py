@@ -2137,14 +2137,19 @@ class UdpStreamTest(ServerTestCase):
             by_port.setdefault(port, []).append(sequence)
         self.assertEqual(sorted(by_port.values()), [list(range(30))] * 3)
 
-    def test_against_diagsvc(self):
-        server = self.start_server(["echo"])
-        rows = diagsvc.measure("127.0.0.1", ["udp"], seconds=0.3, rate=100,
-                               size=1000, ports=ports_of(server, "udp"))
-        self.assertEqual((rows[0]["sent"], rows[0]["received"],
-                          rows[0]["size_bytes"]), (30, 30, 1000))
-        self.assertEqual(server.counters["echo", "udp"].datagrams, 30)
-        self.assertEqual(server.counters["echo", "udp"].bytes_in, 30000)
+    def test_against_diagsvc_on_each_family(self):
+        for host, _ in FAMILIES:
+            with self.subTest(host=host):
+                server = self.start_server(["echo"], host=host)
+                rows = diagsvc.measure(host, ["udp"], seconds=0.3, rate=100,
+                                       size=1000,
+                                       ports=ports_of(server, "udp"))
+                self.assertEqual((rows[0]["sent"], rows[0]["received"],
+                                  rows[0]["size_bytes"], rows[0]["address"]),
+                                 (30, 30, 1000, host))
+                counters = server.counters["echo", "udp"]
+                self.assertEqual((counters.datagrams, counters.bytes_in),
+                                 (30, 30000))
 
 
 def namespace_run(test, setup, code, timeout=60):
@@ -2173,18 +2178,22 @@ def namespace_run(test, setup, code, timeout=60):
 
 
 # In a fresh namespace every port is free: the servers use fixed ones.
+# measure()'s arguments, with "host" (default 127.0.0.1) the one address
+# the server binds.
 NAMESPACE_MEASURE = """
 import json, subprocess, sys
 import diagsvc
+options = %%r
+host = options.pop("host", "127.0.0.1")
 server = subprocess.Popen(
-    [sys.executable, %r, "echo", "chargen", "discard", "--bind", "127.0.0.1",
+    [sys.executable, %r, "echo", "chargen", "discard", "--bind", host,
      "--port-offset", "20000", "--max-per-source", "0"],
     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, universal_newlines=True)
 try:
     for line in server.stdout:
         if line.startswith("diagsvc: running as"):
             break
-    rows = diagsvc.measure("127.0.0.1", port_offset=20000, **%%r)
+    rows = diagsvc.measure(host, port_offset=20000, **options)
     print(json.dumps(rows))
 finally:
     server.terminate()
@@ -2298,14 +2307,19 @@ class PathMtuTest(ServerTestCase):
                       rows[0]["detail"])
 
     def test_local_mtu_refuses_with_emsgsize(self):
-        rows = namespace_run(self, ["ip link set lo mtu 1400"],
-                             NAMESPACE_MEASURE % {"tests": ["mtu"],
-                                                  "timeout": 2})
-        row = rows[0]
-        self.assertEqual((row["largest_payload_bytes"], row["limit"],
-                          row["limit_mtu_bytes"], row["fragmented"],
-                          row["fragmented_size_bytes"]),
-                         (1372, "local-mtu", 1400, "passes", 1373))
+        # IPv4 and IPv6 headers: 28 and 48 bytes with UDP's.
+        for (host, _), largest in zip(FAMILIES, (1372, 1352)):
+            with self.subTest(host=host):
+                rows = namespace_run(self, ["ip link set lo mtu 1400"],
+                                     NAMESPACE_MEASURE % {
+                                         "tests": ["mtu"], "timeout": 2,
+                                         "host": host})
+                row = rows[0]
+                self.assertEqual((row["largest_payload_bytes"], row["limit"],
+                                  row["limit_mtu_bytes"], row["fragmented"],
+                                  row["fragmented_size_bytes"]),
+                                 (largest, "local-mtu", 1400, "passes",
+                                  largest + 1))
 
     def test_black_hole_is_named_and_fragments_are_lost_too(self):
         # lo's MTU just above the filter's limit: the search meets one lost
