@@ -4885,8 +4885,10 @@ def _client_main(argv):
 
     def report(row):                    # --interval: rows as they come
         if stream:
-            row = dict(row, type=row.get("type", "summary"))
-            sys.stdout.write(json.dumps(row, sort_keys=False) + "\n")
+            line = {"type": row.get("type", "summary")}     # first, always
+            line.update((key, value) for key, value in row.items()
+                        if key != "type")
+            sys.stdout.write(json.dumps(line) + "\n")
             sys.stdout.flush()
         elif row.get("type") == "interval":
             prefix = "[%s] " % row["host"] if len(hosts) > 1 else ""
