@@ -3821,6 +3821,7 @@ class _Pinger(object):
         self.next_send = 0.0
         self.received = bytearray()
         self.samples = {"idle": [], "loaded": []}
+        self.history = []               # every RTT, ramp too: --interval
         self.lost = {"idle": 0, "loaded": 0}
         self.phase = "idle"
 
@@ -3872,8 +3873,37 @@ class _Pinger(object):
             raise ServerError("echo returned %r" % reply[:40])
         if self.waiting and parsed[1] == self.sequence:
             self.samples[self.phase].append(now - self.sent_at)
+            self.history.append(now - self.sent_at)
             self.waiting = False
         # A UDP reply to an earlier, lost ping: already counted.
+
+
+def _open_load(family, address, ports, parallel, timeout, selector, load):
+    """N chargen downloads and N discard uploads, registered, in `load`."""
+    for _ in range(parallel):
+        for kind, service in (("download", "chargen"), ("upload", "discard")):
+            sock = _connect(family, address, ports[service], timeout)
+            sock.setblocking(False)
+            load.append([sock, kind, 0])
+            selector.register(sock, EVENT_READ if kind == "download"
+                              else EVENT_WRITE, load[-1])
+
+
+def _move_load(entry, buffer, block):
+    """One read or write of a load stream; False once it has ended."""
+    try:
+        if entry[1] == "download":
+            count = entry[0].recv_into(buffer)
+            if not count:
+                return False
+        else:
+            count = entry[0].send(block)
+    except (BlockingIOError, InterruptedError):
+        return True
+    except OSError:
+        return False
+    entry[2] += count
+    return True
 
 
 def _measure_loaded(family, address, ports, seconds, parallel, progress,
@@ -3909,23 +3939,15 @@ def _measure_loaded(family, address, ports, seconds, parallel, progress,
         progress.begin("loaded", "tcp", lambda: {
             "phase": phases[phase_index][0] if phase_index < 3 else "done",
             "bytes": sum(entry[2] for entry in load),
-            "rtts": pingers[0].samples["idle"] + pingers[0].samples["loaded"]})
+            "rtts": pingers[0].history})
         while True:
             now = clock()
             while phase_index < 3 and now >= phases[phase_index][1]:
                 phase_index += 1
                 if phase_index == 1:    # start the load, both directions
                     load_started = now
-                    for _ in range(parallel):
-                        for kind, service in (("download", "chargen"),
-                                              ("upload", "discard")):
-                            sock = _connect(family, address, ports[service],
-                                            timeout)
-                            sock.setblocking(False)
-                            load.append([sock, kind, 0])
-                            selector.register(sock, EVENT_READ if kind ==
-                                              "download" else EVENT_WRITE,
-                                              load[-1])
+                    _open_load(family, address, ports, parallel, timeout,
+                               selector, load)
             if phase_index == 3:
                 break
             phase = phases[phase_index][0]
@@ -3945,21 +3967,8 @@ def _measure_loaded(family, address, ports, seconds, parallel, progress,
                     wake - clock(), progress.wake(time.monotonic())))):
                 if isinstance(key.data, _Pinger):
                     key.data.on_readable(clock(), buffer)
-                    continue
-                entry = key.data
-                try:
-                    if entry[1] == "download":
-                        count = entry[0].recv_into(buffer)
-                        if not count:
-                            selector.unregister(entry[0])
-                    else:
-                        count = entry[0].send(block)
-                except (BlockingIOError, InterruptedError):
-                    count = 0
-                except OSError:
-                    selector.unregister(entry[0])
-                    count = 0
-                entry[2] += count
+                elif not _move_load(key.data, buffer, block):
+                    selector.unregister(key.fileobj)
             progress.tick()
             progress.show("loaded: %s" % phases[min(phase_index, 2)][0])
         load_seconds = max(1e-6, clock() - load_started)
@@ -3973,30 +3982,32 @@ def _measure_loaded(family, address, ports, seconds, parallel, progress,
     for kind in ("download", "upload"):
         moved = sum(entry[2] for entry in load if entry[1] == kind)
         rates[kind + "_mbyte_per_s"] = round(moved / 1e6 / load_seconds, 2)
-    rows = []
-    for pinger in pingers:
-        row = {"test": "loaded", "transport": pinger.transport, "unit": "µs"}
-        figures = {}
-        for phase in ("idle", "loaded"):
-            samples = pinger.samples[phase]
-            figures[phase] = _percentiles(samples)
-            row[phase + "_count"] = len(samples)
-            for key, value in figures[phase].items():
-                row[phase + "_" + key] = value
-            if pinger.transport == "udp":
-                tries = len(samples) + pinger.lost[phase]
-                row[phase + "_loss_pct"] = round(
-                    100.0 * pinger.lost[phase] / tries, 2) if tries else 0.0
-        # No loaded round trip: no figure (None, '-' in the table).
-        row["value"] = figures["loaded"].get("p50_us")
-        if figures["idle"] and figures["loaded"]:
-            for key in ("p50_us", "p90_us", "p99_us"):
-                row["increase_" + key] = round(figures["loaded"][key] -
-                                               figures["idle"][key], 1)
-        row.update(rates)
-        row["parallel"] = parallel
-        rows.append(row)
-    return rows
+    return [_loaded_row(pinger, rates, parallel) for pinger in pingers]
+
+
+def _loaded_row(pinger, rates, parallel):
+    """One transport's idle and loaded figures side by side (arithmetic)."""
+    row = {"test": "loaded", "transport": pinger.transport, "unit": "µs"}
+    figures = {}
+    for phase in ("idle", "loaded"):
+        samples = pinger.samples[phase]
+        figures[phase] = _percentiles(samples)
+        row[phase + "_count"] = len(samples)
+        for key, value in figures[phase].items():
+            row[phase + "_" + key] = value
+        if pinger.transport == "udp":
+            tries = len(samples) + pinger.lost[phase]
+            row[phase + "_loss_pct"] = round(
+                100.0 * pinger.lost[phase] / tries, 2) if tries else 0.0
+    # No loaded round trip: no figure (None, '-' in the table).
+    row["value"] = figures["loaded"].get("p50_us")
+    if figures["idle"] and figures["loaded"]:
+        for key in ("p50_us", "p90_us", "p99_us"):
+            row["increase_" + key] = round(figures["loaded"][key] -
+                                           figures["idle"][key], 1)
+    row.update(rates)
+    row["parallel"] = parallel
+    return row
 
 
 # -- mtu: the largest datagram that crosses the path, and how bigger ones fail --
