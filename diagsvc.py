@@ -4168,110 +4168,135 @@ def _mtu_verdict(passed, failed, failure, kernel_mtu, overhead,
     return row, text
 
 
+class _MtuProbe(object):
+    """One UDP echo socket of the mtu test, with fragmentation forbidden or
+    allowed, and its own selector: attempt(size) says what came of a size.
+    """
+
+    def __init__(self, family, address, port, allowed, timeout, progress,
+                 token):
+        self.family = family
+        self.overhead = _UDP_OVERHEAD.get(family, 28)
+        self.timeout = timeout
+        self.progress = progress
+        self.token = token
+        self.sizes = 0
+        self.largest = 0                # the largest size that came back
+        self.refused = False            # an ICMP port unreachable came
+        self.truncated_to = None        # a shorter copy came back
+        self.buffer = bytearray(65536)
+        self.sock = socket.socket(family, socket.SOCK_DGRAM)
+        self.selector = SELECTORS[0]()
+        try:
+            self.settable = _set_fragmentation(self.sock, family, allowed)
+            self.sock.setblocking(False)
+            self.sock.connect(_endpoint(address, port))
+            self.selector.register(self.sock, EVENT_READ)
+        except OSError:
+            self.close()
+            raise
+
+    def attempt(self, size):
+        outcome = self._attempt(size)
+        self.sizes += 1
+        if outcome[0] == "ok":
+            self.largest = max(self.largest, size)
+        self.progress.tick()
+        self.progress.show("mtu: %d bytes %s" % (size, outcome[0]))
+        return outcome
+
+    def _attempt(self, size):
+        """Up to _MTU_TRIES sends of `size`, spread over the timeout."""
+        clock = time.perf_counter
+        payload = bytearray(size)
+        deadline = clock() + self.timeout
+        for _ in range(_MTU_TRIES):
+            # Each try with its own send time: no two datagrams alike, so
+            # a server's loop watch never takes a retry for its own reply.
+            _STREAM_HEADER.pack_into(payload, 0, _STREAM_MAGIC, self.token,
+                                     size, clock())
+            try:
+                self.sock.send(payload)
+            except OSError as error:
+                if error.errno == errno.EMSGSIZE:
+                    mtu = _kernel_mtu(self.sock, self.family)
+                    return "refused", mtu - self.overhead if mtu else None
+                if not isinstance(error, (BlockingIOError,
+                                          ConnectionRefusedError)):
+                    raise
+            try_end = min(deadline, clock() + self.timeout / _MTU_TRIES)
+            while clock() < try_end:
+                if self._reply_came(size, try_end - clock()):
+                    return "ok", None
+                if self.refused:
+                    return "lost", None     # nothing listens: no use waiting
+        return "lost", None
+
+    def _reply_came(self, size, wait):
+        if not self.selector.select(min(wait, self.progress.wake(
+                time.monotonic()))):
+            self.progress.tick()
+            return False
+        try:
+            count = self.sock.recv_into(self.buffer)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except ConnectionRefusedError:
+            self.refused = True
+            return False
+        reply = parse_stream_datagram(self.buffer[:count])
+        if not reply or reply[:2] != (self.token, size):
+            return False                # a late reply to an earlier size
+        if count < size:
+            # A shorter copy (xinetd keeps 2,048 bytes): the datagram
+            # crossed the path; the server's buffer cut it.
+            self.truncated_to = min(count, self.truncated_to or count)
+        return True
+
+    def close(self):
+        self.selector.close()
+        self.sock.close()
+
+
 def _measure_mtu(family, address, ports, progress, timeout):
     """Search the largest UDP echo payload that comes back unfragmented."""
     largest = STREAM_MAX_SIZE.get(family, 65507)
     overhead = _UDP_OVERHEAD.get(family, 28)
     token = struct.unpack("!I", os.urandom(4))[0]
-    clock = time.perf_counter
-    receive_buffer = bytearray(65536)
-    sockets = []
-    selector = SELECTORS[0]()
-    state = {"sizes": 0, "largest": 0}
-
-    def open_socket(allowed):
-        sock = socket.socket(family, socket.SOCK_DGRAM)
-        sockets.append(sock)
-        settable = _set_fragmentation(sock, family, allowed)
-        sock.setblocking(False)
-        sock.connect(_endpoint(address, ports["echo"]))
-        selector.register(sock, EVENT_READ)
-        return sock, settable
-
-    def attempt(sock, size):
-        """Up to _MTU_TRIES sends of `size`, spread over `timeout`."""
-        payload = bytearray(stream_datagram(token, size, 0.0, size))
-        deadline = clock() + timeout
-        for _ in range(_MTU_TRIES):
-            # Each try with its own send time: no two datagrams alike, so
-            # a server's loop watch never takes a retry for its own reply.
-            _STREAM_HEADER.pack_into(payload, 0, _STREAM_MAGIC, token, size,
-                                     clock())
-            try:
-                sock.send(payload)
-            except OSError as error:
-                if error.errno == errno.EMSGSIZE:
-                    mtu = _kernel_mtu(sock, family)
-                    return "refused", mtu - overhead if mtu else None
-                if not isinstance(error, (BlockingIOError,
-                                          ConnectionRefusedError)):
-                    raise
-            try_end = min(deadline, clock() + timeout / _MTU_TRIES)
-            while True:
-                now = clock()
-                if now >= try_end:
-                    break
-                if not selector.select(min(try_end - now,
-                                           progress.wake(time.monotonic()))):
-                    progress.tick()
-                    continue
-                try:
-                    count = sock.recv_into(receive_buffer)
-                except (BlockingIOError, InterruptedError):
-                    continue
-                except ConnectionRefusedError:
-                    state["refused"] = True
-                    return "lost", None     # nothing listens: no use waiting
-                reply = parse_stream_datagram(receive_buffer[:count])
-                if reply and reply[:2] == (token, size):
-                    if count < size:
-                        # A shorter copy (xinetd keeps 2,048 bytes): the
-                        # datagram crossed the path; the server's buffer
-                        # cut it.
-                        state["truncated_to"] = min(
-                            count, state.get("truncated_to", count))
-                    return "ok", None
-        return "lost", None
-
-    def counted(sock):
-        def attempt_and_count(size):
-            outcome = attempt(sock, size)
-            state["sizes"] += 1
-            if outcome[0] == "ok":
-                state["largest"] = max(state["largest"], size)
-            progress.tick()
-            progress.show("mtu: %d bytes %s" % (size, outcome[0]))
-            return outcome
-        return attempt_and_count
-
+    probes = []
     progress.begin("mtu", "udp", lambda: {
-        "sizes": state["sizes"], "payload_bytes": state["largest"]})
+        "sizes": sum(probe.sizes for probe in probes),
+        "payload_bytes": max([probe.largest for probe in probes] or [0])})
     try:
-        sock, forbidden = open_socket(allowed=False)
+        probes.append(_MtuProbe(family, address, ports["echo"], False,
+                                timeout, progress, token))
+        strict = probes[0]
         passed, failed, failure, tried = _mtu_search(
-            counted(sock), STREAM_MIN_SIZE, largest)
-        kernel_mtu = _kernel_mtu(sock, family)
+            strict.attempt, STREAM_MIN_SIZE, largest)
+        kernel_mtu = _kernel_mtu(strict.sock, family)
         fragmented, fragmented_size = "untested", None
-        if failed is not None and passed is not None and forbidden:
+        if failed is not None and passed is not None and strict.settable:
             # Does a datagram too big for the path get through when it may
             # be fragmented?  At least the first failing size, and big
             # enough that this host itself must fragment it.
             fragmented_size = min(largest, max(failed, (kernel_mtu or 0) -
                                                overhead + 1))
-            loose, _ = open_socket(allowed=True)
-            outcome, _ = counted(loose)(fragmented_size)
+            probes.append(_MtuProbe(family, address, ports["echo"], True,
+                                    timeout, progress, token))
+            outcome, _ = probes[1].attempt(fragmented_size)
             fragmented = "passes" if outcome == "ok" else "lost"
     finally:
-        for sock in sockets:
-            sock.close()
-        selector.close()
-    row, detail = _mtu_verdict(passed, failed, failure, kernel_mtu, overhead,
-                               fragmented, forbidden, fragmented_size,
-                               state.get("truncated_to"))
+        for probe in probes:
+            probe.close()
+    row, detail = _mtu_verdict(
+        passed, failed, failure, kernel_mtu, overhead, fragmented,
+        strict.settable, fragmented_size,
+        min([probe.truncated_to for probe in probes if probe.truncated_to]
+            or [None]))
     result = {"test": "mtu", "transport": "udp", "unit": "bytes",
               "value": row.get("largest_payload_bytes")}
     result.update(row)
-    if row["limit"] == "nothing-back" and state.get("refused"):
+    if row["limit"] == "nothing-back" and strict.refused:
         detail += " (an ICMP port unreachable: nothing listens there)"
     result.update({"sizes_tried": tried, "detail": detail})
     return [result]
