@@ -3539,9 +3539,10 @@ class _StreamTally(object):
 
     arrived() is called for every reply.  A sequence number seen before is a
     duplicate; a new one below the highest seen so far is reordered (RFC
-    4737's Type-P-Reordered: below NextExp).  summary(wait) then counts a
-    reply as received when it came within `wait` seconds of its send, late
-    when it came after that, and the rest of what was sent as lost.
+    4737's Type-P-Reordered: below NextExp).  _stream_figures(tallies,
+    wait) then counts a reply as received when it came within `wait`
+    seconds of its send, late when it came after that, and the rest of what
+    was sent as lost.
     """
 
     def __init__(self, planned, rtts=None):
@@ -3605,7 +3606,8 @@ def _stream_figures(tallies, wait):
     figures = _percentiles(samples)
     row.update(figures)
     if figures:
-        # RFC 5481 PDV: a high percentile of delay less the minimum.
+        # RFC 5481 PDV: a high percentile of delay (here p99) less the
+        # minimum: what a de-jitter buffer must hold.
         row["pdv_us"] = round(figures["p99_us"] - figures["min_us"], 1)
     if differences:
         row["ipdv_mean_us"] = round(sum(differences) / len(differences) * 1e6,
@@ -4314,12 +4316,13 @@ def measure(host, tests=None, seconds=5.0, parallel=1, port_offset=0,
     errors...).  A content error (a wrong chargen or echo byte) is counted
     in wrong_bytes.  A figure that has no value (no round trip completed)
     is None.  A test that a socket error stopped fails alone: its row has
-    only test, transport, address, port, value None and error (the
+    only test, transport, host, address, port, value None and error (the
     reason), and the next test runs.  _measure_failures(rows) says what
     failed, if anything did.  udp: rate (datagrams a second, all flows
     together), bitrate (payload bits a second) and size (payload bytes),
-    any two.  interval: report(row) gets a row every `interval` seconds
-    during each test ("type": "interval"), and each test's rows as it ends.
+    any two (ValueError if they cannot be).  interval: report(row) gets a
+    row every `interval` seconds during each test ("type": "interval"),
+    and each test's rows as it ends.
     """
     _require_duration("seconds", seconds)
     _require_duration("timeout", timeout)
