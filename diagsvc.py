@@ -4815,7 +4815,8 @@ def _client_parser(command):
                             help="each test's duration (default %(default)s)")
         parser.add_argument("--parallel", type=_non_negative(int), default=1,
                             metavar="N", help="connections at once for "
-                            "download, upload, connect (default 1)")
+                            "download, upload, connect; load streams each "
+                            "way for loaded; flows for udp (default 1)")
         parser.add_argument("--connect-service", choices=("daytime", "time"),
                             default="daytime")
         udp = parser.add_argument_group(
