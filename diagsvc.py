@@ -3911,7 +3911,8 @@ def _move_load(entry, buffer, block):
 def _measure_loaded(family, address, ports, seconds, parallel, progress,
                     timeout):
     """Echo RTT over TCP and UDP, idle, then with chargen downloads and
-    discard uploads saturating both directions (half the time each)."""
+    discard uploads saturating both directions (half the time each, and
+    up to `timeout` more until each transport has had a round trip)."""
     clock = time.perf_counter
     selector = SELECTORS[0]()
     load = []                   # [socket, "download" | "upload", bytes]
@@ -3932,37 +3933,46 @@ def _measure_loaded(family, address, ports, seconds, parallel, progress,
         # Queues take a moment to fill: the first quarter of the loaded
         # phase (at most a second) is not sampled.
         ramp = min(1.0, phase_seconds / 4.0)
-        started = clock()
-        phases = (("idle", started + phase_seconds),
-                  ("ramp", started + phase_seconds + ramp),
-                  ("loaded", started + seconds))
-        phase_index = 0
+        state = {"phase": "idle", "end": clock() + phase_seconds}
         load_started = None
         progress.begin("loaded", "tcp", lambda: {
-            "phase": phases[phase_index][0] if phase_index < 3 else "done",
+            "phase": state["phase"],
             "bytes": sum(entry[2] for entry in load),
             "rtts": pingers[0].history})
+
+        def phase_over(now):
+            # A phase that has not yet a round trip of each transport goes
+            # on, for up to `timeout` more: without one it says nothing.
+            if now < state["end"]:
+                return False
+            return state["phase"] == "ramp" or now >= state["end"] + \
+                timeout or all(p.samples[state["phase"]] for p in pingers)
+
         while True:
             now = clock()
-            while phase_index < 3 and now >= phases[phase_index][1]:
-                phase_index += 1
-                if phase_index == 1:    # start the load, both directions
+            if phase_over(now):
+                if state["phase"] == "loaded":
+                    break
+                if state["phase"] == "idle":    # load both directions
                     load_started = now
                     _open_load(family, address, ports, parallel, timeout,
                                selector, load)
-            if phase_index == 3:
-                break
-            phase = phases[phase_index][0]
+                    state.update(phase="ramp", end=now + ramp)
+                else:
+                    state.update(phase="loaded",
+                                 end=now + phase_seconds - ramp)
             for pinger in pingers:
                 # Ramp-up samples are kept apart, and never reported.
-                pinger.phase = phase if phase != "ramp" else "loaded"
-                if phase == "ramp":
+                pinger.phase = "idle" if state["phase"] == "idle" \
+                    else "loaded"
+                if state["phase"] == "ramp":
                     pinger.samples["loaded"] = []
                     pinger.lost["loaded"] = 0
                 due = pinger.due(now)
                 if due is not None and now >= due:
                     pinger.on_timer(now)
-            wake = min([phases[phase_index][1]] +
+            end = state["end"]
+            wake = min([end if now < end else end + timeout] +
                        [d for d in (p.due(now) for p in pingers)
                         if d is not None])
             for key, _ in selector.select(max(0.0, min(
@@ -3972,7 +3982,7 @@ def _measure_loaded(family, address, ports, seconds, parallel, progress,
                 elif not _move_load(key.data, buffer, block):
                     selector.unregister(key.fileobj)
             progress.tick()
-            progress.show("loaded: %s" % phases[min(phase_index, 2)][0])
+            progress.show("loaded: %s" % state["phase"])
         load_seconds = max(1e-6, clock() - load_started)
     finally:
         for entry in load:

@@ -2339,7 +2339,76 @@ class PathMtuTest(ServerTestCase):
         self.assertNotIn("limit_mtu_bytes", row)
 
 
+class SlowTcpEcho(object):
+    """Echo on one port number: UDP at once, TCP each message `delay`
+    seconds late (a path whose TCP round trip outlasts a short phase)."""
+
+    def __init__(self, delay):
+        self.delay = delay
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(1)
+        self.port = self.listener.getsockname()[1]
+        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.udp.bind(("127.0.0.1", self.port))
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.serve)
+        self.thread.start()
+
+    def serve(self):
+        sockets = [self.listener, self.udp]
+        due = []                            # (when, connection, bytes)
+        while not self.stop.is_set():
+            wait = 0.05 if not due else max(0.0, min(
+                0.05, due[0][0] - time.monotonic()))
+            for ready in select.select(sockets, [], [], wait)[0]:
+                if ready is self.listener:
+                    sockets.append(self.listener.accept()[0])
+                elif ready is self.udp:
+                    data, source = self.udp.recvfrom(70000)
+                    self.udp.sendto(data, source)
+                else:
+                    try:
+                        data = ready.recv(65536)
+                    except OSError:         # the client reset it
+                        data = b""
+                    if not data:
+                        sockets.remove(ready)
+                        ready.close()
+                        continue
+                    due.append((time.monotonic() + self.delay, ready, data))
+            while due and due[0][0] <= time.monotonic():
+                _, connection, data = due.pop(0)
+                try:
+                    connection.sendall(data)
+                except OSError:
+                    pass
+        for sock in sockets[2:]:
+            sock.close()
+
+    def close(self):
+        self.stop.set()
+        self.thread.join()
+        self.listener.close()
+        self.udp.close()
+
+
 class LoadedTest(ServerTestCase):
+
+    def test_a_phase_waits_for_a_round_trip_of_each_transport(self):
+        echo = SlowTcpEcho(delay=0.4)
+        self.addCleanup(echo.close)
+        server = self.start_server(["chargen", "discard"], max_per_source=0)
+        ports = ports_of(server)
+        ports["echo"] = echo.port
+        # Phases of 0.2 s: the first TCP round trip takes 0.4 s.
+        rows = diagsvc.measure("127.0.0.1", ["loaded"], seconds=0.4,
+                               ports=ports)
+        tcp = rows[0]
+        self.assertEqual(tcp["transport"], "tcp")
+        self.assertGreaterEqual(tcp["idle_count"], 1, tcp)
+        self.assertGreaterEqual(tcp["loaded_count"], 1, tcp)
+        self.assertGreaterEqual(tcp["idle_min_us"], 400000)
 
     def test_idle_and_loaded_side_by_side(self):
         # The server in a process of its own: in this one it would share
