@@ -2535,6 +2535,18 @@ class ReportingTest(ServerTestCase):
         self.assertRegex(result.stderr, r"download/tcp: [0-9.]+ MB/s is below "
                                         r"--min-rate 1e\+09\n")
 
+    def test_a_socket_error_stops_udp_and_mtu_alone(self):
+        # connect() to the broadcast address: EACCES, before any datagram.
+        rows = diagsvc.measure("255.255.255.255", ["udp", "mtu"],
+                               seconds=0.2, timeout=0.3)
+        self.assertEqual([(row["test"], row["transport"], row["value"],
+                           row["host"]) for row in rows],
+                         [("udp", "udp", None, "255.255.255.255"),
+                          ("mtu", "udp", None, "255.255.255.255")])
+        for row in rows:
+            self.assertTrue(row["error"])
+        self.assertEqual(len(diagsvc._measure_failures(rows)), 2)
+
     def test_udp_usage_errors_exit_2(self):
         for args, message in (
                 (["--size", "23"], "the udp test needs 24 to 65507"),
