@@ -2535,6 +2535,7 @@ class ReportingTest(ServerTestCase):
         self.assertRegex(result.stderr, r"download/tcp: [0-9.]+ MB/s is below "
                                         r"--min-rate 1e\+09\n")
 
+    @unittest.skipUnless(ON_LINUX, "Linux refuses the connect itself")
     def test_a_socket_error_stops_udp_and_mtu_alone(self):
         # connect() to the broadcast address: EACCES, before any datagram.
         rows = diagsvc.measure("255.255.255.255", ["udp", "mtu"],
