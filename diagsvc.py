@@ -20,6 +20,7 @@ Run it (standard library only, CPython 3.6 to 3.13, any OS):
     python3 diagsvc.py --for 2h             # a window: then it closes all
     python3 diagsvc.py probe HOST           # the other end: is the path open?
     python3 diagsvc.py measure HOST         # the other end: how fast?
+    python3 diagsvc.py measure HOST udp loaded mtu   # loss, bufferbloat, MTU
 
 Import it, for example to get an echo server inside a test suite:
 
@@ -56,6 +57,7 @@ __all__ = [
     "parse_duration",
     "chargen_line", "chargen_stream", "daytime_text", "time_bytes",
     "parse_quotes", "load_quotes", "probe", "measure", "main",
+    "stream_datagram", "parse_stream_datagram",
 ]
 
 import collections
@@ -2806,10 +2808,17 @@ def drop_privileges(user):
 # and xinetd included), from one selectors loop where there is concurrency.
 
 PROBE_OK = ("open", "open|filtered")
-MEASURE_TESTS = ("latency", "download", "upload", "echo", "connect")
+MEASURE_TESTS = ("latency", "download", "upload", "echo", "connect", "udp",
+                 "loaded", "mtu")
+# Run when no test is named.  udp, loaded and mtu only when named: loaded
+# saturates the path, udp's load is the user's choice, mtu sends 64 KiB.
+DEFAULT_MEASURE_TESTS = MEASURE_TESTS[:5]
 # The service each test measures (connect: daytime or time, as asked).
 _MEASURE_SERVICE = {"latency": "echo", "download": "chargen",
-                    "upload": "discard", "echo": "echo"}
+                    "upload": "discard", "echo": "echo", "udp": "echo",
+                    "loaded": "echo", "mtu": "echo"}
+# The transport of a test's one row when an error stops it (loaded: both).
+_MEASURE_TRANSPORT = {"udp": "udp", "mtu": "udp"}
 DEFAULT_PROBE_TIMEOUT = 2.0
 _IN_PROGRESS = frozenset((errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN,
                           10035))       # 10035: Windows' WSAEWOULDBLOCK
@@ -3274,7 +3283,10 @@ def probe(host, services=None, transports=TRANSPORTS, port_offset=0,
         for task in probes:
             task.close()
         selector.close()
-    return [task.row for task in probes]
+    rows = [task.row for task in probes]
+    for row in rows:
+        row["host"] = host
+    return rows
 
 
 # -- measure --
@@ -3306,11 +3318,21 @@ def _percentiles(samples):
 
 
 class _Progress(object):
-    """One status line updated in place on stderr, only on a terminal."""
+    """One status line updated in place on stderr, only on a terminal; and
+    with --interval, a row every `interval` seconds during each test.
 
-    def __init__(self, enabled):
+    A test calls begin() with a function giving its running totals (counts
+    that only grow, plus "rtts": a list of round-trip times it appends to),
+    then tick() from its loop, waking by wake(); each interval row holds the
+    differences since the previous row, and emit(row) writes it out.
+    """
+
+    def __init__(self, enabled, interval=None, emit=None):
         self.enabled = enabled
         self.last = 0.0
+        self.interval = interval or 0.0
+        self.emit = emit
+        self.totals = None
 
     def show(self, text):
         now = time.monotonic()
@@ -3323,6 +3345,78 @@ class _Progress(object):
         if self.enabled:
             sys.stderr.write("\r\x1b[K")
             sys.stderr.flush()
+
+    def begin(self, test, transport, totals):
+        self.finish()
+        if not self.interval:
+            return
+        now = time.monotonic()
+        self.test, self.transport, self.totals = test, transport, totals
+        self.started = self.mark = now
+        self.next_row = now + self.interval
+        current = totals()
+        self.previous = self._counts(current)
+        self.rtts_seen = len(current.get("rtts", ()))
+
+    def wake(self, now):
+        """Seconds until the next interval row is due (at most 3600)."""
+        if self.totals is None:
+            return 3600.0
+        return max(0.0, self.next_row - now)
+
+    def tick(self, now=None):
+        if self.totals is not None:
+            now = time.monotonic() if now is None else now
+            if now >= self.next_row:
+                self._row(now)
+                # Rows on the interval's grid, as iperf3 does; skip a
+                # boundary that a long wait has already passed.
+                while self.next_row <= now:
+                    self.next_row += self.interval
+
+    def finish(self):
+        """The test is over: its last, shorter interval, unless that is
+        under a tenth of an interval with nothing in it (esnet/iperf#592
+        drops the same sliver)."""
+        if self.totals is not None:
+            now = time.monotonic()
+            if now - self.mark >= self.interval / 10.0 or \
+                    self._counts(self.totals()) != self.previous:
+                self._row(now)
+            self.totals = None
+
+    @staticmethod
+    def _counts(current):
+        return dict((key, value) for key, value in current.items()
+                    if isinstance(value, (int, float)) and
+                    not isinstance(value, bool))
+
+    def _row(self, now):
+        current = self.totals()
+        span = max(1e-9, now - self.mark)
+        row = {"type": "interval", "test": self.test,
+               "transport": self.transport,
+               "start_s": round(self.mark - self.started, 3),
+               "end_s": round(now - self.started, 3)}
+        counts = self._counts(current)
+        for key, value in sorted(counts.items()):
+            delta = value - self.previous.get(key, 0)
+            row[key] = delta
+            if key == "bytes":
+                row["mbyte_per_s"] = round(delta / 1e6 / span, 3)
+            else:
+                row[key + "_per_s"] = round(delta / span, 1)
+        for key, value in current.items():
+            if key != "rtts" and key not in counts:
+                row[key] = value            # a label, such as a phase
+        rtts = current.get("rtts")
+        if rtts is not None:
+            row.update(_percentiles(rtts[self.rtts_seen:]))
+            self.rtts_seen = len(rtts)
+        self.previous = counts
+        self.mark = now
+        self.clear()
+        self.emit(row)
 
 
 def _connect(family, address, port, timeout):
@@ -3383,6 +3477,8 @@ def _measure_latency(family, address, ports, seconds, progress, timeout):
                 sock = socket.socket(family, socket.SOCK_DGRAM)
                 sock.settimeout(min(timeout, 1.0))
                 sock.connect(_endpoint(address, ports["echo"]))
+            progress.begin("latency", transport,
+                           lambda: {"count": len(samples), "rtts": samples})
             end = time.monotonic() + seconds
             sequence = 0
             while time.monotonic() < end:
@@ -3409,11 +3505,13 @@ def _measure_latency(family, address, ports, seconds, progress, timeout):
                     wrong += 1
                     continue
                 samples.append(clock() - started)
+                progress.tick()
                 progress.show("latency %s: %d round trips" % (
                     transport, len(samples)))
         except OSError as failure:
             error = _socket_error(failure)
         finally:
+            progress.finish()           # this transport's intervals
             if sock is not None:
                 sock.close()
         figures = _percentiles(samples)
@@ -3442,9 +3540,11 @@ def _stream_loop(connections, seconds, on_ready, progress, label):
             now = time.monotonic()
             if now >= end or not selector.get_map():
                 break
-            for key, events in selector.select(min(0.25, end - now)):
+            for key, events in selector.select(min(0.25, end - now,
+                                                   progress.wake(now))):
                 if not on_ready(key.data, events):
                     selector.unregister(key.fileobj)
+            progress.tick()
             progress.show(label())
     finally:
         selector.close()
@@ -3541,6 +3641,8 @@ def _measure_download(family, address, ports, seconds, parallel, progress,
         flow.offset = (offset + count) % CHARGEN_PERIOD_SIZE
         return True
 
+    progress.begin("download", "tcp",
+                   lambda: {"bytes": sum(flow.bytes for flow in flows)})
     try:
         _stream_loop(flows, seconds, on_ready, progress, lambda: (
             "download: %.0f MB/s" % (sum(f.bytes for f in flows) / 1e6 /
@@ -3601,6 +3703,8 @@ def _measure_upload(family, address, ports, seconds, parallel, progress,
         drain["closed"] += 1
         return False
 
+    progress.begin("upload", "tcp",
+                   lambda: {"bytes": sum(flow.bytes for flow in flows)})
     try:
         _stream_loop(flows, seconds, on_ready, progress, lambda: (
             "upload: %.0f MB/s" % (sum(f.bytes for f in flows) / 1e6 /
@@ -3692,6 +3796,7 @@ def _measure_echo(family, address, ports, seconds, progress, timeout):
             state["received"] += count
         return True
 
+    progress.begin("echo", "tcp", lambda: {"bytes": state["received"]})
     try:
         _stream_loop([flow], seconds, on_ready, progress, lambda: (
             "echo: %.0f MB/s" % (state["received"] / 1e6 /
@@ -3754,13 +3859,16 @@ def _measure_connect(family, address, ports, seconds, parallel, progress,
             errors[outcome] = errors.get(outcome, 0) + 1
 
     try:
+        progress.begin("connect", "tcp", lambda: {
+            "count": len(durations), "errors": sum(errors.values())})
         for _ in range(parallel):
             open_one()
         while True:
             now = time.monotonic()
             if now >= end:
                 break
-            for key, _ in selector.select(min(0.1, end - now)):
+            for key, _ in selector.select(min(0.1, end - now,
+                                              progress.wake(now))):
                 state = key.data
                 try:
                     chunk = state[0].recv(4096)
@@ -3782,6 +3890,7 @@ def _measure_connect(family, address, ports, seconds, parallel, progress,
                 if now - key.data[1] > timeout:
                     close_one(key, "timeout")
                     open_one()
+            progress.tick()
             progress.show("connect: %d connections" % len(durations))
     finally:
         for key in list(selector.get_map().values()):
@@ -3796,46 +3905,879 @@ def _measure_connect(family, address, ports, seconds, parallel, progress,
     return [row]
 
 
+# -- udp: a paced, sequence-numbered echo stream --
+
+# Each datagram's payload: a magic, the flow's id, the sequence number and the
+# send time (the sender's perf_counter, in seconds), then zeros up to the size
+# asked.  The far end only has to echo it, so any RFC 862 server will do.
+_STREAM_MAGIC = b"dsv1"
+_STREAM_HEADER = struct.Struct("!4sIQd")
+STREAM_MIN_SIZE = _STREAM_HEADER.size          # 24 bytes
+# The largest UDP payload: 65,535 less the IPv4 (20) and UDP (8) headers; an
+# IPv6 payload length does not count its 40-byte header (RFC 8200).
+STREAM_MAX_SIZE = {socket.AF_INET: 65507, socket.AF_INET6: 65527}
+DEFAULT_STREAM_RATE = 100.0     # pps: 64-byte datagrams, 51 kbit/s, safe
+DEFAULT_STREAM_SIZE = 64        # on any shared link
+_STREAM_BATCH = 1024            # at most this many sends between two reads
+_STREAM_CATCH_UP = 0.99         # below 99 % of the asked rate: client-limited
+# Replies wait in the kernel while the sender works through a batch: a
+# larger receive buffer (the kernel caps it at net.core.rmem_max) keeps a
+# busy client from losing them and blaming the path.
+_STREAM_RECEIVE_BUFFER = 4 << 20
+
+
+def stream_datagram(flow_id, sequence, sent_at, size):
+    """One udp-test payload of `size` bytes (STREAM_MIN_SIZE at least)."""
+    payload = bytearray(max(size, STREAM_MIN_SIZE))
+    _STREAM_HEADER.pack_into(payload, 0, _STREAM_MAGIC, flow_id, sequence,
+                             sent_at)
+    return bytes(payload)
+
+
+def parse_stream_datagram(data):
+    """(flow_id, sequence, sent_at), or None if data is not a udp-test payload."""
+    if len(data) < STREAM_MIN_SIZE or bytes(data[:4]) != _STREAM_MAGIC:
+        return None
+    _, flow_id, sequence, sent_at = _STREAM_HEADER.unpack_from(data)
+    return flow_id, sequence, sent_at
+
+
+class _StreamTally(object):
+    """One flow's arithmetic: what came back, in which order, and when.
+
+    arrived() is called for every reply.  A sequence number seen before is a
+    duplicate; a new one below the highest seen so far is reordered (RFC
+    4737's Type-P-Reordered: below NextExp).  _stream_figures(tallies,
+    wait) then counts a reply as received when it came within `wait`
+    seconds of its send, late when it came after that, and the rest of what
+    was sent as lost.
+    """
+
+    def __init__(self, planned, rtts=None):
+        from array import array
+        self.rtt_by_sequence = array("d", [-1.0]) * planned
+        self.sent = 0
+        self.arrivals = 0           # distinct sequence numbers back
+        self.duplicated = 0
+        self.reordered = 0
+        self.foreign = 0            # not ours, never sent, or cut short
+        self.highest = -1
+        # Every RTT in arrival order, for --interval rows only (a list of
+        # floats costs some 32 bytes a datagram): None keeps none.
+        self.rtts = rtts
+
+    def arrived(self, sequence, rtt):
+        if sequence >= self.sent:
+            self.foreign += 1
+            return
+        if self.rtt_by_sequence[sequence] >= 0.0:
+            self.duplicated += 1
+            return
+        self.rtt_by_sequence[sequence] = rtt = max(0.0, rtt)
+        if self.rtts is not None:
+            self.rtts.append(rtt)
+        self.arrivals += 1
+        if sequence < self.highest:
+            self.reordered += 1
+        else:
+            self.highest = sequence
+
+    def on_time(self, wait):
+        """RTTs within the wait, in sequence order (-1 for none)."""
+        return [rtt if rtt <= wait else -1.0
+                for rtt in self.rtt_by_sequence[:self.sent]]
+
+
+def _stream_figures(tallies, wait):
+    """The figures of one flow, or of several added up (pure arithmetic)."""
+    sent = sum(tally.sent for tally in tallies)
+    samples = []
+    differences = []
+    late = 0
+    for tally in tallies:
+        by_sequence = tally.on_time(wait)
+        samples.extend(rtt for rtt in by_sequence if rtt >= 0.0)
+        late += tally.arrivals - sum(1 for rtt in by_sequence if rtt >= 0.0)
+        # RFC 3393 IPDV between consecutive packets of the stream, both
+        # answered in time.
+        differences.extend(abs(later - earlier) for earlier, later in
+                           zip(by_sequence, by_sequence[1:])
+                           if earlier >= 0.0 and later >= 0.0)
+    received = len(samples)
+    lost = sent - received - late
+    row = {"sent": sent, "received": received, "lost": lost,
+           "loss_pct": round(100.0 * lost / sent, 2) if sent else 0.0,
+           "late": late, "late_after_s": wait,
+           "duplicated": sum(tally.duplicated for tally in tallies),
+           "reordered": sum(tally.reordered for tally in tallies),
+           "foreign": sum(tally.foreign for tally in tallies)}
+    figures = _percentiles(samples)
+    row.update(figures)
+    if figures:
+        # RFC 5481 PDV: a high percentile of delay (here p99) less the
+        # minimum: what a de-jitter buffer must hold.
+        row["pdv_us"] = round(figures["p99_us"] - figures["min_us"], 1)
+    if differences:
+        row["ipdv_mean_us"] = round(sum(differences) / len(differences) * 1e6,
+                                    1)
+    return row
+
+
+def _stream_rate(rate, bitrate, size, family):
+    """(packets a second, payload bytes) from any two of rate, bitrate, size.
+
+    The bitrate counts UDP payload bits, as iperf3 does.  Raises ValueError
+    with a sentence for the user.
+    """
+    largest = STREAM_MAX_SIZE.get(family, 65507)
+    if rate and bitrate and size:
+        raise ValueError("give at most two of --rate, --bitrate and --size")
+    if rate and bitrate:
+        size = int(round(bitrate / 8.0 / rate))
+    size = size or DEFAULT_STREAM_SIZE
+    if not STREAM_MIN_SIZE <= size <= largest:
+        raise ValueError("a datagram of %d bytes: the udp test needs %d to %d"
+                         % (size, STREAM_MIN_SIZE, largest))
+    if bitrate and not rate:
+        rate = bitrate / 8.0 / size
+    rate = rate or DEFAULT_STREAM_RATE
+    return float(rate), size
+
+
+class _UdpFlow(object):
+    """One socket of the udp test (its own source port), and its tally."""
+
+    def __init__(self, family, address, port, flow_id, index, share, size,
+                 rtts):
+        self.sock = socket.socket(family, socket.SOCK_DGRAM)
+        self.id = flow_id
+        self.index = index
+        self.tally = _StreamTally(share, rtts)
+        self.payload = bytearray(size)
+        self.errors = {}
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF,
+                                 _STREAM_RECEIVE_BUFFER)
+        except OSError:
+            pass                        # the default, then
+        self.sock.setblocking(False)
+        self.sock.connect(_endpoint(address, port))
+
+    def note_error(self, error):
+        kind = ("refused" if isinstance(error, ConnectionRefusedError)
+                else error.strerror or str(error))
+        self.errors[kind] = self.errors.get(kind, 0) + 1
+
+    def send_next(self, now):
+        """Send the flow's next datagram; False if the kernel took none."""
+        _STREAM_HEADER.pack_into(self.payload, 0, _STREAM_MAGIC, self.id,
+                                 self.tally.sent, now)
+        try:
+            self.sock.send(self.payload)
+        except (BlockingIOError, InterruptedError):
+            return False                # the socket buffer is full
+        except OSError as error:
+            # An earlier ICMP error reported on this send (Linux), or
+            # ENOBUFS: this datagram did not leave.
+            self.note_error(error)
+            return False
+        self.tally.sent += 1
+        return True
+
+    def read_replies(self, buffer, clock):
+        size = len(self.payload)
+        for _ in range(_STREAM_BATCH):
+            try:
+                count = self.sock.recv_into(buffer)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as error:    # an ICMP error, reported here
+                self.note_error(error)
+                return
+            arrived = clock()
+            parsed = parse_stream_datagram(buffer[:count]) \
+                if count == size else None
+            if parsed is None or parsed[0] != self.id:
+                self.tally.foreign += 1
+            else:
+                self.tally.arrived(parsed[1], arrived - parsed[2])
+
+
+def _udp_rows(flows, rate, size, seconds, wait, send_lag):
+    """A row per flow when there are several, then the total."""
+    parallel = len(flows)
+    groups = [([flow], flow.index + 1) for flow in flows] \
+        if parallel > 1 else []
+    groups.append((flows, "total"))
+    achieved = sum(flow.tally.sent for flow in flows) / seconds
+    rows = []
+    for members, name in groups:
+        figures = _stream_figures([flow.tally for flow in members], wait)
+        errors = {}
+        for flow in members:
+            for kind, count in flow.errors.items():
+                errors[kind] = errors.get(kind, 0) + count
+        row = {"test": "udp", "transport": "udp", "flow": name,
+               "unit": "% loss", "value": figures["loss_pct"]}
+        row.update(figures)
+        row.update({
+            "size_bytes": size,
+            "rate_asked_pps": round(rate * len(members) / parallel, 1),
+            "rate_sent_pps": round(figures["sent"] / seconds, 1),
+            "bitrate_sent_bps": int(figures["sent"] * size * 8 / seconds),
+            "parallel": parallel,
+            # The sender as a whole fell behind: the figures describe the
+            # client, not the path.
+            "client_limited": achieved < rate * _STREAM_CATCH_UP,
+            "send_lag_max_ms": round(send_lag * 1e3, 3),
+            "errors": errors})
+        rows.append(row)
+    return rows
+
+
+def _measure_udp(family, address, ports, seconds, parallel, progress,
+                 timeout, rate=DEFAULT_STREAM_RATE, size=DEFAULT_STREAM_SIZE):
+    """A paced stream of sequence-numbered datagrams over `parallel` flows.
+
+    The schedule is by absolute time: datagram g is due at start + g/rate
+    and goes out on flow g mod N.  Each wake sends everything due (in a
+    batch when behind), then select() sleeps until the next one is due or a
+    reply comes.  After the last send, replies are awaited for `timeout`;
+    one that comes later than that after its send counts as late.
+    """
+    planned = max(1, int(round(seconds * rate)))
+    clock = time.perf_counter
+    base_id = struct.unpack("!I", os.urandom(4))[0]
+    buffer = bytearray(65536)
+    # Every flow's RTTs in arrival order, for --interval rows only.
+    rtts = [] if progress.interval else None
+    flows = []
+    selector = SELECTORS[0]()
+    try:
+        for index in range(parallel):
+            flows.append(_UdpFlow(family, address, ports["echo"],
+                                  (base_id + index) & 0xFFFFFFFF, index,
+                                  len(range(index, planned, parallel)), size,
+                                  rtts))
+            selector.register(flows[-1].sock, EVENT_READ, flows[-1])
+
+        def read_ready(wait):
+            for key, _ in selector.select(max(0.0, min(
+                    wait, progress.wake(time.monotonic())))):
+                key.data.read_replies(buffer, clock)
+            progress.tick()
+
+        progress.begin("udp", "udp", lambda: {
+            "sent": sum(flow.tally.sent for flow in flows),
+            "received": sum(flow.tally.arrivals for flow in flows),
+            "rtts": rtts})
+        sent = 0
+        send_lag = 0.0
+        started = clock()
+        end = started + seconds
+        while True:
+            now = clock()
+            due = min(planned, int((now - started) * rate) + 1)
+            if due > sent:
+                send_lag = max(send_lag, now - (started + sent / rate))
+            blocked = False
+            for _ in range(min(due - sent, _STREAM_BATCH)):
+                if not flows[sent % parallel].send_next(clock()):
+                    blocked = True
+                    break
+                sent += 1
+            if sent >= planned or now >= end:
+                break
+            # Sleep until the next one is due; when the kernel took none,
+            # give it a moment.
+            read_ready(0.0005 if blocked else
+                       started + sent / rate - clock())
+            progress.show("udp: %d sent" % sent)
+        last_send = clock()
+        send_seconds = seconds if sent >= planned else last_send - started
+        # Replies still on their way: wait for them, at most `timeout`.
+        deadline = last_send + timeout
+        while any(flow.tally.arrivals < flow.tally.sent for flow in flows) \
+                and clock() < deadline:
+            read_ready(deadline - clock())
+    finally:
+        for flow in flows:
+            flow.sock.close()
+        selector.close()
+    return _udp_rows(flows, rate, size, send_seconds, timeout, send_lag)
+
+
+# -- loaded: latency under load --
+
+_LOADED_PING_SPACING = 0.01     # at most 100 round trips a second a transport
+
+
+class _Pinger(object):
+    """Echo round trips one at a time, over TCP or UDP, inside a loop.
+
+    Each ping is a udp-test payload (its sequence number and send time);
+    the next leaves once the reply is in and _LOADED_PING_SPACING has passed.
+    A UDP ping unanswered within `patience` counts as lost.  Samples go to
+    the list that `phase` names.
+    """
+
+    def __init__(self, transport, sock, patience):
+        self.transport = transport
+        self.sock = sock
+        self.patience = patience
+        self.sequence = 0
+        self.waiting = False
+        self.sent_at = 0.0
+        self.next_send = 0.0
+        self.received = bytearray()
+        self.samples = {"idle": [], "loaded": []}
+        self.history = []               # every RTT, ramp too: --interval
+        self.lost = {"idle": 0, "loaded": 0}
+        self.phase = "idle"
+
+    def due(self, now):
+        if self.waiting and self.transport == "udp":
+            return self.sent_at + self.patience
+        return None if self.waiting else self.next_send
+
+    def on_timer(self, now):
+        if self.waiting:                # UDP only: this one is lost
+            self.lost[self.phase] += 1
+            self.waiting = False
+        if now >= self.next_send:
+            self.sequence += 1
+            self.sent_at = now
+            self.next_send = now + _LOADED_PING_SPACING
+            try:
+                self.sock.send(stream_datagram(0, self.sequence, now, 32))
+            except (BlockingIOError, InterruptedError):
+                return                  # TCP: 32 bytes always fit, UDP: retry
+            except OSError:
+                if self.transport == "tcp":
+                    raise
+                return
+            self.waiting = True
+
+    def on_readable(self, now, buffer):
+        try:
+            count = self.sock.recv_into(buffer)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            if self.transport == "tcp":
+                raise
+            return
+        if self.transport == "tcp":
+            if not count:
+                raise ServerError("echo closed the connection")
+            self.received += buffer[:count]
+            if len(self.received) < 32:
+                return
+            reply, self.received = bytes(self.received[:32]), \
+                self.received[32:]
+        else:
+            reply = bytes(buffer[:count])
+        parsed = parse_stream_datagram(reply)
+        if parsed is None or (self.transport == "tcp" and
+                              parsed[1] != self.sequence):
+            raise ServerError("echo returned %r" % reply[:40])
+        if self.waiting and parsed[1] == self.sequence:
+            self.samples[self.phase].append(now - self.sent_at)
+            self.history.append(now - self.sent_at)
+            self.waiting = False
+        # A UDP reply to an earlier, lost ping: already counted.
+
+
+def _open_load(family, address, ports, parallel, timeout, selector, load):
+    """N chargen downloads and N discard uploads, registered, in `load`."""
+    for _ in range(parallel):
+        for kind, service in (("download", "chargen"), ("upload", "discard")):
+            sock = _connect(family, address, ports[service], timeout)
+            sock.setblocking(False)
+            load.append([sock, kind, 0])
+            selector.register(sock, EVENT_READ if kind == "download"
+                              else EVENT_WRITE, load[-1])
+
+
+def _move_load(entry, buffer, block):
+    """One read or write of a load stream; False once it has ended."""
+    try:
+        if entry[1] == "download":
+            count = entry[0].recv_into(buffer)
+            if not count:
+                return False
+        else:
+            count = entry[0].send(block)
+    except (BlockingIOError, InterruptedError):
+        return True
+    except OSError:
+        return False
+    entry[2] += count
+    return True
+
+
+def _measure_loaded(family, address, ports, seconds, parallel, progress,
+                    timeout):
+    """Echo RTT over TCP and UDP, idle, then with chargen downloads and
+    discard uploads saturating both directions (half the time each, and
+    up to `timeout` more until each transport has had a round trip)."""
+    clock = time.perf_counter
+    selector = SELECTORS[0]()
+    load = []                   # [socket, "download" | "upload", bytes]
+    buffer = bytearray(CHARGEN_CHUNK)
+    block = memoryview(bytes(CHARGEN_CHUNK))
+    tcp = _connect(family, address, ports["echo"], timeout)
+    udp = socket.socket(family, socket.SOCK_DGRAM)
+    pingers = []
+    try:
+        tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        udp.connect(_endpoint(address, ports["echo"]))
+        for transport, sock in (("tcp", tcp), ("udp", udp)):
+            sock.setblocking(False)
+            pinger = _Pinger(transport, sock, min(timeout, 1.0))
+            pingers.append(pinger)
+            selector.register(sock, EVENT_READ, pinger)
+        phase_seconds = seconds / 2.0
+        # Queues take a moment to fill: the first quarter of the loaded
+        # phase (at most a second) is not sampled.
+        ramp = min(1.0, phase_seconds / 4.0)
+        state = {"phase": "idle", "end": clock() + phase_seconds}
+        load_started = None
+        progress.begin("loaded", "tcp", lambda: {
+            "phase": state["phase"],
+            "bytes": sum(entry[2] for entry in load),
+            "rtts": pingers[0].history})
+
+        def phase_over(now):
+            # A phase that has not yet a round trip of each transport goes
+            # on, for up to `timeout` more: without one it says nothing.
+            if now < state["end"]:
+                return False
+            return state["phase"] == "ramp" or now >= state["end"] + \
+                timeout or all(p.samples[state["phase"]] for p in pingers)
+
+        while True:
+            now = clock()
+            if phase_over(now):
+                if state["phase"] == "loaded":
+                    break
+                if state["phase"] == "idle":    # load both directions
+                    load_started = now
+                    _open_load(family, address, ports, parallel, timeout,
+                               selector, load)
+                    state.update(phase="ramp", end=now + ramp)
+                else:
+                    state.update(phase="loaded",
+                                 end=now + phase_seconds - ramp)
+            for pinger in pingers:
+                # Ramp-up samples are kept apart, and never reported.
+                pinger.phase = "idle" if state["phase"] == "idle" \
+                    else "loaded"
+                if state["phase"] == "ramp":
+                    pinger.samples["loaded"] = []
+                    pinger.lost["loaded"] = 0
+                due = pinger.due(now)
+                if due is not None and now >= due:
+                    pinger.on_timer(now)
+            end = state["end"]
+            wake = min([end if now < end else end + timeout] +
+                       [d for d in (p.due(now) for p in pingers)
+                        if d is not None])
+            for key, _ in selector.select(max(0.0, min(
+                    wake - clock(), progress.wake(time.monotonic())))):
+                if isinstance(key.data, _Pinger):
+                    key.data.on_readable(clock(), buffer)
+                elif not _move_load(key.data, buffer, block):
+                    selector.unregister(key.fileobj)
+            progress.tick()
+            progress.show("loaded: %s" % state["phase"])
+        load_seconds = max(1e-6, clock() - load_started)
+    finally:
+        for entry in load:
+            entry[0].close()
+        tcp.close()
+        udp.close()
+        selector.close()
+    rates = {}
+    for kind in ("download", "upload"):
+        moved = sum(entry[2] for entry in load if entry[1] == kind)
+        rates[kind + "_mbyte_per_s"] = round(moved / 1e6 / load_seconds, 2)
+    return [_loaded_row(pinger, rates, parallel) for pinger in pingers]
+
+
+def _loaded_row(pinger, rates, parallel):
+    """One transport's idle and loaded figures side by side (arithmetic)."""
+    row = {"test": "loaded", "transport": pinger.transport, "unit": "µs"}
+    figures = {}
+    for phase in ("idle", "loaded"):
+        samples = pinger.samples[phase]
+        figures[phase] = _percentiles(samples)
+        row[phase + "_count"] = len(samples)
+        for key, value in figures[phase].items():
+            row[phase + "_" + key] = value
+        if pinger.transport == "udp":
+            tries = len(samples) + pinger.lost[phase]
+            row[phase + "_loss_pct"] = round(
+                100.0 * pinger.lost[phase] / tries, 2) if tries else 0.0
+    # No loaded round trip: no figure (None, '-' in the table).
+    row["value"] = figures["loaded"].get("p50_us")
+    if figures["idle"] and figures["loaded"]:
+        for key in ("p50_us", "p90_us", "p99_us"):
+            row["increase_" + key] = round(figures["loaded"][key] -
+                                           figures["idle"][key], 1)
+    row.update(rates)
+    row["parallel"] = parallel
+    return row
+
+
+# -- mtu: the largest datagram that crosses the path, and how bigger ones fail --
+
+# Forbidding fragmentation.  Linux: IP_MTU_DISCOVER / IPV6_MTU_DISCOVER set to
+# "probe" (send with DF, ignore the learned path MTU: each size tests the path
+# itself) and IP_MTU / IPV6_MTU to read the MTU the kernel holds for a
+# connected socket.  Python before 3.x lacks some of these names on Linux: the
+# numbers are Linux's <linux/in.h> and <linux/in6.h>.  Elsewhere (BSDs, macOS)
+# IP_DONTFRAG / IPV6_DONTFRAG, where Python has them.
+if _ON_LINUX:
+    _IP_MTU_DISCOVER = getattr(socket, "IP_MTU_DISCOVER", 10)
+    _IP_PMTUDISC_DONT = getattr(socket, "IP_PMTUDISC_DONT", 0)
+    _IP_PMTUDISC_PROBE = getattr(socket, "IP_PMTUDISC_PROBE", 3)
+    _IPV6_MTU_DISCOVER = getattr(socket, "IPV6_MTU_DISCOVER", 23)
+    _IPV6_PMTUDISC_DONT = getattr(socket, "IPV6_PMTUDISC_DONT", 0)
+    _IPV6_PMTUDISC_PROBE = getattr(socket, "IPV6_PMTUDISC_PROBE", 3)
+    _IP_MTU = getattr(socket, "IP_MTU", 14)
+    _IPV6_MTU = getattr(socket, "IPV6_MTU", 24)
+_IP_DONTFRAG = getattr(socket, "IP_DONTFRAG", None)
+_IPV6_DONTFRAG = getattr(socket, "IPV6_DONTFRAG", 62 if _ON_LINUX else None)
+# IPv4 (20) or IPv6 (40) header, and UDP's 8 bytes.
+_UDP_OVERHEAD = {socket.AF_INET: 28, socket.AF_INET6: 48}
+_MTU_TRIES = 3                  # sends of one size before it counts as lost
+
+
+def _set_fragmentation(sock, family, allowed):
+    """Allow or forbid fragmentation of what sock sends; False if this
+    platform offers no way to forbid it."""
+    v6 = family == socket.AF_INET6
+    level = socket.IPPROTO_IPV6 if v6 else socket.IPPROTO_IP
+    try:
+        if _ON_LINUX:
+            if v6:
+                sock.setsockopt(level, _IPV6_MTU_DISCOVER, _IPV6_PMTUDISC_DONT
+                                if allowed else _IPV6_PMTUDISC_PROBE)
+            else:
+                sock.setsockopt(level, _IP_MTU_DISCOVER, _IP_PMTUDISC_DONT
+                                if allowed else _IP_PMTUDISC_PROBE)
+            return True
+        option = _IPV6_DONTFRAG if v6 else _IP_DONTFRAG
+        if option is None:
+            return False
+        sock.setsockopt(level, option, 0 if allowed else 1)
+        return True
+    except OSError:
+        return False
+
+
+def _kernel_mtu(sock, family):
+    """The path MTU the kernel holds for a connected socket (Linux), or None."""
+    if not _ON_LINUX:
+        return None
+    try:
+        if family == socket.AF_INET6:
+            return sock.getsockopt(socket.IPPROTO_IPV6, _IPV6_MTU)
+        return sock.getsockopt(socket.IPPROTO_IP, _IP_MTU)
+    except OSError:
+        return None
+
+
+def _mtu_search(attempt, smallest, largest):
+    """Binary search for the largest size that attempt() gets through.
+
+    attempt(size) returns ("ok", None), ("lost", None) or ("refused", fits):
+    the local host refused the size and `fits` is the largest size its MTU
+    allows (or None): every size above it fails the same way, and it is
+    tried next.  The smallest lost size is tried once more before it is
+    believed: a reply held up past the timeout on a busy host would
+    otherwise end the search low.  Returns (largest that passed or None,
+    smallest that failed or None, how it failed, sizes tried in order).
+    """
+    passed = None
+    failures = {}                       # highest size still possible: (size, how)
+    confirmed = set()
+    low, high = smallest, largest
+    size = largest                      # most paths: one try says "no limit"
+    tried = []
+    while True:
+        while low <= high:
+            tried.append(size)
+            outcome, fits = attempt(size)
+            if outcome == "ok":
+                passed, low = size, size + 1
+            elif outcome == "refused" and fits is not None and \
+                    low <= fits < size:
+                high = fits
+                failures[high] = (fits + 1, outcome)
+            else:
+                high = size - 1
+                failures[high] = (size, outcome)
+            size = high if high == fits else (low + high + 1) // 2
+        if not failures:
+            break
+        failed, failure = failures[min(failures)]
+        if failure != "lost" or failed in confirmed:
+            break
+        confirmed.add(failed)
+        tried.append(failed)
+        if attempt(failed)[0] != "ok":
+            break
+        passed = failed                 # it was late, not lost: search on
+        del failures[min(failures)]
+        low, high = failed + 1, min(failures) if failures else largest
+        size = (low + high + 1) // 2
+    failed, failure = failures[min(failures)] if failures else (None, None)
+    return passed, failed, failure, tried
+
+
+def _mtu_verdict(passed, failed, failure, kernel_mtu, overhead,
+                 fragmented, forbidden, fragmented_size=None,
+                 truncated_to=None):
+    """The mtu row's named outcome and sentence (pure, for the tests)."""
+    row = {"fragmented": fragmented, "fragmentation_forbidden": forbidden}
+    if passed is not None:
+        row["largest_payload_bytes"] = passed
+    if passed is None:
+        row["limit"] = "nothing-back"
+        text = "no datagram came back, even of %d bytes" % (failed or 0)
+    else:
+        row["path_mtu_bytes"] = passed + overhead
+        text = "%d-byte payloads (%d-byte packets) get through" % (
+            passed, passed + overhead)
+    if passed is None:
+        pass
+    elif failed is None:
+        row["limit"] = "none"
+        text += ": the largest UDP datagram crosses this path"
+    elif failure == "refused":
+        row["limit"] = "local-mtu"
+        if kernel_mtu:
+            row["limit_mtu_bytes"] = kernel_mtu
+        text += "; %d bytes and more are refused by this host (EMSGSIZE): " \
+                "its MTU on this route is %s" % (failed, kernel_mtu or "unknown")
+    elif kernel_mtu and kernel_mtu < failed + overhead:
+        row["limit"] = "icmp-too-big"
+        row["limit_mtu_bytes"] = kernel_mtu
+        text += "; %d bytes and more are too big for a hop, which said so " \
+                "(ICMP fragmentation needed / packet too big): next-hop MTU " \
+                "%d" % (failed, kernel_mtu)
+    else:
+        row["limit"] = "black-hole"
+        text += "; %d bytes and more vanish without an ICMP error: a path " \
+                "MTU black hole" % failed
+    if not forbidden:
+        text += " (this platform cannot forbid fragmentation: sizes are " \
+                "what came back, fragmented or not)"
+    if fragmented != "untested":
+        row["fragmented_size_bytes"] = fragmented_size
+        text += "; allowed to fragment, %d bytes %s" % (
+            fragmented_size, "come back" if fragmented == "passes"
+            else "are lost too")
+    if truncated_to:
+        row["echo_truncates_to_bytes"] = truncated_to
+        text += "; the echo server returns at most %d bytes of a datagram, " \
+                "so larger ones were seen to arrive (a shorter copy came " \
+                "back), not to come back whole" % truncated_to
+    return row, text
+
+
+class _MtuProbe(object):
+    """One UDP echo socket of the mtu test, with fragmentation forbidden or
+    allowed, and its own selector: attempt(size) says what came of a size.
+    """
+
+    def __init__(self, family, address, port, allowed, timeout, progress,
+                 token):
+        self.family = family
+        self.overhead = _UDP_OVERHEAD.get(family, 28)
+        self.timeout = timeout
+        self.progress = progress
+        self.token = token
+        self.sizes = 0
+        self.largest = 0                # the largest size that came back
+        self.refused = False            # an ICMP port unreachable came
+        self.truncated_to = None        # a shorter copy came back
+        self.buffer = bytearray(65536)
+        self.sock = socket.socket(family, socket.SOCK_DGRAM)
+        self.selector = SELECTORS[0]()
+        try:
+            self.settable = _set_fragmentation(self.sock, family, allowed)
+            self.sock.setblocking(False)
+            self.sock.connect(_endpoint(address, port))
+            self.selector.register(self.sock, EVENT_READ)
+        except OSError:
+            self.close()
+            raise
+
+    def attempt(self, size):
+        outcome = self._attempt(size)
+        self.sizes += 1
+        if outcome[0] == "ok":
+            self.largest = max(self.largest, size)
+        self.progress.tick()
+        self.progress.show("mtu: %d bytes %s" % (size, outcome[0]))
+        return outcome
+
+    def _attempt(self, size):
+        """Up to _MTU_TRIES sends of `size`, spread over the timeout."""
+        clock = time.perf_counter
+        payload = bytearray(size)
+        deadline = clock() + self.timeout
+        for _ in range(_MTU_TRIES):
+            # Each try with its own send time: no two datagrams alike, so
+            # a server's loop watch never takes a retry for its own reply.
+            _STREAM_HEADER.pack_into(payload, 0, _STREAM_MAGIC, self.token,
+                                     size, clock())
+            try:
+                self.sock.send(payload)
+            except OSError as error:
+                if error.errno == errno.EMSGSIZE:
+                    mtu = _kernel_mtu(self.sock, self.family)
+                    return "refused", mtu - self.overhead if mtu else None
+                if not isinstance(error, (BlockingIOError,
+                                          ConnectionRefusedError)):
+                    raise
+            try_end = min(deadline, clock() + self.timeout / _MTU_TRIES)
+            while clock() < try_end:
+                if self._reply_came(size, try_end - clock()):
+                    return "ok", None
+                if self.refused:
+                    return "lost", None     # nothing listens: no use waiting
+        return "lost", None
+
+    def _reply_came(self, size, wait):
+        if not self.selector.select(min(wait, self.progress.wake(
+                time.monotonic()))):
+            self.progress.tick()
+            return False
+        try:
+            count = self.sock.recv_into(self.buffer)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except ConnectionRefusedError:
+            self.refused = True
+            return False
+        reply = parse_stream_datagram(self.buffer[:count])
+        if not reply or reply[:2] != (self.token, size):
+            return False                # a late reply to an earlier size
+        if count < size:
+            # A shorter copy (xinetd keeps 2,048 bytes): the datagram
+            # crossed the path; the server's buffer cut it.
+            self.truncated_to = min(count, self.truncated_to or count)
+        return True
+
+    def close(self):
+        self.selector.close()
+        self.sock.close()
+
+
+def _measure_mtu(family, address, ports, progress, timeout):
+    """Search the largest UDP echo payload that comes back unfragmented."""
+    largest = STREAM_MAX_SIZE.get(family, 65507)
+    overhead = _UDP_OVERHEAD.get(family, 28)
+    token = struct.unpack("!I", os.urandom(4))[0]
+    probes = []
+    progress.begin("mtu", "udp", lambda: {
+        "sizes": sum(probe.sizes for probe in probes),
+        "payload_bytes": max([probe.largest for probe in probes] or [0])})
+    try:
+        probes.append(_MtuProbe(family, address, ports["echo"], False,
+                                timeout, progress, token))
+        strict = probes[0]
+        passed, failed, failure, tried = _mtu_search(
+            strict.attempt, STREAM_MIN_SIZE, largest)
+        kernel_mtu = _kernel_mtu(strict.sock, family)
+        fragmented, fragmented_size = "untested", None
+        if failed is not None and passed is not None and strict.settable:
+            # Does a datagram too big for the path get through when it may
+            # be fragmented?  At least the first failing size, and big
+            # enough that this host itself must fragment it.
+            fragmented_size = min(largest, max(failed, (kernel_mtu or 0) -
+                                               overhead + 1))
+            probes.append(_MtuProbe(family, address, ports["echo"], True,
+                                    timeout, progress, token))
+            outcome, _ = probes[1].attempt(fragmented_size)
+            fragmented = "passes" if outcome == "ok" else "lost"
+    finally:
+        for probe in probes:
+            probe.close()
+    row, detail = _mtu_verdict(
+        passed, failed, failure, kernel_mtu, overhead, fragmented,
+        strict.settable, fragmented_size,
+        min([probe.truncated_to for probe in probes if probe.truncated_to]
+            or [None]))
+    result = {"test": "mtu", "transport": "udp", "unit": "bytes",
+              "value": row.get("largest_payload_bytes")}
+    result.update(row)
+    if row["limit"] == "nothing-back" and strict.refused:
+        detail += " (an ICMP port unreachable: nothing listens there)"
+    result.update({"sizes_tried": tried, "detail": detail})
+    return [result]
+
+
 def measure(host, tests=None, seconds=5.0, parallel=1, port_offset=0,
             ports=None, family=None, timeout=DEFAULT_PROBE_TIMEOUT,
-            connect_service="daytime", progress=False):
+            connect_service="daytime", progress=False, rate=None,
+            bitrate=None, size=None, interval=None, report=None):
     """Measure the path to HOST's echo, chargen, discard and daytime.
 
-    tests: any of latency, download, upload, echo, connect (default: all).
-    Returns a list of dicts: test, transport, address, unit, value, and
-    the test's own figures (percentiles in µs, bytes, errors...).  A
-    content error (a wrong chargen or echo byte) is counted in wrong_bytes.
-    A figure that has no value (no round trip completed) is None.  A test
-    that a socket error stopped fails alone: its row has only test,
-    transport, address, port, value None and error (the reason), and the
-    next test runs.  _measure_failures(rows) says what failed, if anything
-    did.
+    tests: any of MEASURE_TESTS (default: DEFAULT_MEASURE_TESTS, the first
+    five).  Returns a list of dicts: host, test, transport, address, port,
+    unit, value, and the test's own figures (percentiles in µs, bytes,
+    errors...).  A content error (a wrong chargen or echo byte) is counted
+    in wrong_bytes.  A figure that has no value (no round trip completed)
+    is None.  A test that a socket error stopped fails alone: its row has
+    only test, transport, host, address, port, value None and error (the
+    reason), and the next test runs.  _measure_failures(rows) says what
+    failed, if anything did.  udp: rate (datagrams a second, all flows
+    together), bitrate (payload bits a second) and size (payload bytes),
+    any two (ValueError if they cannot be).  interval: report(row) gets a
+    row every `interval` seconds during each test ("type": "interval"),
+    and each test's rows as it ends.
     """
     _require_duration("seconds", seconds)
     _require_duration("timeout", timeout)
     tests = [name for name in MEASURE_TESTS if name in (tests or
-                                                       MEASURE_TESTS)]
+                                                       DEFAULT_MEASURE_TESTS)]
     target_family, address = _resolve_targets(host, family)[0]
     shown = _shown_address(address)
+    if "udp" in tests:
+        rate, size = _stream_rate(rate, bitrate, size, target_family)
     all_ports = dict((name, _service_port(name, port_offset, ports))
                      for name in SERVICE_NAMES)
-    status = _Progress(progress)
+    context = {"host": host, "address": shown}
+
+    def emit(row):
+        row.update(context)
+        row["port"] = all_ports[_MEASURE_SERVICE.get(row["test"],
+                                                     connect_service)]
+        if report is not None:
+            report(row)
+
+    status = _Progress(progress, interval, emit)
     rows = []
     try:
         for test in tests:
             try:
                 found = _measure_one(test, target_family, address, all_ports,
                                      seconds, parallel, status, timeout,
-                                     connect_service)
+                                     connect_service, rate, size)
             except (OSError, ServerError) as error:
                 # This test alone: the rows of the others are kept.
-                found = [{"test": test, "transport": "tcp", "value": None,
+                found = [{"test": test, "transport": _MEASURE_TRANSPORT.get(
+                              test, "tcp"), "value": None,
                           "error": _socket_error(error)
                           if isinstance(error, OSError) else str(error)}]
+            status.finish()
             for row in found:
-                row["address"] = shown
-                row["port"] = all_ports[_MEASURE_SERVICE.get(test,
-                                                             connect_service)]
+                emit(row)
             rows.extend(found)
     finally:
         status.clear()
@@ -3843,7 +4785,7 @@ def measure(host, tests=None, seconds=5.0, parallel=1, port_offset=0,
 
 
 def _measure_one(test, family, address, ports, seconds, parallel, progress,
-                 timeout, connect_service):
+                 timeout, connect_service, rate=None, size=None):
     """The rows of one measure test (one function each)."""
     if test == "latency":
         return _measure_latency(family, address, ports, seconds, progress,
@@ -3857,6 +4799,14 @@ def _measure_one(test, family, address, ports, seconds, parallel, progress,
     if test == "echo":
         return _measure_echo(family, address, ports, seconds, progress,
                              timeout)
+    if test == "udp":
+        return _measure_udp(family, address, ports, seconds, parallel,
+                            progress, timeout, rate, size)
+    if test == "loaded":
+        return _measure_loaded(family, address, ports, seconds, parallel,
+                               progress, timeout)
+    if test == "mtu":
+        return _measure_mtu(family, address, ports, progress, timeout)
     return _measure_connect(family, address, ports, seconds, parallel,
                             progress, timeout, connect_service)
 
@@ -3899,6 +4849,13 @@ def _measure_row_failures(row):
                        "half-close")
     if test == "connect" and not row["count"]:
         reasons.append("no connection succeeded")
+    if test == "udp" and not row["received"]:
+        reasons.append("no datagram came back")
+    if test == "loaded" and not (row["idle_count"] and row["loaded_count"]):
+        reasons.append("no round trip in the %s phase" % (
+            "idle" if not row["idle_count"] else "loaded"))
+    if test == "mtu" and row["limit"] == "nothing-back":
+        reasons.append("no datagram came back")
     return reasons
 
 
@@ -3920,6 +4877,21 @@ def _port_assignment(text):
             "%r: give SERVICE=PORT, e.g. echo=7007 (0 for any free port); "
             "services: %s" % (text, ", ".join(SERVICE_NAMES)))
     return name, int(port)
+
+
+def _bitrate(text):
+    """'10M' -> 10e6: k, M and G are SI powers of 1000."""
+    import argparse
+    scale = {"k": 1e3, "K": 1e3, "m": 1e6, "M": 1e6, "g": 1e9, "G": 1e9}
+    number = text[:-1] if text[-1:] in scale else text
+    try:
+        value = float(number) * scale.get(text[-1:], 1.0)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError("%r is not a bitrate such as 10M, "
+                                         "500k or 64000" % text)
+    return value
 
 
 def _non_negative(kind):
@@ -4289,10 +5261,50 @@ def _figure(value):
     return "-" if value is None else str(value)
 
 
+def _rtt_text(row, prefix=""):
+    """'min/p50/p90/p99/max a/b/c/d/e µs' from a row's percentile keys."""
+    names = ("min", "p50", "p90", "p99", "max")
+    if prefix + "p50_us" not in row:
+        return "none (nothing came back)"
+    return "%s %s µs" % ("/".join(names), "/".join(
+        "%s" % row[prefix + name + "_us"] for name in names))
+
+
 def _measure_detail(row):
     test = row["test"]
     if "unit" not in row:               # a test an error stopped at once
         return "port %d" % row["port"]
+    if test == "udp":
+        text = ("sent %d at %g pps (asked %g), received %d, lost %d, late %d "
+                "(after %g s), duplicated %d, reordered %d; RTT %s" % (
+                    row["sent"], row["rate_sent_pps"], row["rate_asked_pps"],
+                    row["received"], row["lost"], row["late"],
+                    row["late_after_s"], row["duplicated"], row["reordered"],
+                    _rtt_text(row)))
+        if "pdv_us" in row:
+            text += "; PDV %s µs" % row["pdv_us"]
+        if "ipdv_mean_us" in row:
+            text += ", IPDV %s µs" % row["ipdv_mean_us"]
+        if row["foreign"]:
+            text += "; %d replies not ours or cut short" % row["foreign"]
+        if row["errors"]:
+            text += "; errors: " + ", ".join(
+                "%s %d" % item for item in sorted(row["errors"].items()))
+        if row["client_limited"]:
+            text += ("; CLIENT-LIMITED: this host could not send at the asked "
+                     "rate, so these figures describe it, not the path")
+        return text
+    if test == "loaded":
+        text = "idle %s; loaded %s; increase p50 %+.1f p99 %+.1f µs" % (
+            _rtt_text(row, "idle_"), _rtt_text(row, "loaded_"),
+            row.get("increase_p50_us", 0), row.get("increase_p99_us", 0))
+        if "loaded_loss_pct" in row:
+            text += "; loss idle %g %% loaded %g %%" % (
+                row["idle_loss_pct"], row["loaded_loss_pct"])
+        return text + "; load: download %g MB/s, upload %g MB/s" % (
+            row["download_mbyte_per_s"], row["upload_mbyte_per_s"])
+    if test == "mtu":
+        return row["detail"]
     if test == "latency":
         text = "%d round trips; min %s p90 %s p99 %s max %s µs" % (
             row["count"], _figure(row.get("min_us")),
@@ -4361,22 +5373,52 @@ def _client_parser(command):
                         "(every address it resolves to) or an address")
     if command == "probe":
         parser.add_argument("services", nargs="*", metavar="SERVICE",
-                            help="default: all of " + ", ".join(SERVICE_NAMES))
+                            help="more hosts, and services (default: all of "
+                            "%s)" % ", ".join(SERVICE_NAMES))
         transport = parser.add_mutually_exclusive_group()
         transport.add_argument("--tcp", action="store_true", help="TCP only")
         transport.add_argument("--udp", action="store_true", help="UDP only")
     else:
         parser.add_argument("tests", nargs="*", metavar="TEST",
-                            help="default: all of " + ", ".join(MEASURE_TESTS))
+                            help="more hosts, and tests: %s (default: %s)" % (
+                                ", ".join(MEASURE_TESTS),
+                                ", ".join(DEFAULT_MEASURE_TESTS)))
         parser.add_argument("--seconds", type=_positive(float),
                             default=5.0, metavar="S",
                             help="each test's duration (default %(default)s)")
         parser.add_argument("--parallel", type=_non_negative(int), default=1,
                             metavar="N", help="connections at once for "
-                            "download, upload, connect (default 1)")
+                            "download, upload, connect; load streams each "
+                            "way for loaded; flows for udp (default 1)")
         parser.add_argument("--connect-service", choices=("daytime", "time"),
                             default="daytime", help="the one-shot service "
                             "the connect test uses (default %(default)s)")
+        udp = parser.add_argument_group(
+            "udp (any two of --rate, --bitrate, --size; default %g pps of %d "
+            "bytes)" % (DEFAULT_STREAM_RATE, DEFAULT_STREAM_SIZE))
+        udp.add_argument("--rate", type=_positive(float), metavar="PPS",
+                         help="datagrams a second, all flows together")
+        udp.add_argument("--bitrate", type=_bitrate, metavar="BITS",
+                         help="UDP payload bits a second (10M, 500k...)")
+        udp.add_argument("--size", type=_positive(int), metavar="BYTES",
+                         help="payload bytes, %d to 65507 (65527 over IPv6)"
+                         % STREAM_MIN_SIZE)
+        report = parser.add_argument_group("reporting and thresholds")
+        report.add_argument("--interval", type=_positive(float), metavar="S",
+                            help="a row every S seconds during each test "
+                            "(with --json: newline-delimited JSON)")
+        report.add_argument("--max-loss", type=_non_negative(float),
+                            metavar="PCT", help="exit 1 if a loss_pct is "
+                            "above PCT")
+        report.add_argument("--max-rtt", type=_non_negative(float),
+                            metavar="MS", help="exit 1 if an RTT percentile "
+                            "(--rtt-percentile) is above MS milliseconds")
+        report.add_argument("--rtt-percentile", type=int, default=99,
+                            choices=(50, 90, 99), help="for --max-rtt "
+                            "(default %(default)s)")
+        report.add_argument("--min-rate", type=_non_negative(float),
+                            metavar="MB/S", help="exit 1 if download, upload "
+                            "or echo is below MB/S (10^6 bytes a second)")
     parser.add_argument("--port-offset", type=_non_negative(int), default=0,
                         metavar="N", help="the server's --port-offset: "
                         "standard port + N (default 0)")
@@ -4394,7 +5436,56 @@ def _client_parser(command):
                         help="per answer (default %(default)s)")
     parser.add_argument("--json", action="store_true",
                         help="a JSON array, one object a row")
+    # HOST [HOST ...] [NAME ...]: a word that names a service (probe) or a
+    # test (measure) is one; every other word is a host.
     return parser
+
+
+def _interval_text(row):
+    """One --interval row for people: the test, the span, what moved."""
+    parts = ["%s %s" % (row["test"], row["transport"]),
+             "%.2f-%.2f s" % (row["start_s"], row["end_s"])]
+    if "phase" in row:
+        parts.append(row["phase"])
+    if "mbyte_per_s" in row:
+        parts.append("%.1f MB/s" % row["mbyte_per_s"])
+    for key in ("count", "sent", "received", "errors", "payload_bytes"):
+        if key in row:
+            parts.append("%s %d" % (key, row[key]))
+    if "p50_us" in row:
+        parts.append("RTT p50 %s p99 %s µs" % (row["p50_us"], row["p99_us"]))
+    return "  ".join(parts) + "\n"
+
+
+def _threshold_failures(rows, options):
+    """One sentence for each threshold a row crossed (--max-loss, --max-rtt,
+    --min-rate)."""
+    failures = []
+    percentile = "p%d_us" % options.rtt_percentile
+    for row in rows:
+        name = "%s %s/%s" % (row["host"], row["test"], row["transport"])
+        if row.get("flow") not in (None, "total"):
+            name += " flow %s" % row["flow"]
+        for key in sorted(row):
+            if options.max_loss is not None and key.endswith("loss_pct") \
+                    and row[key] > options.max_loss:
+                failures.append("%s: %s %g %% is above --max-loss %g" % (
+                    name, key, row[key], options.max_loss))
+            # RTTs: latency, udp and loaded (both phases, not the
+            # increase); not connect, whose percentiles are whole
+            # connections.
+            if options.max_rtt is not None and row["test"] != "connect" \
+                    and (key == percentile or key in ("idle_" + percentile,
+                                                      "loaded_" + percentile)) \
+                    and row[key] > options.max_rtt * 1000.0:
+                failures.append("%s: %s %g ms is above --max-rtt %g" % (
+                    name, key, row[key] / 1000.0, options.max_rtt))
+        if options.min_rate is not None and \
+                row["test"] in ("download", "upload", "echo") and \
+                row["value"] is not None and row["value"] < options.min_rate:
+            failures.append("%s: %g MB/s is below --min-rate %g" % (
+                name, row["value"], options.min_rate))
+    return failures
 
 
 def _client_main(argv):
@@ -4403,39 +5494,71 @@ def _client_main(argv):
     parser = _client_parser(command)
     options = _parse_mixed(parser, argv[1:], "services" if command == "probe"
                            else "tests")
-    names = options.services if command == "probe" else options.tests
+    words = options.services if command == "probe" else options.tests
     choices = SERVICE_NAMES if command == "probe" else MEASURE_TESTS
-    for name in names:
-        if name not in choices:
-            parser.error("unknown %s %r (choose from %s)" % (
-                "service" if command == "probe" else "test", name,
-                ", ".join(choices)))
+    names = [word for word in words if word in choices]
+    hosts = [options.host] + [word for word in words if word not in choices]
+    stream = options.json and command == "measure" and options.interval
+
+    def report(row):                    # --interval: rows as they come
+        if stream:
+            line = {"type": row.get("type", "summary")}     # first, always
+            line.update((key, value) for key, value in row.items()
+                        if key != "type")
+            sys.stdout.write(json.dumps(line) + "\n")
+            sys.stdout.flush()
+        elif row.get("type") == "interval":
+            prefix = "[%s] " % row["host"] if len(hosts) > 1 else ""
+            _write_text(prefix + _interval_text(row))
+            sys.stdout.flush()
+
+    rows = []
     try:
-        if command == "probe":
-            rows = probe(options.host, names,
-                         ("tcp",) if options.tcp else ("udp",) if options.udp
-                         else TRANSPORTS, options.port_offset,
-                         dict(options.port), options.family, options.timeout)
-        else:
-            if options.parallel < 1 or options.seconds <= 0:
-                parser.error("--parallel and --seconds must be above 0")
-            rows = measure(options.host, names, options.seconds,
-                           options.parallel, options.port_offset,
-                           dict(options.port), options.family,
-                           options.timeout, options.connect_service,
-                           progress=sys.stderr.isatty())
-    except ServerError as error:        # no such host, or echo misbehaved
+        for host in hosts:              # all or nothing: a typo is an error
+            try:
+                _resolve_targets(host, options.family)
+            except ServerError as error:
+                if "." not in host and ":" not in host:
+                    raise ServerError("%s (nor is it a %s: %s)" % (
+                        error, "service" if command == "probe" else "test",
+                        ", ".join(choices)))
+                raise
+        if command == "measure" and (options.parallel < 1 or
+                                     options.seconds <= 0):
+            parser.error("--parallel and --seconds must be above 0")
+        for host in hosts:
+            if command == "probe":
+                rows += probe(host, names,
+                              ("tcp",) if options.tcp else ("udp",)
+                              if options.udp else TRANSPORTS,
+                              options.port_offset, dict(options.port),
+                              options.family, options.timeout)
+            else:
+                rows += measure(host, names, options.seconds,
+                                options.parallel, options.port_offset,
+                                dict(options.port), options.family,
+                                options.timeout, options.connect_service,
+                                progress=sys.stderr.isatty(),
+                                rate=options.rate, bitrate=options.bitrate,
+                                size=options.size, interval=options.interval,
+                                report=report if options.interval else None)
+    except (ServerError, ValueError) as error:
+        # No such host, echo misbehaved, a udp size that cannot be.
         sys.stderr.write("diagsvc %s: error: %s\n" % (command, error))
         return 2
     except OSError as error:
         sys.stderr.write("diagsvc %s: error: %s\n" % (
             command, error.strerror or error))
         return 1
-    if options.json:
+    several = len(hosts) > 1
+    host_column = [("HOST", lambda r: r["host"])] if several else []
+    if stream:
+        pass                            # every row is out already
+    elif options.json:
         # ASCII with escapes ("\u00b5s"): valid JSON whatever the locale.
         sys.stdout.write(json.dumps(rows, indent=1) + "\n")
     elif command == "probe":
-        _write_text(_table(rows, [
+        _write_text(_table(rows, host_column + [
             ("SERVICE", lambda r: r["service"]),
             ("PROTO", lambda r: r["transport"]),
             ("ADDRESS", lambda r: r["address"]),
@@ -4445,8 +5568,9 @@ def _client_main(argv):
              "%.2f ms" % r["rtt_ms"]),
             ("DETAIL", lambda r: r["detail"])]))
     else:
-        _write_text(_table(rows, [
-            ("TEST", lambda r: r["test"]),
+        _write_text(_table(rows, host_column + [
+            ("TEST", lambda r: "%s %s" % (r["test"], r["flow"])
+             if r.get("parallel", 1) > 1 and "flow" in r else r["test"]),
             ("PROTO", lambda r: r["transport"]),
             ("RESULT", lambda r: "-" if r["value"] is None else
              "%s %s" % (r["value"], r["unit"])),
@@ -4455,7 +5579,10 @@ def _client_main(argv):
                                         _measure_row_failures(r)]))]))
     if command == "probe":
         return 0 if all(row["verdict"] in PROBE_OK for row in rows) else 1
-    return 1 if _measure_failures(rows) else 0
+    crossed = _threshold_failures(rows, options)
+    for crossing in crossed:
+        sys.stderr.write("diagsvc measure: failed: %s\n" % crossing)
+    return 1 if _measure_failures(rows) or crossed else 0
 
 
 def _install_signal_handlers(server):

@@ -995,8 +995,9 @@ class ProbeTest(ServerTestCase):
                 for row in rows:
                     self.assertEqual(set(row), {
                         "service", "transport", "address", "port", "verdict",
-                        "rtt_ms", "detail"})
+                        "rtt_ms", "detail", "host"})
                     self.assertEqual(row["address"], host)
+                    self.assertEqual(row["host"], host)
                     expected = ("open|filtered" if row["service"] == "discard"
                                 and row["transport"] == "udp" else "open")
                     self.assertEqual(row["verdict"], expected, row)
@@ -1160,7 +1161,9 @@ class ClientCommandLineTest(ServerTestCase):
         rows = json.loads(result.stdout)
         self.assertEqual(len(rows), 12)
         self.assertEqual(set(rows[0]), {"service", "transport", "address",
-                                        "port", "verdict", "rtt_ms", "detail"})
+                                        "port", "verdict", "rtt_ms", "detail",
+                                        "host"})
+        self.assertEqual(rows[0]["host"], "127.0.0.1")
         server.close()                      # now nothing listens there
         result = run_command("probe", "127.0.0.1", "echo", "--tcp",
                              *self.port_options(server))
@@ -1814,6 +1817,7 @@ class MeasureTestsFailAloneTest(ServerTestCase):
         self.assertEqual(result.stderr, "")
         download, echo, connect = json.loads(result.stdout)
         self.assertEqual(echo, {"test": "echo", "transport": "tcp",
+                                "host": "127.0.0.1",
                                 "address": "127.0.0.1", "port": port,
                                 "value": None, "error": "Connection refused"})
         self.assertGreater(download["bytes"], 0)
@@ -1953,6 +1957,643 @@ class IntermixedArgumentsTest(ServerTestCase):
         self.assertEqual(sorted(server.addresses), [("chargen", "tcp"),
                                                     ("echo", "tcp")])
         server.stop()
+
+
+# --- measure udp, loaded, mtu; intervals and thresholds ---------------------
+
+
+STREAM_HEADER = struct.Struct("!4sIQd")     # the README's layout, written out
+
+
+class MischievousEcho(object):
+    """A UDP echo server that misbehaves on purpose, by sequence number.
+
+    Drops every datagram whose number ends in 9; echoes those divisible by
+    7 twice; holds each number ending in 4 until the next one has been
+    echoed (a swapped pair); holds number 10 for `late_hold` seconds (a late
+    reply).  It records the sequence numbers and send times it saw.
+    """
+
+    def __init__(self, late_hold=None, mischief=True):
+        self.mischief = mischief
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.late_hold = late_hold
+        self.seen = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.serve)
+        self.thread.start()
+
+    def echo(self, data, source, sequence):
+        for _ in range(2 if sequence % 7 == 0 else 1):
+            self.sock.sendto(data, source)
+
+    def serve(self):
+        swapped = None
+        late = None
+        while not self.stop.is_set():
+            wait = 0.05
+            if late is not None:
+                wait = max(0.0, min(wait, late[0] - time.monotonic()))
+            if select.select([self.sock], [], [], wait)[0]:
+                data, source = self.sock.recvfrom(70000)
+                _, _, sequence, sent_at = STREAM_HEADER.unpack_from(data)
+                self.seen.append((sequence, sent_at, source[1]))
+                if not self.mischief:
+                    self.sock.sendto(data, source)
+                elif sequence % 10 == 9:
+                    pass
+                elif sequence == 10 and self.late_hold is not None:
+                    late = (time.monotonic() + self.late_hold, data, source)
+                elif sequence % 10 == 4:
+                    swapped = (data, source, sequence)
+                else:
+                    self.echo(data, source, sequence)
+                    if swapped is not None:
+                        self.echo(*swapped)
+                        swapped = None
+            if late is not None and time.monotonic() >= late[0]:
+                self.echo(late[1], late[2], 10)
+                late = None
+
+    def close(self):
+        self.stop.set()
+        self.thread.join()
+        self.sock.close()
+
+
+class UdpStreamTest(ServerTestCase):
+
+    def test_payload_layout_round_trip(self):
+        data = diagsvc.stream_datagram(0x01020304, 2 ** 40 + 5, 12.5, 64)
+        self.assertEqual(len(data), 64)
+        self.assertEqual(data[:24], b"dsv1\x01\x02\x03\x04" +
+                         struct.pack("!Q", 2 ** 40 + 5) +
+                         struct.pack("!d", 12.5))
+        self.assertEqual(data[24:], bytes(40))
+        self.assertEqual(diagsvc.parse_stream_datagram(data),
+                         (0x01020304, 2 ** 40 + 5, 12.5))
+        smallest = diagsvc.stream_datagram(7, 0, 1.0, 0)
+        self.assertEqual(len(smallest), diagsvc.STREAM_MIN_SIZE)
+        self.assertEqual(diagsvc.STREAM_MIN_SIZE, 24)
+        self.assertEqual(diagsvc.parse_stream_datagram(smallest), (7, 0, 1.0))
+        for wrong in (b"", smallest[:23], b"xsv1" + smallest[4:]):
+            self.assertIsNone(diagsvc.parse_stream_datagram(wrong))
+
+    def test_rate_bitrate_and_size(self):
+        v4, v6 = socket.AF_INET, socket.AF_INET6
+        self.assertEqual(diagsvc._stream_rate(None, None, None, v4),
+                         (100.0, 64))
+        self.assertEqual(diagsvc._stream_rate(None, 1e6, 1250, v4),
+                         (100.0, 1250))
+        self.assertEqual(diagsvc._stream_rate(1000, 8e6, None, v4),
+                         (1000.0, 1000))
+        self.assertEqual(diagsvc._stream_rate(10, None, 65527, v6),
+                         (10.0, 65527))
+        for arguments in ((1, 1, 100), (None, None, 23), (None, None, 65508),
+                          (1, 8 * 70000, None)):
+            with self.assertRaises(ValueError):
+                diagsvc._stream_rate(*(arguments + (v4,)))
+
+    def test_loss_duplicates_reordering_and_late_replies(self):
+        echo = MischievousEcho(late_hold=1.2)
+        self.addCleanup(echo.close)
+        # 200 datagrams in 1 s; a reply is late after 1 s.  Number 10 comes
+        # back 1.2 s after it left, long before the client stops listening
+        # (1 s after its last send).
+        rows = diagsvc.measure("127.0.0.1", ["udp"], seconds=1.0,
+                               rate=200, timeout=1.0,
+                               ports={"echo": echo.port})
+        self.assertEqual(len(rows), 1)
+        row = rows[0]
+        self.assertEqual([entry[0] for entry in echo.seen],
+                         list(range(200)))
+        self.assertEqual(row["sent"], 200)
+        self.assertEqual(row["lost"], 20)           # 9, 19, ... 199
+        self.assertEqual(row["loss_pct"], 10.0)
+        self.assertEqual(row["late"], 1)            # 10
+        self.assertEqual(row["late_after_s"], 1.0)
+        self.assertEqual(row["received"], 179)
+        # 0, 7, ... 196 less 49, 119 and 189, which were dropped.
+        self.assertEqual(row["duplicated"], 26)
+        # 4, 14, ... 194 behind their successors, and 10 behind them all.
+        self.assertEqual(row["reordered"], 21)
+        self.assertEqual(row["foreign"], 0)
+        self.assertEqual(row["flow"], "total")
+        self.assertEqual((row["test"], row["transport"], row["unit"],
+                          row["value"]), ("udp", "udp", "% loss", 10.0))
+        self.assertTrue(row["min_us"] <= row["p50_us"] <= row["p90_us"] <=
+                        row["p99_us"] <= row["max_us"] < 1e6)
+        self.assertEqual(row["pdv_us"], round(row["p99_us"] -
+                                              row["min_us"], 1))
+        self.assertGreater(row["ipdv_mean_us"], 0)
+
+    def test_figures_arithmetic(self):
+        tally = diagsvc._StreamTally(6)
+        tally.sent = 6
+        # 0 and 1 in order, 3 before 2, 3 twice, 5 late, 4 lost, 9 unknown.
+        for sequence, rtt in ((0, 0.001), (1, 0.003), (3, 0.002), (2, 0.006),
+                              (3, 0.002), (5, 2.5), (9, 0.001)):
+            tally.arrived(sequence, rtt)
+        row = diagsvc._stream_figures([tally], 2.0)
+        self.assertEqual(
+            dict((key, row[key]) for key in (
+                "sent", "received", "lost", "late", "duplicated",
+                "reordered", "foreign", "min_us", "max_us")),
+            {"sent": 6, "received": 4, "lost": 1, "late": 1,
+             "duplicated": 1, "reordered": 1, "foreign": 1,
+             "min_us": 1000.0, "max_us": 6000.0})
+        # RFC 3393 pairs (0,1), (1,2), (2,3): |3-1|, |6-3|, |2-6| ms.
+        self.assertEqual(row["ipdv_mean_us"], 3000.0)
+        self.assertEqual(row["pdv_us"], row["p99_us"] - 1000.0)
+
+    def test_pacing_follows_the_clock(self):
+        echo = MischievousEcho(mischief=False)
+        self.addCleanup(echo.close)
+        rows = diagsvc.measure("127.0.0.1", ["udp"], seconds=1.0, rate=200,
+                               timeout=0.2, ports={"echo": echo.port})
+        row = rows[0]
+        self.assertEqual(row["sent"], 200)
+        self.assertEqual(row["rate_asked_pps"], 200.0)
+        self.assertTrue(180 <= row["rate_sent_pps"] <= 220, row)
+        self.assertFalse(row["client_limited"])
+        # Paced, not a burst: number k leaves k/200 s after the start at the
+        # earliest, whatever the load on this machine.
+        sent_at = [entry[1] for entry in sorted(echo.seen)]
+        self.assertEqual(len(sent_at), 200)
+        self.assertGreater(sent_at[-1] - sent_at[0], 0.5)
+        self.assertEqual(sent_at, sorted(sent_at))
+
+    def test_parallel_flows_have_their_own_ports_and_rows(self):
+        echo = MischievousEcho(mischief=False)
+        self.addCleanup(echo.close)
+        rows = diagsvc.measure("127.0.0.1", ["udp"], seconds=0.3, rate=300,
+                               parallel=3, ports={"echo": echo.port})
+        self.assertEqual([row["flow"] for row in rows], [1, 2, 3, "total"])
+        self.assertEqual([row["sent"] for row in rows], [30, 30, 30, 90])
+        self.assertEqual([row["rate_asked_pps"] for row in rows],
+                         [100.0, 100.0, 100.0, 300.0])
+        for row in rows:
+            self.assertEqual((row["received"], row["lost"], row["late"]),
+                             (row["sent"], 0, 0), row)
+        by_port = {}
+        for sequence, _, port in echo.seen:
+            by_port.setdefault(port, []).append(sequence)
+        self.assertEqual(sorted(by_port.values()), [list(range(30))] * 3)
+
+    def test_against_diagsvc_on_each_family(self):
+        for host, _ in FAMILIES:
+            with self.subTest(host=host):
+                server = self.start_server(["echo"], host=host)
+                rows = diagsvc.measure(host, ["udp"], seconds=0.3, rate=100,
+                                       size=1000,
+                                       ports=ports_of(server, "udp"))
+                self.assertEqual((rows[0]["sent"], rows[0]["received"],
+                                  rows[0]["size_bytes"], rows[0]["address"]),
+                                 (30, 30, 1000, host))
+                counters = server.counters["echo", "udp"]
+                self.assertEqual((counters.datagrams, counters.bytes_in),
+                                 (30, 30000))
+
+
+def namespace_run(test, setup, code, timeout=60):
+    """Run `code` (Python, with diagsvc importable) in a new network
+    namespace after the shell commands `setup`; its stdout, parsed as JSON.
+    Skips unless root on Linux with unshare, ip (and nft or tc if used)."""
+    import shutil
+    if not ON_LINUX or os.geteuid() != 0:
+        test.skipTest("needs root on Linux for a network namespace")
+    for tool in ("unshare", "ip", "nft", "tc"):
+        if (tool in ("unshare", "ip") or
+                any(command.startswith(tool + " ") for command in setup)) \
+                and shutil.which(tool) is None:
+            test.skipTest("needs %s" % tool)
+    if subprocess.run(["unshare", "-n", "true"]).returncode:
+        test.skipTest("unshare -n is not allowed here")
+    import shlex
+    script = " && ".join(["ip link set lo up"] + list(setup) + [
+        "exec %s -c %s" % (shlex.quote(sys.executable), shlex.quote(
+            "import sys; sys.path.insert(0, %r)\n" % HERE + code))])
+    result = subprocess.run(["unshare", "-n", "sh", "-c", script],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            universal_newlines=True, timeout=timeout)
+    test.assertEqual(result.returncode, 0, result.stderr)
+    return json.loads(result.stdout)
+
+
+# In a fresh namespace every port is free: the servers use fixed ones.
+# measure()'s arguments, with "host" (default 127.0.0.1) the one address
+# the server binds.
+NAMESPACE_MEASURE = """
+import json, subprocess, sys
+import diagsvc
+options = %%r
+host = options.pop("host", "127.0.0.1")
+server = subprocess.Popen(
+    [sys.executable, %r, "echo", "chargen", "discard", "--bind", host,
+     "--port-offset", "20000", "--max-per-source", "0"],
+    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, universal_newlines=True)
+try:
+    for line in server.stdout:
+        if line.startswith("diagsvc: running as"):
+            break
+    rows = diagsvc.measure(host, port_offset=20000, **options)
+    print(json.dumps(rows))
+finally:
+    server.terminate()
+    server.wait()
+""" % SCRIPT
+
+
+class PathMtuTest(ServerTestCase):
+
+    @staticmethod
+    def fake_path(local_mtu, drop_above=None, overhead=28):
+        """attempt() for a path: refused locally above the MTU, silently
+        lost above drop_above."""
+        def attempt(size):
+            if size + overhead > local_mtu:
+                return "refused", local_mtu - overhead
+            if drop_above is not None and size + overhead > drop_above:
+                return "lost", None
+            return "ok", None
+        return attempt
+
+    def test_search_finds_the_boundary_and_how_it_fails(self):
+        search = diagsvc._mtu_search
+        self.assertEqual(search(self.fake_path(65536), 24, 65507),
+                         (65507, None, None, [65507]))
+        # The kernel's MTU is tried at once, and is the answer.
+        self.assertEqual(search(self.fake_path(1400), 24, 65507),
+                         (1372, 1373, "refused", [65507, 1372]))
+        passed, failed, failure, tried = search(
+            self.fake_path(1500, drop_above=1200), 24, 65507)
+        self.assertEqual((passed, failed, failure), (1172, 1173, "lost"))
+        self.assertEqual(tried[:2], [65507, 1472])
+        self.assertLessEqual(len(tried), 14)
+        for mtu in range(60, 1600, 7):      # every boundary, exactly
+            self.assertEqual(search(self.fake_path(65536, mtu), 24, 65507)[:2],
+                             (mtu - 28, mtu - 27))
+        self.assertEqual(search(lambda size: ("lost", None), 24, 65507)[:3],
+                         (None, 24, "lost"))
+
+    def test_a_late_reply_does_not_end_the_search_low(self):
+        path = self.fake_path(1500, drop_above=1200)
+        late = set([1172, 748])         # their first try times out
+
+        def attempt(size):
+            if size in late:
+                late.discard(size)
+                return "lost", None
+            return path(size)
+        passed, failed, failure, tried = diagsvc._mtu_search(attempt, 24,
+                                                             65507)
+        self.assertEqual((passed, failed, failure), (1172, 1173, "lost"))
+        # The smallest lost size is tried twice before it is believed.
+        self.assertEqual(tried.count(1173), 2)
+
+    def test_outcomes_are_named(self):
+        verdict = diagsvc._mtu_verdict
+        row, text = verdict(65507, None, None, 65536, 28, "untested", True)
+        self.assertEqual(row["limit"], "none")
+        row, text = verdict(1372, 1373, "refused", 1400, 28, "passes", True,
+                            1373)
+        self.assertEqual((row["limit"], row["limit_mtu_bytes"],
+                          row["path_mtu_bytes"]), ("local-mtu", 1400, 1400))
+        self.assertIn("refused by this host (EMSGSIZE): its MTU on this "
+                      "route is 1400; allowed to fragment, 1373 bytes come "
+                      "back", text)
+        # The kernel learned a smaller MTU than the lost size needed: an
+        # ICMP "fragmentation needed" / "packet too big" came back.
+        row, text = verdict(1252, 1253, "lost", 1280, 28, "lost", True, 1473)
+        self.assertEqual((row["limit"], row["limit_mtu_bytes"]),
+                         ("icmp-too-big", 1280))
+        self.assertIn("next-hop MTU 1280", text)
+        row, text = verdict(1172, 1173, "lost", 1500, 28, "lost", True, 1473)
+        self.assertEqual(row["limit"], "black-hole")
+        self.assertNotIn("limit_mtu_bytes", row)
+        self.assertIn("a path MTU black hole; allowed to fragment, 1473 "
+                      "bytes are lost too", text)
+        row, text = verdict(None, 24, "lost", None, 28, "untested", True)
+        self.assertEqual(row["limit"], "nothing-back")
+        self.assertNotIn("largest_payload_bytes", row)
+        self.assertNotIn(None, row.values())
+
+    def test_loopback_carries_the_largest_datagram(self):
+        server = self.start_server(["echo"])
+        rows = diagsvc.measure("127.0.0.1", ["mtu"],
+                               ports=ports_of(server, "udp"))
+        self.assertEqual((rows[0]["value"], rows[0]["limit"],
+                          rows[0]["sizes_tried"]), (65507, "none", [65507]))
+
+    def test_an_echo_that_truncates_is_not_a_black_hole(self):
+        # xinetd's UDP echo returns at most 2,048 bytes of a datagram.
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(sock.close)
+        sock.bind(("127.0.0.1", 0))
+        done = threading.Event()
+
+        def serve():
+            while not done.is_set():
+                if select.select([sock], [], [], 0.05)[0]:
+                    data, source = sock.recvfrom(70000)
+                    sock.sendto(data[:2048], source)
+        thread = threading.Thread(target=serve)
+        thread.start()
+        self.addCleanup(thread.join)
+        self.addCleanup(done.set)
+        rows = diagsvc.measure("127.0.0.1", ["mtu"], timeout=1,
+                               ports={"echo": sock.getsockname()[1]})
+        self.assertEqual((rows[0]["value"], rows[0]["limit"],
+                          rows[0]["echo_truncates_to_bytes"]),
+                         (65507, "none", 2048))
+        self.assertIn("the echo server returns at most 2048 bytes",
+                      rows[0]["detail"])
+
+    def test_local_mtu_refuses_with_emsgsize(self):
+        # IPv4 and IPv6 headers: 28 and 48 bytes with UDP's.
+        for (host, _), largest in zip(FAMILIES, (1372, 1352)):
+            with self.subTest(host=host):
+                rows = namespace_run(self, ["ip link set lo mtu 1400"],
+                                     NAMESPACE_MEASURE % {
+                                         "tests": ["mtu"], "timeout": 2,
+                                         "host": host})
+                row = rows[0]
+                self.assertEqual((row["largest_payload_bytes"], row["limit"],
+                                  row["limit_mtu_bytes"], row["fragmented"],
+                                  row["fragmented_size_bytes"]),
+                                 (largest, "local-mtu", 1400, "passes",
+                                  largest + 1))
+
+    def test_black_hole_is_named_and_fragments_are_lost_too(self):
+        # lo's MTU just above the filter's limit: the search meets one lost
+        # size (tried twice), and the fragmented probe one more.
+        rows = namespace_run(self, [
+            "ip link set lo mtu 1201",
+            "nft add table inet lab",
+            "nft add chain inet lab in '{ type filter hook input priority 0; }'",
+            # meta length counts the IP header: 1,172 bytes of UDP payload.
+            "nft add rule inet lab in udp dport 20007 meta length gt 1200 drop"],
+            NAMESPACE_MEASURE % {"tests": ["mtu"], "timeout": 0.6})
+        row = rows[0]
+        self.assertEqual((row["largest_payload_bytes"], row["limit"],
+                          row["fragmented"], row["fragmented_size_bytes"]),
+                         (1172, "black-hole", "lost", 1174))
+        self.assertEqual(row["sizes_tried"][:3], [65507, 1173, 598])
+        self.assertNotIn("limit_mtu_bytes", row)
+
+
+class SlowTcpEcho(object):
+    """Echo on one port number: UDP at once, TCP each message `delay`
+    seconds late (a path whose TCP round trip outlasts a short phase)."""
+
+    def __init__(self, delay):
+        self.delay = delay
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(1)
+        self.port = self.listener.getsockname()[1]
+        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.udp.bind(("127.0.0.1", self.port))
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.serve)
+        self.thread.start()
+
+    def serve(self):
+        sockets = [self.listener, self.udp]
+        due = []                            # (when, connection, bytes)
+        while not self.stop.is_set():
+            wait = 0.05 if not due else max(0.0, min(
+                0.05, due[0][0] - time.monotonic()))
+            for ready in select.select(sockets, [], [], wait)[0]:
+                if ready is self.listener:
+                    sockets.append(self.listener.accept()[0])
+                elif ready is self.udp:
+                    data, source = self.udp.recvfrom(70000)
+                    self.udp.sendto(data, source)
+                else:
+                    try:
+                        data = ready.recv(65536)
+                    except OSError:         # the client reset it
+                        data = b""
+                    if not data:
+                        sockets.remove(ready)
+                        ready.close()
+                        continue
+                    due.append((time.monotonic() + self.delay, ready, data))
+            while due and due[0][0] <= time.monotonic():
+                _, connection, data = due.pop(0)
+                try:
+                    connection.sendall(data)
+                except OSError:
+                    pass
+        for sock in sockets[2:]:
+            sock.close()
+
+    def close(self):
+        self.stop.set()
+        self.thread.join()
+        self.listener.close()
+        self.udp.close()
+
+
+class LoadedTest(ServerTestCase):
+
+    def test_a_phase_waits_for_a_round_trip_of_each_transport(self):
+        echo = SlowTcpEcho(delay=0.4)
+        self.addCleanup(echo.close)
+        server = self.start_server(["chargen", "discard"], max_per_source=0)
+        ports = ports_of(server)
+        ports["echo"] = echo.port
+        # Phases of 0.2 s: the first TCP round trip takes 0.4 s.
+        rows = diagsvc.measure("127.0.0.1", ["loaded"], seconds=0.4,
+                               ports=ports)
+        tcp = rows[0]
+        self.assertEqual(tcp["transport"], "tcp")
+        self.assertGreaterEqual(tcp["idle_count"], 1, tcp)
+        self.assertGreaterEqual(tcp["loaded_count"], 1, tcp)
+        self.assertGreaterEqual(tcp["idle_min_us"], 400000)
+
+    def test_idle_and_loaded_side_by_side(self):
+        # The server in a process of its own: in this one it would share
+        # the interpreter lock with the load it serves, and a busy machine
+        # could leave the loaded pings no turn.
+        server = ServerProcess("echo", "chargen", "discard", "--bind",
+                               "127.0.0.1", "--max-per-source", "0",
+                               "--port", "echo=0", "--port", "chargen=0",
+                               "--port", "discard=0")
+        self.addCleanup(server.kill)
+        ports = dict((name, server.addresses[name, "tcp"][0][1])
+                     for name in ("chargen", "discard"))
+        ports["echo"] = server.addresses["echo", "udp"][0][1]
+        self.assertEqual(ports["echo"], server.addresses["echo", "tcp"][0][1])
+        rows = diagsvc.measure("127.0.0.1", ["loaded"], seconds=1.6,
+                               ports=ports)
+        self.assertEqual([row["transport"] for row in rows], ["tcp", "udp"])
+        for row in rows:
+            self.assertGreater(row["idle_count"], 0, row)
+            self.assertGreater(row["loaded_count"], 0, row)
+            self.assertEqual(row["increase_p50_us"], round(
+                row["loaded_p50_us"] - row["idle_p50_us"], 1))
+            self.assertGreater(row["download_mbyte_per_s"], 0)
+            self.assertGreater(row["upload_mbyte_per_s"], 0)
+            self.assertNotIn(None, row.values())
+
+    def test_a_real_queue_raises_the_loaded_rtt(self):
+        # A 20 Mbit/s token bucket on lo (lo's MTU lowered first, or tbf
+        # drops the 64 KiB segments and nothing queues).
+        rows = namespace_run(self, [
+            "ip link set lo mtu 1500",
+            "tc qdisc add dev lo root tbf rate 20mbit burst 32kbit "
+            "latency 300ms"],
+            NAMESPACE_MEASURE % {"tests": ["loaded"], "seconds": 1.6})
+        self.assertEqual([row["transport"] for row in rows], ["tcp", "udp"])
+        for row in rows:
+            self.assertLess(row["idle_p50_us"], 5000, row)
+            # TCP's sawtooth empties the queue now and then, so a few
+            # loaded pings are fast: p90 shows the queue.
+            self.assertGreater(row["increase_p90_us"], 20000, row)
+
+
+class ReportingTest(ServerTestCase):
+
+    def port_options(self, server):
+        return ["--port=%s=%d" % item for item in sorted(ports_of(server).items())]
+
+    def test_interval_rows_stream_as_json_lines(self):
+        server = self.start_server(["echo", "chargen"])
+        result = run_command("measure", "127.0.0.1", "latency", "udp",
+                             "download", "--seconds", "0.5", "--interval",
+                             "0.2", "--json", *self.port_options(server))
+        self.assertEqual(result.returncode, 0, result.stderr)
+        lines = result.stdout.splitlines()
+        rows = [json.loads(line) for line in lines]     # every line is JSON
+        kinds = [(row["type"], row["test"], row["transport"]) for row in rows]
+        summaries = [kind for kind in kinds if kind[0] == "summary"]
+        self.assertEqual(summaries, [
+            ("summary", "latency", "tcp"), ("summary", "latency", "udp"),
+            ("summary", "download", "tcp"), ("summary", "udp", "udp")])
+        # Each test's interval rows come before its summary, in time order.
+        for test, transport in (("latency", "tcp"), ("latency", "udp"),
+                                ("udp", "udp"), ("download", "tcp")):
+            spans = [(row["start_s"], row["end_s"]) for row in rows
+                     if row["type"] == "interval" and row["test"] == test
+                     and row["transport"] == transport]
+            self.assertGreaterEqual(len(spans), 1, (test, transport))
+            self.assertEqual(spans[0][0], 0.0)
+            for (start, end), (next_start, _) in zip(spans, spans[1:]):
+                self.assertLess(start, end)
+                self.assertEqual(end, next_start)
+            last_interval = max(i for i, kind in enumerate(kinds)
+                                if kind == ("interval", test, transport))
+            self.assertLess(last_interval, kinds.index(
+                ("summary", test, transport)))
+        common = {"type", "test", "transport", "host", "address", "port"}
+        for row in rows:
+            self.assertLessEqual(common, set(row), row)
+            self.assertEqual(row["host"], "127.0.0.1")
+            self.assertNotIn(None, row.values())
+            if row["type"] == "interval":
+                self.assertLessEqual({"start_s", "end_s"}, set(row))
+                if row["test"] == "download":
+                    self.assertLessEqual({"bytes", "mbyte_per_s"}, set(row))
+                elif row["test"] == "udp":
+                    self.assertLessEqual({"sent", "received"}, set(row))
+                else:
+                    self.assertIn("count", row)
+
+    def test_interval_rows_for_people_then_the_table(self):
+        server = self.start_server(["echo"])
+        result = run_command("measure", "127.0.0.1", "udp", "--seconds",
+                             "0.5", "--interval", "0.2", "--rate", "50",
+                             *self.port_options(server))
+        self.assertEqual(result.returncode, 0, result.stderr)
+        # Each row's span and counts depend on this machine's load; their
+        # shape does not.
+        self.assertRegex(result.stdout, r"^udp udp  0\.00-\d+\.\d\d s  sent "
+                                        r"\d+  received \d+  RTT p50 ")
+        self.assertRegex(result.stdout, r"\nTEST +PROTO +RESULT +DETAIL\n"
+                                        r"udp +udp +0\.0 % loss +sent 25 ")
+
+    def test_thresholds_set_the_exit_status_and_say_which(self):
+        echo = MischievousEcho()            # loses 10 %
+        self.addCleanup(echo.close)
+        for limit, status in (("5", 1), ("20", 0)):
+            result = run_command("measure", "127.0.0.1", "udp", "--seconds",
+                                 "0.2", "--rate", "100", "--timeout", "0.5",
+                                 "--max-loss", limit, "--port",
+                                 "echo=%d" % echo.port)
+            self.assertEqual(result.returncode, status, result.stderr)
+        self.assertEqual(result.stderr, "")
+        server = self.start_server(["echo", "chargen"])
+        result = run_command("measure", "127.0.0.1", "latency", "download",
+                             "--seconds", "0.2", "--max-rtt", "0",
+                             "--rtt-percentile", "50", "--min-rate", "1e9",
+                             *self.port_options(server))
+        self.assertEqual(result.returncode, 1)
+        self.assertEqual(len(result.stderr.splitlines()), 3, result.stderr)
+        self.assertRegex(result.stderr, r"latency/tcp: p50_us [0-9.]+ ms is "
+                                        r"above --max-rtt 0\n")
+        self.assertRegex(result.stderr, r"latency/udp: p50_us [0-9.]+ ms is "
+                                        r"above --max-rtt 0\n")
+        self.assertRegex(result.stderr, r"download/tcp: [0-9.]+ MB/s is below "
+                                        r"--min-rate 1e\+09\n")
+
+    @unittest.skipUnless(ON_LINUX, "Linux refuses the connect itself")
+    def test_a_socket_error_stops_udp_and_mtu_alone(self):
+        # connect() to the broadcast address: EACCES, before any datagram.
+        rows = diagsvc.measure("255.255.255.255", ["udp", "mtu"],
+                               seconds=0.2, timeout=0.3)
+        self.assertEqual([(row["test"], row["transport"], row["value"],
+                           row["host"]) for row in rows],
+                         [("udp", "udp", None, "255.255.255.255"),
+                          ("mtu", "udp", None, "255.255.255.255")])
+        for row in rows:
+            self.assertTrue(row["error"])
+        self.assertEqual(len(diagsvc._measure_failures(rows)), 2)
+
+    def test_udp_usage_errors_exit_2(self):
+        for args, message in (
+                (["--size", "23"], "the udp test needs 24 to 65507"),
+                (["--rate", "10", "--bitrate", "1M", "--size", "100"],
+                 "at most two of --rate, --bitrate and --size"),
+                (["--bitrate", "10X"], "is not a bitrate such as 10M"),
+                (["--rate", "0"], "is not a number > 0"),
+                (["--interval=-1"], "is not a number > 0")):
+            with self.subTest(args=args):
+                result = run_command("measure", "127.0.0.1", "udp", *args)
+                self.assertEqual(result.returncode, 2, result.stderr)
+                self.assertIn(message, result.stderr)
+                self.assertNotIn("Traceback", result.stderr)
+
+    def test_several_hosts_in_one_command(self):
+        server = self.start_server(["echo"])
+        port = "--port=echo=%d" % server.addresses["echo", "tcp"][0][1]
+        # Nothing listens on 127.0.0.2: its row is refused, the exit is 1.
+        result = run_command("probe", "127.0.0.1", "127.0.0.2", "echo",
+                             "--tcp", "--json", port)
+        self.assertEqual(result.returncode, 1, result.stderr)
+        rows = json.loads(result.stdout)
+        self.assertEqual([(row["host"], row["service"], row["verdict"])
+                          for row in rows],
+                         [("127.0.0.1", "echo", "open"),
+                          ("127.0.0.2", "echo", "refused")])
+        result = run_command("probe", "127.0.0.1", "127.0.0.2", "echo",
+                             "--tcp", port)
+        self.assertRegex(result.stdout, r"^HOST +SERVICE +PROTO")
+        result = run_command("measure", "127.0.0.1", "localhost", "latency",
+                             "--seconds", "0.1", "-4", "--json", port)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual([(row["host"], row["address"], row["transport"])
+                          for row in json.loads(result.stdout)],
+                         [("127.0.0.1", "127.0.0.1", "tcp"),
+                          ("127.0.0.1", "127.0.0.1", "udp"),
+                          ("localhost", "127.0.0.1", "tcp"),
+                          ("localhost", "127.0.0.1", "udp")])
+        result = run_command("measure", "127.0.0.1", "latnecy")
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("nor is it a test: latency, download", result.stderr)
 
 
 # --- Lifecycle ----------------------------------------------------------------
