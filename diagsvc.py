@@ -242,8 +242,13 @@ def parse_quotes(text, name="<quotes>"):
     quotes = []
     lines = []
     first_line = 1
-    for number, line in enumerate(text.splitlines() + ["%"], 1):
-        if line.strip() == "%":
+    # Lines end at LF (or CRLF) only: str.splitlines() would also end them
+    # at form feeds and \x1c-\x1e, and rstrip() would drop those, so a
+    # control character would be passed over instead of refused.
+    for number, line in enumerate(text.split("\n") + ["%"], 1):
+        if line.endswith("\r"):
+            line = line[:-1]
+        if line.strip(" \t") == "%":
             body = "\r\n".join(lines).rstrip() + "\r\n" if lines else ""
             if body.strip():
                 if len(body) > QOTD_MAX:
@@ -255,7 +260,7 @@ def parse_quotes(text, name="<quotes>"):
             lines = []
             first_line = number + 1
             continue
-        line = line.expandtabs(8).rstrip()
+        line = line.expandtabs(8).rstrip(" ")
         for character in line:
             if not " " <= character <= "~":
                 raise QuoteFileError(
