@@ -2147,6 +2147,9 @@ class CommandLineTest(unittest.TestCase):
                            (["--port-offset", "65530", "--bind", "127.0.0.1"],
                             "outside 0-65535"),
                            (["--tcp", "--udp"], "not allowed with"),
+                           (["--port-offset", "-1"], "not a number >= 0"),
+                           (["--idle-timeout", "soon"], "not a number >= 0"),
+                           (["--port", "echo=65536"], "give SERVICE=PORT"),
                            (["--allow", "10.0.0.300"], "not an IP address"),
                            (["--qotd-file", "/nonexistent/quotes"],
                             "cannot read quote file /nonexistent/quotes")):
@@ -4115,6 +4118,31 @@ class ChargenPromiseTest(ServerTestCase):
                     self.fail("first difference at byte %d" % next(
                         i for i in range(size) if received[i] != expected[i]))
 
+    @unittest.skipUnless(ON_LINUX and hasattr(os, "sendfile"),
+                         "sendfile() from /dev/null is EINVAL on Linux")
+    def test_a_ring_file_sendfile_refuses_falls_back_to_send(self):
+        server = self.start_server(["chargen"])
+        # sendfile() from /dev/null fails with EINVAL (Linux), as it does
+        # where the socket type or file system cannot do it.
+        refusing = os.open(os.devnull, os.O_RDONLY)
+        self.addCleanup(os.close, refusing)
+        server.chargen_ring_file = refusing
+        sock = self.connect(server, "chargen")
+        self.assertEqual(recv_exactly(sock, 100 * 74), expected_chargen(100))
+        self.assertIsNone(server.chargen_ring_file)
+
+    def test_udp_chargen_is_rate_limited(self):
+        server = self.start_server(["chargen", "echo"], udp_rate=1.0,
+                                   udp_burst=2)
+        sock = self.udp_socket()
+        address = server.addresses["chargen", "udp"][0]
+        for _ in range(3):
+            sock.sendto(b"", address)
+        wait_until(lambda: server.counters["chargen", "udp"].datagrams == 3,
+                   message="three chargen datagrams")
+        self.assertEqual(server.counters["chargen", "udp"].refusals,
+                         {"rate-limit": 1})
+
     def test_tcp_keeps_streaming_after_the_client_half_closes(self):
         server = self.start_server(["chargen"])
         sock = self.connect(server, "chargen")
@@ -4167,6 +4195,10 @@ class QotdPromiseTest(ServerTestCase):
         for character in (" ", "~"):            # the ends of the range
             self.assertEqual(diagsvc.parse_quotes("a" + character + "b"),
                              (("a" + character + "b\r\n").encode("ascii"),))
+
+    def test_a_quote_of_blank_lines_is_no_quote(self):
+        self.assertEqual(diagsvc.parse_quotes("a\n%\n\n  \n%\nb\n"),
+                         (b"a\r\n", b"b\r\n"))
 
     def test_every_quote_can_be_chosen(self):
         from unittest import mock
@@ -4365,6 +4397,17 @@ class GroupDestinationTest(ServerTestCase):
         sock.sendto(b"to one", ("127.0.0.1", port))
         self.assertEqual(sock.recvfrom(100), (b"to one", ("127.0.0.1", port)))
 
+    def test_group_sources_are_refused_by_the_guard_only(self):
+        server = diagsvc.Server(["echo"], bind=["127.0.0.1"],
+                                transports=["udp"], port_offset=None)
+        self.addCleanup(server.close)
+        for source in ("224.0.0.1", "255.255.255.255", "ff02::1"):
+            self.assertEqual(server.udp_source_refusal(source),
+                             "group-source")
+        self.assertIsNone(server.udp_source_refusal("127.0.0.1"))
+        server.udp_guard = False
+        self.assertIsNone(server.udp_source_refusal("224.0.0.1"))
+
     def test_without_the_guard_a_broadcast_is_answered_from_a_unicast_address(self):
         server = self.start_server(["echo"], host="0.0.0.0",
                                    transports=["udp"], udp_guard=False)
@@ -4462,8 +4505,16 @@ class PrivilegePromiseTest(unittest.TestCase):
     def test_not_root_or_root_kept_changes_nothing(self):
         import pwd
         if os.geteuid() == 0:
-            self.assertEqual(diagsvc.drop_privileges("root"),
-                             "user root (uid 0)")
+            # --user root changes nothing, supplementary groups included.
+            saved = os.getgroups()
+            os.setgroups(sorted(set(saved) | {4}))
+            try:
+                groups = os.getgroups()
+                self.assertEqual(diagsvc.drop_privileges("root"),
+                                 "user root (uid 0)")
+                self.assertEqual(os.getgroups(), groups)
+            finally:
+                os.setgroups(saved)
         else:
             name = pwd.getpwuid(os.geteuid()).pw_name
             self.assertEqual(diagsvc.drop_privileges("nobody"),
@@ -4582,6 +4633,38 @@ class ClientPromiseTest(ServerTestCase):
     def port_options(self, server):
         return ["--port=%s=%d" % item
                 for item in sorted(ports_of(server).items())]
+
+    def test_judging_lengths_and_clock_details(self):
+        judge = diagsvc._judge
+        self.assertEqual(judge("qotd", "tcp", b"q" * 511, b"", True)[0],
+                         "open")
+        self.assertEqual(judge("qotd", "udp", b"q" * 512, b"", True), (
+            "wrong", "quote of 512 characters; RFC 865 wants under 512"))
+        self.assertEqual(judge("echo", "tcp", b"ab", b"abcd", True),
+                         ("wrong", "sent 4 bytes, 2 came back"))
+        self.assertEqual(judge("discard", "tcp", b"x", b"abcd", True),
+                         ("wrong", "discard sent 1 bytes back"))
+        self.assertEqual(judge("time", "udp", b"abcde", b"", True),
+                         ("wrong", "5 bytes; RFC 868 sends 4"))
+        now = time.time()
+        self.assertEqual(diagsvc._clock_offset(now + 0.5),
+                         "matches the local clock to the second")
+        self.assertEqual(diagsvc._clock_offset(now + 5.2), "+5 s from the "
+                         "local clock")
+        self.assertEqual(diagsvc._clock_offset(now - 3600.2), "-3600 s from "
+                         "the local clock")
+        self.assertRegex(diagsvc._daytime_detail(diagsvc.daytime_text(now)),
+                         r"\(matches the local clock to the second\)$")
+        # RFC 868's era: a value that wrapped in 2036 is read as 2036.
+        if now < 2085978496 - 86400 * 365:          # until 2035
+            self.assertRegex(diagsvc._time_detail(b"\0\0\0\5"),
+                             r"^2036-02-07T06:28:21Z \(\+\d+ s from")
+
+    def test_table_columns_are_as_wide_as_their_widest_cell(self):
+        self.assertEqual(diagsvc._table(
+            [{"a": "x", "b": "1"}, {"a": "longer", "b": "22"}],
+            [("A", lambda r: r["a"]), ("BB", lambda r: r["b"])]),
+            "A       BB\nx       1\nlonger  22\n")
 
     def test_probe_exits_1_when_only_some_rows_fail(self):
         server = self.start_server(["echo"], transports=["tcp"])
