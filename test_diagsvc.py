@@ -4152,6 +4152,48 @@ class ChargenPromiseTest(ServerTestCase):
         self.assertEqual(len(server.streams), 1)
 
 
+class EchoPromiseTest(ServerTestCase):
+
+    def test_echo_is_exact_through_a_stall(self):
+        # The client reads nothing until echo has stopped reading (what it
+        # owes did not fit): then the owed bytes go out in pieces, in order.
+        server = self.start_server(["echo"], max_output=256 * 1024)
+        port = server.addresses["echo", "tcp"][0][1]
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.addCleanup(sock.close)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(TIMEOUT)
+        sock.connect(("127.0.0.1", port))
+        # A small send buffer on the server's side, so that the kernel
+        # takes what is owed a piece at a time (send_owed's partial sends).
+        wait_until(lambda: server.streams, message="the connection")
+        (stream,) = list(server.streams)
+        stream.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        payload = os.urandom(2 << 20)
+        sender = threading.Thread(target=lambda: (
+            sock.sendall(payload), sock.shutdown(socket.SHUT_WR)))
+        sender.daemon = True
+        sender.start()
+        wait_until(lambda: any(stream.owed is not None
+                               for stream in list(server.streams)),
+                   message="echo to owe bytes")
+        received = recv_to_eof(sock)
+        sender.join(TIMEOUT)
+        self.assertEqual(len(received), len(payload))
+        self.assertTrue(received == payload)
+
+    def test_stats_keep_bytes_in_and_out_apart(self):
+        server = self.start_server(["discard"])
+        sock = self.connect(server, "discard")
+        sock.sendall(b"x" * 1000)
+        sock.shutdown(socket.SHUT_WR)
+        self.assertEqual(recv_to_eof(sock), b"")
+        wait_until(lambda: not server.streams, message="discard to close")
+        self.assertEqual(server.stats()["discard", "tcp"], {
+            "connections": 1, "datagrams": 0, "bytes_in": 1000,
+            "bytes_out": 0, "refusals": {}})
+
+
 class DaytimePromiseTest(unittest.TestCase):
 
     def test_weekday_and_space_padded_day_in_utc(self):
@@ -4371,6 +4413,17 @@ class RateLimitPromiseTest(unittest.TestCase):
         for _ in range(60):
             sock.sendto(b"", server.addresses["daytime", "udp"][0])
             self.assertTrue(DAYTIME.match(sock.recv(100)))
+
+
+class GroupAddressPromiseTest(unittest.TestCase):
+
+    def test_the_edges_of_the_multicast_range(self):
+        self.assertTrue(diagsvc._is_group_destination(b"\xe0\0\0\1"))
+        self.assertFalse(diagsvc._is_group_destination(b"\xdf\xff\xff\xff"))
+        self.assertTrue(diagsvc._is_group_address("224.0.0.1"))
+        self.assertFalse(diagsvc._is_group_address("223.255.255.255"))
+        self.assertFalse(diagsvc._is_group_destination(b"\xfe\x80" +
+                                                       b"\0" * 14))
 
 
 @needs_linux
