@@ -35,6 +35,7 @@ New code comes with its mutants here, in the order of the file.
 import argparse
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -372,6 +373,10 @@ sys.exit(0 if result.wasSuccessful() else 1)
 """
 
 
+RUNNING = set()                         # suites running now, to stop them
+STOPPING = threading.Event()
+
+
 def run_suite(folder, python, timeout, tests=("test_diagsvc",),
               times_path=None):
     """(caught, how) for the suite (or the tests named) in folder."""
@@ -381,17 +386,28 @@ def run_suite(folder, python, timeout, tests=("test_diagsvc",),
         [python, "-c", RUNNER, times_path] + list(tests), cwd=folder,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environment,
         start_new_session=True)
+    RUNNING.add(process)
     try:
         _, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, 9)       # the suite and what it started
-        process.communicate()
+        stop_suite(process)
         return True, "timeout"
+    finally:
+        RUNNING.discard(process)
     if process.returncode == 0:
         return False, "suite passed"
     lines = stderr.decode("utf-8", "replace").splitlines()
     failed = [line for line in lines if line.startswith("FAIL:")]
     return True, (failed[0] if failed else "exit %d" % process.returncode)
+
+
+def stop_suite(process):
+    """End a suite and everything it started (its own session)."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except OSError:
+        pass
+    process.communicate()
 
 
 def main():
@@ -455,7 +471,7 @@ def main():
         queue = list(work)
 
         def worker(folder):
-            while True:
+            while not STOPPING.is_set():
                 with lock:
                     if not queue:
                         return
@@ -484,8 +500,12 @@ def main():
         for thread in threads:
             thread.start()
         for thread in threads:
-            thread.join()
+            while thread.is_alive():
+                thread.join(0.5)
     finally:
+        STOPPING.set()                  # Ctrl-C or SIGTERM: stop the suites
+        for process in list(RUNNING):
+            stop_suite(process)
         for folder in folders:
             shutil.rmtree(folder, ignore_errors=True)
     survived = sorted(name for name, verdict in results.items()
@@ -503,4 +523,5 @@ def main():
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(3))
     sys.exit(main())
