@@ -109,9 +109,7 @@ MUTANTS = [
      "self.offset = (offset + sent + 1) % CHARGEN_PERIOD_SIZE"),
     ("chargen offset modulo the chunk",
      "self.offset = (offset + sent) % CHARGEN_PERIOD_SIZE",
-     "self.offset = (offset + sent) % CHARGEN_CHUNK",
-     "the buffer repeats the period past any offset below the chunk, so an "
-     "offset kept modulo the chunk names the same bytes"),
+     "self.offset = (offset + sent) % CHARGEN_CHUNK"),
     ("chargen stays active",
      "            self.counters.bytes_out += sent\n            self.last_active"
      " = self.server.now\n\n\nclass OwedStream",
@@ -268,6 +266,10 @@ MUTANTS = [
     ("judge qotd length", "if len(data) >= 512:", "if len(data) > 512:"),
     ("probe deadline", "self.deadline = now + timeout",
      "self.deadline = now + 2 * timeout"),
+    ("probe sends three times", 'if self.transport == "udp" and '
+     'self.sends < 3:', 'if self.transport == "udp" and self.sends < 2:'),
+    ("probe resend spacing", "self.next_send = now + self.timeout / 3.0",
+     "self.next_send = now + self.timeout / 2.0"),
     ("probe refused", "if code == errno.ECONNREFUSED or code == 10061:",
      "if code == 10061:"),
     ("probe udp discard", 'if self.service == "discard":\n'
@@ -398,7 +400,11 @@ def run_suite(folder, python, timeout, tests=("test_diagsvc",),
         return False, "suite passed"
     lines = stderr.decode("utf-8", "replace").splitlines()
     failed = [line for line in lines if line.startswith("FAIL:")]
-    return True, (failed[0] if failed else "exit %d" % process.returncode)
+    if not failed:
+        return True, "exit %d" % process.returncode
+    # The failing test and the last line of its traceback (the message).
+    last = [line for line in lines if line.strip()][-1]
+    return True, "%s: %s" % (failed[0], last[:200])
 
 
 def stop_suite(process):
