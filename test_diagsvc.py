@@ -4499,10 +4499,18 @@ with diagsvc.Server(["echo"], bind=["::"], transports=["udp"],
     for source, destination in (("::1", "fd00:9::2"), ("fd00:9::2", "::1"),
                                 ("::1", "::1")):
         sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-        sock.settimeout(10)
+        sock.settimeout(0.5)
         sock.bind((source, 0))
-        sock.sendto(b"via " + destination.encode(), (destination, port))
-        reply, sender = sock.recvfrom(100)
+        # The kernel finishes a new address's setup in a work queue: on a
+        # loaded machine the first datagrams may find no route yet.  Ask
+        # again, as a UDP client does, for up to 10 s.
+        for attempt in range(20):
+            sock.sendto(b"via " + destination.encode(), (destination, port))
+            try:
+                reply, sender = sock.recvfrom(100)
+                break
+            except socket.timeout:
+                continue
         print(reply.decode(), sender[0])
         sock.close()
 """
