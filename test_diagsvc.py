@@ -4738,8 +4738,9 @@ class ClientPromiseTest(ServerTestCase):
         self.addCleanup(holder.close)
         holder.bind(("127.0.0.1", 0))      # takes datagrams, never answers
         holder.settimeout(TIMEOUT)
-        task = diagsvc._Probe("qotd", "udp", socket.AF_INET, "127.0.0.1",
-                              holder.getsockname()[1], 3.0, 100.0)
+        task = diagsvc._Probe("qotd", "udp", socket.AF_INET,
+                              ("127.0.0.1", 0), holder.getsockname()[1],
+                              3.0, 100.0)
         self.addCleanup(task.close)
         for now in (100.0, 101.0, 102.0):
             self.assertEqual(task.wake_time(), now)
@@ -4820,7 +4821,7 @@ class ClientPromiseTest(ServerTestCase):
                                         r"[0-9.]+ MB in [0-9.]+ s; wrong "
                                         r"bytes 0\n")
         self.assertRegex(result.stdout, r"\nupload +tcp +[0-9.]+ MB/s +"
-                                        r"[0-9.]+ MB in [0-9.]+ s\n")
+                                        r"[0-9.]+ MB in [0-9.]+ s")
         self.assertRegex(result.stdout, r"\necho +tcp +[0-9.]+ MB/s +[0-9.]+"
                                         r" MB in [0-9.]+ s; wrong bytes 0; "
                                         r"missing 0\n")
