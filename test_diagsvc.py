@@ -4640,6 +4640,36 @@ class LifecyclePromiseTest(unittest.TestCase):
         self.assertEqual(descriptors(), before)
         server.close()                          # twice: still fine
 
+    def test_any_free_port_tries_again_where_another_program_holds_it(self):
+        # Port 0: TCP gets a free port, and UDP must take the same one.
+        # Another program may hold it for UDP (the suite runs next to
+        # others): that is no error while other ports are free.
+        from unittest import mock
+        real_bind = diagsvc.Server._bind
+        holders = []
+
+        def bind(server, name, transport, family, host, port, scope=0):
+            if transport == "udp" and port and not holders:
+                holder = socket.socket(family, socket.SOCK_DGRAM)
+                holder.bind((host, port))       # taken, as by another program
+                holders.append(holder)
+            return real_bind(server, name, transport, family, host, port,
+                             scope)
+        with mock.patch.object(diagsvc.Server, "_bind", bind):
+            server = diagsvc.Server(["echo"], bind=["127.0.0.1"],
+                                    port_offset=None)
+        self.addCleanup(server.close)
+        self.addCleanup(holders[0].close)
+        taken = holders[0].getsockname()[1]
+        (tcp,), (udp,) = (server.addresses["echo", "tcp"],
+                          server.addresses["echo", "udp"])
+        self.assertEqual(tcp[1], udp[1])
+        self.assertNotEqual(udp[1], taken)
+        # A port that was asked for is not changed: that is an error.
+        with self.assertRaisesRegex(diagsvc.ServerError, "in use"):
+            diagsvc.Server(["echo"], bind=["127.0.0.1"], transports=["udp"],
+                           ports={"echo": taken})
+
     def test_a_failed_constructor_closes_what_it_opened(self):
         with diagsvc.Server(["echo"], bind=["127.0.0.1"], transports=["tcp"],
                             port_offset=None) as first:

@@ -242,8 +242,16 @@ MUTANTS = [
     ("burst at least 1", "self.udp_burst = max(1, udp_burst)",
      "self.udp_burst = udp_burst"),
     ("port 0 shared by transports",
-     "if chosen == 0:\n                        chosen = sock.getsockname()[1]",
-     "if False:\n                        chosen = sock.getsockname()[1]"),
+     "if chosen == 0:\n                            chosen = "
+     "sock.getsockname()[1]", "if False:\n                            "
+     "chosen = sock.getsockname()[1]"),
+    ("any free port is tried again", "if port != 0 or not getattr(error, "
+     '"port_in_use", False)', "if True or not getattr(error, "
+     '"port_in_use", False)'),
+    ("any free port: only when in use", "failure.port_in_use = error.errno "
+     "== errno.EADDRINUSE", "failure.port_in_use = True",
+     "a bind that fails for another reason fails the same way on every "
+     "try: only the number of tries differs, and the error is the same"),
     ("log counters unit", '"connections" if transport == "tcp" else '
      '"datagrams",', '"datagrams" if transport == "tcp" else '
      '"connections",'),
