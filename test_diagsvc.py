@@ -4426,6 +4426,18 @@ class GroupAddressPromiseTest(unittest.TestCase):
                                                        b"\0" * 14))
 
 
+    def test_which_ipv6_addresses_need_their_interface(self):
+        # A reply from link-local or multicast needs the interface pinned;
+        # any other address is routed as the kernel would route it.
+        def needs(text):
+            return diagsvc._needs_interface(socket.inet_pton(
+                socket.AF_INET6, text))
+        for text in ("fe80::1", "febf::1", "ff02::1"):
+            self.assertTrue(needs(text), text)
+        for text in ("fec0::1", "fd00::2", "::1", "2001:db8::1"):
+            self.assertFalse(needs(text), text)
+
+
 @needs_linux
 class GroupDestinationTest(ServerTestCase):
     """Datagrams sent to a group address, on a wildcard socket."""
