@@ -112,8 +112,8 @@ MUTANTS = [
      "self.offset = (offset + sent) % CHARGEN_CHUNK"),
     ("chargen stays active",
      "            self.counters.bytes_out += sent\n            self.last_active"
-     " = self.server.now\n\n\nclass OwedStream",
-     "            self.counters.bytes_out += sent\n\n\nclass OwedStream"),
+     " = self.server.now\n\n\nclass OneShotStream",
+     "            self.counters.bytes_out += sent\n\n\nclass OneShotStream"),
     ("chargen sendfile fallback",
      "if ring_file is None or error.errno not in _NO_SENDFILE_ERRNOS:",
      "if True:"),
@@ -179,12 +179,14 @@ MUTANTS = [
      "elif len(self.streams) > self.max_connections:"),
     ("per-source limit", "self.per_source.get(self.group_of(source), 0) "
      ">=\n", "self.per_source.get(self.group_of(source), 0) >\n"),
-    ("one-shot partial send", "        if sent == len(reply):\n"
-     "            sock.close()", "        if sent > 0:\n            sock.close()"),
+    ("one-shot partial send", "        if sent < len(reply):\n"
+     "            sock.setblocking(False)", "        if sent < 0:\n"
+     "            sock.setblocking(False)"),
     ("one-shot rest owed", "stream.owed = memoryview(reply)[sent:]",
      "stream.owed = memoryview(reply)[sent + 1:]"),
-    ("owed reply closes", "        if self.send_owed():\n            self.close()",
-     "        if self.send_owed():\n            self.set_events(EVENT_READ)"),
+    ("owed reply half-closes", "            if self.send_owed():\n"
+     "                self.half_close()", "            if self.send_owed():\n"
+     "                self.set_events(EVENT_READ)"),
     ("per-source release", "remaining = self.per_source[group] - 1",
      "remaining = self.per_source[group]"),
     ("accept pause ends", "self._accept_paused_until = self.now + "
@@ -228,16 +230,16 @@ MUTANTS = [
      "            if False:\n                self._prune_rate_buckets()"),
     ("loop sleeps", "ready = select(wait if wait > 0.0 else 0.0)",
      "ready = select(0.0)"),
-    ("loop runs timers", "if self.now >= self._next_timer:\n"
-     "                    self._run_timers()",
-     "if False:\n                    self._run_timers()"),
+    ("loop runs timers", "if self.now >= self._next_timer and not "
+     "self._stop_requested:", "if False:"),
     ("spurious readiness", "if isinstance(error, BlockingIOError):\n"
      "            # Readiness", "if False:\n            # Readiness"),
-    ("shutdown wakes", "if not self._closed:\n            self._waker.wake()",
-     "if self._closed:\n            self._waker.wake()"),
-    ("close closes streams", "for stream in list(self.streams):\n"
-     "            self.close_stream(stream)",
-     "for stream in []:\n            self.close_stream(stream)"),
+    ("shutdown wakes", "if waker is not None and not self._closed:\n"
+     "            waker.wake()", "if waker is not None and self._closed:\n"
+     "            waker.wake()"),
+    ("close closes streams", "            for stream in list(self.streams):\n"
+     "                self.close_stream(stream)", "            for stream in "
+     "[]:\n                self.close_stream(stream)"),
     ("close closes the ring", "os.close(self._ring_file_to_close)", "pass"),
     ("burst at least 1", "self.udp_burst = max(1, udp_burst)",
      "self.udp_burst = udp_burst"),
@@ -245,13 +247,13 @@ MUTANTS = [
      "if chosen == 0:\n                            chosen = "
      "sock.getsockname()[1]", "if False:\n                            "
      "chosen = sock.getsockname()[1]"),
-    ("any free port is tried again", "if port != 0 or not getattr(error, "
-     '"port_in_use", False)', "if True or not getattr(error, "
-     '"port_in_use", False)'),
-    ("any free port: only when in use", "failure.port_in_use = error.errno "
-     "== errno.EADDRINUSE", "failure.port_in_use = True",
-     "a bind that fails for another reason fails the same way on every "
-     "try: only the number of tries differs, and the error is the same"),
+    ("any free port is tried again", "if port != 0 or attempt == "
+     "PORT_ZERO_ATTEMPTS - 1:", "if True:"),
+    ("one-shot half-close", "            try:\n"
+     "                sock.shutdown(socket.SHUT_WR)\n"
+     "            except OSError:             # reset already",
+     "            try:\n                pass\n"
+     "            except OSError:             # reset already"),
     ("log counters unit", '"connections" if transport == "tcp" else '
      '"datagrams",', '"datagrams" if transport == "tcp" else '
      '"connections",'),
@@ -301,6 +303,12 @@ MUTANTS = [
     ("refusal log per source group", "key = (reason, self.group_of(source))",
      "key = (reason, source)"),
 
+    ("select() past FD_SETSIZE refused", "elif self._select_based and not "
+     "self.can_watch(sock):", "elif False:"),
+    ("one-shot linger ends", "s.last_active < linger_deadline]:",
+     "s.last_active < linger_deadline - 3600]:"),
+    ("one-shot linger waits for owed bytes", "                           "
+     "s.owed is None and\n", "                           True and\n"),
     # --- Privileges ---
     ("drop supplementary groups", "    os.setgroups([])\n", "    pass\n"),
     ("root keeps root", 'if os.geteuid() != 0 or user == "root":',
