@@ -4145,10 +4145,24 @@ class ChargenPromiseTest(ServerTestCase):
 
     def test_tcp_keeps_streaming_after_the_client_half_closes(self):
         server = self.start_server(["chargen"])
-        sock = self.connect(server, "chargen")
+        port = server.addresses["chargen", "tcp"][0][1]
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.addCleanup(sock.close)
+        # A small receive buffer: what the server sent before it saw the
+        # half-close is at most its own send buffer (4 MiB here) and this.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        sock.settimeout(TIMEOUT)
+        sock.connect(("127.0.0.1", port))
         sock.shutdown(socket.SHUT_WR)
-        size = 300 * 74
-        self.assertEqual(recv_exactly(sock, size), expected_chargen(300))
+        wait_until(lambda: any(stream.events == diagsvc.EVENT_WRITE
+                               for stream in list(server.streams)),
+                   message="chargen to see the half-close and stop reading")
+        size = 8 << 20
+        period = expected_chargen(95)
+        expected = (period * (size // len(period) + 1))[:size]
+        received = recv_exactly(sock, size)
+        self.assertEqual(len(received), size)
+        self.assertTrue(received == expected)
         self.assertEqual(len(server.streams), 1)
 
 
@@ -4255,14 +4269,39 @@ class QotdPromiseTest(ServerTestCase):
             self.assertEqual(recv_to_eof(self.connect(server, "qotd")),
                              b"first\r\n")
 
+    def test_a_one_shot_reply_ends_with_its_half_close_not_the_linger(self):
+        from unittest import mock
+        patch = mock.patch.object(diagsvc, "ONE_SHOT_LINGER", 3600.0)
+        patch.start()
+        self.addCleanup(patch.stop)
+        server = self.start_server(["daytime", "qotd", "time"])
+        for service in ("daytime", "qotd", "time"):
+            sock = self.connect(server, service)
+            self.assertTrue(recv_to_eof(sock))  # EOF now, not in an hour
+            sock.close()
+        wait_until(lambda: not server.streams, message="the one-shots to end")
+
     def test_a_reply_the_socket_cannot_take_at_once_is_finished(self):
         # A library user may pass any bytes as quotes: 4 MB outgrows the
-        # socket buffers, so the rest goes through the loop (OwedStream).
-        quote = os.urandom(4 << 20)
+        # socket buffers, so the rest goes through the loop (owed), and
+        # the half-close follows the last byte, not the linger's end.
+        from unittest import mock
+        patch = mock.patch.object(diagsvc, "ONE_SHOT_LINGER", 3600.0)
+        patch.start()
+        self.addCleanup(patch.stop)
+        # 16 MiB is past any send buffer Linux gives (tcp_wmem's 4 MiB).
+        quote = os.urandom(16 << 20)
         server = self.start_server(["qotd"], quotes=(quote,))
-        received = recv_to_eof(self.connect(server, "qotd"))
+        port = server.addresses["qotd", "tcp"][0][1]
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.addCleanup(sock.close)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        sock.settimeout(TIMEOUT)
+        sock.connect(("127.0.0.1", port))
+        received = recv_to_eof(sock)
         self.assertEqual(len(received), len(quote))
         self.assertTrue(received == quote)
+        sock.close()                            # the server waits for this
         wait_until(lambda: not server.streams, message="the reply to end")
         self.assertEqual(server.counters["qotd", "tcp"].bytes_out, len(quote))
 
