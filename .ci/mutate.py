@@ -357,37 +357,47 @@ MUTANTS = [
     ("count wrong bytes", "sum(1 for a, b in zip(received, expected) if a != b)",
      "sum(1 for a, b in zip(received, expected) if a == b)"),
     ("download MB/s",
-     '\n           "value": round(total / 1e6 / elapsed, 1), "bytes": total,',
-     '\n           "value": round(total / 1e3 / elapsed, 1), "bytes": total,'),
+     '"unit": "MB/s",\n           "value": round(total / 1e6 / window, 1), '
+     '"bytes": total,\n           "seconds": round(window, 2), "parallel": '
+     'parallel,\n           "wrong_bytes": wrong}',
+     '"unit": "MB/s",\n           "value": round(total / 1e3 / window, 1), '
+     '"bytes": total,\n           "seconds": round(window, 2), "parallel": '
+     'parallel,\n           "wrong_bytes": wrong}'),
     ("upload MB/s",
-     '             "value": round(total / 1e6 / elapsed, 1), "bytes": total,',
-     '             "value": round(total * 1e6 / elapsed, 1), "bytes": total,'),
+     '"value": round(total / 1e6 / window, 1), "bytes": total,\n'
+     '           "seconds": round(window, 2), "parallel": parallel,\n'
+     '           "drained"',
+     '"value": round(total * 1e6 / window, 1), "bytes": total,\n'
+     '           "seconds": round(window, 2), "parallel": parallel,\n'
+     '           "drained"'),
     ("upload bytes", "flow.bytes += flow.sock.send(block)",
      "flow.bytes += 2 * flow.sock.send(block)"),
     ("echo MB/s", '"value": round(echoed_in_window / 1e6 / window, 1),',
      '"value": round(echoed_in_window / 1e5 / window, 1),'),
-    ("echo missing", '"missing_bytes": state["sent"] - state["received"]}]',
-     '"missing_bytes": state["sent"] - state["received"] - 1}]'),
+    ("echo missing", '"missing_bytes": state["sent"] - state["received"]}',
+     '"missing_bytes": state["sent"] - state["received"] - 1}'),
     ("measure port", "row[\"port\"] = all_ports[_MEASURE_SERVICE.get(test,",
      "row[\"port\"] = all_ports[_MEASURE_SERVICE.get(\"echo\","),
 
     ("nearest rank", "rank = max(1, -(-percent * len(ordered) // 100))",
      "rank = max(1, percent * len(ordered) // 100 + 1)"),
     ("measure fails without round trips",
-     'if test == "latency" and not row["count"]:', "if False:"),
+     'if test == "latency" and not row["count"] and "error" not in row:',
+     "if False:"),
     ("measure fails without bytes",
      'if test in ("download", "upload", "echo") and not row["bytes"]:',
      "if False:"),
     ("measure fails when not drained",
-     'if test == "upload" and not row["drained"]:', "if False:"),
+     'if test == "upload" and not row["drained"] and \\\n',
+     'if False and \\\n'),
     ("measure fails on returned bytes", 'if row.get("returned_bytes"):',
      "if False:"),
 
     # --- The command line ---
     ("port range", "not port.isdigit() or \\\n            int(port) > 65535:",
      "not port.isdigit() or \\\n            int(port) > 65536:"),
-    ("non-negative", "        if value < 0:\n            raise argparse",
-     "        if value < -1:\n            raise argparse"),
+    ("non-negative", "        if value < 0 or value != value",
+     "        if value < -1 or value != value"),
     ("default verbosity", "verbosity=max(0, 1 + options.verbose - "
      "options.quiet))", "verbosity=max(0, options.verbose - options.quiet))"),
     ("counters at exit", "if server.verbosity:\n            "
