@@ -4281,6 +4281,26 @@ class QotdPromiseTest(ServerTestCase):
             sock.close()
         wait_until(lambda: not server.streams, message="the one-shots to end")
 
+    def test_the_linger_does_not_cut_a_reply_still_owed(self):
+        # Driven by hand: a reply the client has not read yet is the idle
+        # timeout's business, not the linger's (which starts at the FIN).
+        quote = os.urandom(16 << 20)
+        server = diagsvc.Server(["qotd"], bind=["127.0.0.1"],
+                                transports=["tcp"], port_offset=None,
+                                quotes=(quote,))
+        self.addCleanup(server.close)
+        client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.addCleanup(client.close)
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        client.connect(server.addresses["qotd", "tcp"][0])
+        server.listeners[0].on_event(diagsvc.EVENT_READ)
+        (stream,) = server.streams
+        self.assertIsNotNone(stream.owed)
+        server.now += diagsvc.ONE_SHOT_LINGER + 1.0
+        server._next_sweep = server.now
+        server._run_timers()
+        self.assertEqual(server.streams, {stream})
+
     def test_a_reply_the_socket_cannot_take_at_once_is_finished(self):
         # A library user may pass any bytes as quotes: 4 MB outgrows the
         # socket buffers, so the rest goes through the loop (owed), and
