@@ -241,8 +241,8 @@ MUTANTS = [
      "                self.close_stream(stream)", "            for stream in "
      "[]:\n                self.close_stream(stream)"),
     ("close closes the ring", "os.close(self._ring_file_to_close)", "pass"),
-    ("burst at least 1", "self.udp_burst = max(1, udp_burst)",
-     "self.udp_burst = udp_burst"),
+    ("burst at least 1", "self.udp_burst = max(1, _checked_limit(",
+     "self.udp_burst = max(0, _checked_limit("),
     ("port 0 shared by transports",
      "if chosen == 0:\n                            chosen = "
      "sock.getsockname()[1]", "if False:\n                            "
@@ -273,28 +273,21 @@ MUTANTS = [
      "echo_limited = False"),
     ("loop watch on", 'watch_loops = udp_guard and service is not '
      'SERVICES["discard"]', "watch_loops = False"),
-    ("loop block holds", "elif loop_blocked and address in loop_blocked:",
-     "elif False:"),
     ("loop watch sees returns",
      "if key in replied or key in replied_before:",
      "if key in replied:"),
-    ("loop watch forgives fresh payloads",
-     "            self.loop_suspects[address] = returns - 1\n"
-     "            else:", "            self.loop_suspects[address] = "
-     "returns\n            else:"),
     ("loop watch remembers non-echo replies",
      "if watch_loops and (echoes or reply):", "if watch_loops and echoes:"),
-    ("loop returns threshold", "if returns < LOOP_RETURNS:",
-     "if returns < 2 * LOOP_RETURNS:"),
-    ("loop block length", "self.loop_blocked[address] = self.now + "
-     "LOOP_BLOCK", "self.loop_blocked[address] = self.now + 1000 * "
-     "LOOP_BLOCK"),
+    ("loop returns threshold", "if returns >= LOOP_RETURNS:\n"
+     '            return "loop-detected"', "if returns >= 2 * LOOP_RETURNS:\n"
+     '            return "loop-detected"'),
+    ("loop returns decay", "forgiven = int((now - self._returns_decayed) / "
+     "LOOP_RETURN_INTERVAL)", "forgiven = 0"),
     ("loop watch ages", "if now - self._replies_aged >= LOOP_MEMORY:",
      "if False:"),
-    ("loop block ends", "in self.loop_blocked.items() if until <= now]",
-     "in self.loop_blocked.items() if until <= now - 1000]"),
-    ("log queue bound", "elif len(self._log_lines) >= LOG_QUEUE_MAX:",
-     "elif False:"),
+    ("log queue bound", "if self._log_writer is None or "
+     "len(self._log_lines) >= LOG_QUEUE_MAX:", "if self._log_writer is "
+     "None:"),
     ("log bucket", "tokens = min(float(LOG_BURST), self._log_tokens +",
      "tokens = max(float(LOG_BURST), self._log_tokens +"),
     ("log suppressed report", "if held_back and self.now - "
