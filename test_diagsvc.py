@@ -4649,6 +4649,54 @@ class LoopWatchPromiseTest(unittest.TestCase):
         self.assertEqual(self.server.replied, set())
 
 
+class LogPromiseTest(unittest.TestCase):
+
+    def make_server(self, log_file):
+        server = diagsvc.Server(["echo"], bind=["127.0.0.1"],
+                                transports=["udp"], port_offset=None,
+                                log_file=log_file, verbosity=1)
+        self.addCleanup(server.close)
+        if server._log_writer is None:
+            server._start_log_writer()
+        return server
+
+    def test_refusals_are_logged_once_per_source_group(self):
+        log_file = io.StringIO()
+        server = self.make_server(log_file)
+        counters = server.counters["echo", "udp"]
+        for host in ("2001:db8::1", "2001:db8::2", "2001:db8:0:1::1"):
+            server.refuse(counters, "denied", host, "udp",
+                          diagsvc.SERVICES["echo"])
+        server.close()                          # writes the queue out
+        self.assertEqual(counters.refusals, {"denied": 3})
+        lines = [line for line in log_file.getvalue().splitlines()
+                 if "refused" in line]
+        self.assertEqual(len(lines), 2, lines)    # one for each /64
+        self.assertIn("from 2001:db8::1: denied", lines[0])
+        self.assertIn("from 2001:db8:0:1::1: denied", lines[1])
+
+    def test_a_stalled_log_queues_a_bounded_number_of_lines(self):
+        from unittest import mock
+        writing = threading.Event()
+        release = threading.Event()
+
+        class StalledLog(io.StringIO):
+            def write(self, text):
+                writing.set()
+                release.wait(TIMEOUT)
+                return io.StringIO.write(self, text)
+        server = self.make_server(StalledLog())
+        self.addCleanup(release.set)
+        with mock.patch.object(diagsvc, "LOG_QUEUE_MAX", 3):
+            server.log("first")                 # the writer takes it, stalls
+            self.assertTrue(writing.wait(TIMEOUT))
+            dropped = server.log_lines_dropped
+            for number in range(5):
+                server.log("queued %d" % number)
+            self.assertEqual(server.log_lines_dropped - dropped, 2)
+        release.set()
+
+
 class IPv6ReplySourceTest(unittest.TestCase):
 
     @unittest.skipUnless(HAVE_IPV6, "no IPv6")
