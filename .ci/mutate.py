@@ -155,14 +155,17 @@ MUTANTS = [
     ("datagram count", "counters.datagrams += 1", "counters.datagrams += 2"),
     ("datagram bytes out", "counters.bytes_out += len(reply)",
      "counters.bytes_out += 0"),
-    ("loop guard ports", "if address[1] < lowest_port or address[1] in "
-     "guarded_ports:", "if address[1] < lowest_port:"),
-    ("loop guard low ports", "if address[1] < lowest_port or address[1] in "
-     "guarded_ports:", "if address[1] in guarded_ports:"),
+    ("loop guard ports", "if udp_guard and (address[1] < "
+     "UDP_LOWEST_SOURCE_PORT or\n                          address[1] in "
+     "server.guarded_ports):", "if udp_guard and (address[1] < "
+     "UDP_LOWEST_SOURCE_PORT):"),
+    ("loop guard low ports", "if udp_guard and (address[1] < "
+     "UDP_LOWEST_SOURCE_PORT or\n", "if udp_guard and (False or\n"),
     ("lowest client port", "UDP_LOWEST_SOURCE_PORT = 1024",
      "UDP_LOWEST_SOURCE_PORT = 1"),
-    ("loop guard off", "guarded_ports = server.guarded_ports if udp_guard "
-     "else ()", "guarded_ports = server.guarded_ports"),
+    ("loop guard off", "if udp_guard and (address[1] < "
+     "UDP_LOWEST_SOURCE_PORT or", "if (address[1] < "
+     "UDP_LOWEST_SOURCE_PORT or"),
     ("group destination refused",
      "None and _is_group_destination(destination):", "None and False:"),
     ("rate limit applies", "rate_limited = server.udp_rate and "
@@ -269,15 +272,15 @@ MUTANTS = [
      '<< shift', 'number = int.from_bytes(packed, "big")'),
     ("IPv6 /64 by default", "DEFAULT_IPV6_PREFIX = 64",
      "DEFAULT_IPV6_PREFIX = 128"),
-    ("echo rate applies", "echo_limited = server.udp_echo_rate and echoes",
-     "echo_limited = False"),
-    ("loop watch on", 'watch_loops = udp_guard and service is not '
-     'SERVICES["discard"]', "watch_loops = False"),
-    ("loop watch sees returns",
-     "if key in replied or key in replied_before:",
-     "if key in replied:"),
+    ("echo rate applies", "self.echo_limited = server.udp_echo_rate and "
+     "self.echoes", "self.echo_limited = False"),
+    ("loop watch on", "self.watch_loops = (server.udp_guard and",
+     "self.watch_loops = (False and"),
+    ("loop watch sees returns", "if key in server.replied or key in "
+     "server.replied_before:", "if key in server.replied:"),
     ("loop watch remembers non-echo replies",
-     "if watch_loops and (echoes or reply):", "if watch_loops and echoes:"),
+     "if watch_loops and (self.echoes or reply):",
+     "if watch_loops and self.echoes:"),
     ("loop returns threshold", "if returns >= LOOP_RETURNS:\n"
      '            return "loop-detected"', "if returns >= 2 * LOOP_RETURNS:\n"
      '            return "loop-detected"'),
@@ -392,7 +395,8 @@ MUTANTS = [
     ("non-negative", "        if value < 0 or value != value",
      "        if value < -1 or value != value"),
     ("default verbosity", "verbosity=max(0, 1 + options.verbose - "
-     "options.quiet))", "verbosity=max(0, options.verbose - options.quiet))"),
+     "options.quiet),", "verbosity=max(0, options.verbose - "
+     "options.quiet),"),
     ("counters at exit", "if server.verbosity:\n            "
      "server.log_counters()", "if False:\n            server.log_counters()"),
     ("table widths", "widths = [max(len(line[i]) for line in cells)",
