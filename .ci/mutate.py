@@ -43,7 +43,7 @@ import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FILES = ("diagsvc.py", "test_diagsvc.py")
+FILES = ("diagsvc.py", "test_diagsvc.py", "README.md")   # the tests read the README too
 
 MUTANTS = [
     # --- Pure content ---
