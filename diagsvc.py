@@ -245,8 +245,13 @@ def parse_quotes(text, name="<quotes>"):
     quotes = []
     lines = []
     first_line = 1
-    for number, line in enumerate(text.splitlines() + ["%"], 1):
-        if line.strip() == "%":
+    # Lines end at LF (or CRLF) only: str.splitlines() would also end them
+    # at form feeds and \x1c-\x1e, and rstrip() would drop those, so a
+    # control character would be passed over instead of refused.
+    for number, line in enumerate(text.split("\n") + ["%"], 1):
+        if line.endswith("\r"):
+            line = line[:-1]
+        if line.strip(" \t") == "%":
             body = "\r\n".join(lines).rstrip() + "\r\n" if lines else ""
             if body.strip():
                 if len(body) > QOTD_MAX:
@@ -258,7 +263,7 @@ def parse_quotes(text, name="<quotes>"):
             lines = []
             first_line = number + 1
             continue
-        line = line.expandtabs(8).rstrip()
+        line = line.expandtabs(8).rstrip(" ")
         for character in line:
             if not " " <= character <= "~":
                 raise QuoteFileError(
@@ -885,13 +890,16 @@ def _is_group_address(host):
     return host == "255.255.255.255" or (first.isdigit() and int(first) >= 224)
 
 
+_LIMITED_BROADCAST = b"\xff\xff\xff\xff"
+
+
 def _is_group_destination(packed):
     """Broadcast or multicast, packed (a datagram's destination, pktinfo)."""
     if len(packed) == 16:
         if packed[:12] != _V4_MAPPED_PREFIX:
             return packed[0] == 0xFF
         packed = packed[12:]            # IPv4 on a dual-stack socket
-    return packed[0] >= 224 or packed == b"\xff\xff\xff\xff"
+    return packed[0] >= 224 or packed == _LIMITED_BROADCAST
 
 
 def _needs_interface(packed):
@@ -1148,9 +1156,20 @@ class DatagramEndpoint(object):
         for level, kind, data in ancillary:
             if self.pktinfo == 4 and kind == IP_PKTINFO:
                 destination = data[8:12]            # in_pktinfo.ipi_addr
+                local = data[4:8]                   # in_pktinfo.ipi_spec_dst
+                if local == b"\0\0\0\0":
+                    local = destination
+                elif local != destination:
+                    # Linux sets ipi_spec_dst to the destination itself only
+                    # for a local unicast address; for a broadcast or
+                    # multicast one it is a unicast address of the host
+                    # (fib_compute_spec_dst).  That is how a directed subnet
+                    # broadcast (127.255.255.255, 192.0.2.255) shows itself:
+                    # its address alone does not, it depends on a netmask.
+                    destination = _LIMITED_BROADCAST
                 # Linux sendmsg: ipi_spec_dst is the source to use.
                 return [(socket.IPPROTO_IP, IP_PKTINFO,
-                         b"\0\0\0\0" + destination + b"\0\0\0\0")], destination
+                         b"\0\0\0\0" + local + b"\0\0\0\0")], destination
             if self.pktinfo == 6 and kind == IPV6_PKTINFO:
                 # in6_pktinfo: the source to use, and an interface index
                 # only where the address needs one (link-local; multicast

@@ -1602,7 +1602,7 @@ def run_python(code):
         stderr=subprocess.PIPE, universal_newlines=True, timeout=60)
 
 
-class DurationTest(ServerTestCase):
+class FiniteDurationTest(ServerTestCase):
     """A timeout or a duration is a finite number above 0: nan never ended
     a probe, inf crashed select(), 0 called every port filtered."""
 
@@ -2793,6 +2793,9 @@ class CommandLineTest(unittest.TestCase):
                            (["--port-offset", "65530", "--bind", "127.0.0.1"],
                             "outside 0-65535"),
                            (["--tcp", "--udp"], "not allowed with"),
+                           (["--port-offset", "-1"], "not a number >= 0"),
+                           (["--idle-timeout", "soon"], "not a number >= 0"),
+                           (["--port", "echo=65536"], "give SERVICE=PORT"),
                            (["--allow", "10.0.0.300"], "not an IP address"),
                            (["--qotd-file", "/nonexistent/quotes"],
                             "cannot read quote file /nonexistent/quotes")):
@@ -4381,7 +4384,8 @@ class PassedSocketTest(ServerTestCase):
                 self.assertEqual(sockets[0][0].fileno(), -1)
 
 
-class DurationTest(ServerTestCase):
+class ServeForDurationTest(ServerTestCase):
+    """--for / Server(duration=): serve for a while, then close everything."""
 
     def test_a_duration_without_a_datable_end_is_refused(self):
         for duration in (float("nan"), float("inf"), 1e300, -1):
@@ -4954,6 +4958,1012 @@ class DescriptorReserveTest(unittest.TestCase):
         self.assertIn("at most %d (%d on Windows)" % (
             1024 - diagsvc.DESCRIPTOR_RESERVE, 512 - diagsvc.DESCRIPTOR_RESERVE),
             text)
+
+
+# --- Pinned promises: each test fails on one plausible bug (issue 9) --------
+#
+# .ci/mutate.py makes those bugs one at a time and runs this file on each.
+
+
+def random_at_most(limit):
+    """Stands in for diagsvc._random_below: always its largest value."""
+    return limit - 1
+
+
+class local_time_zone(object):
+    """TZ set for a block (time.tzset() where it exists), then restored."""
+
+    def __init__(self, zone):
+        self.zone = zone
+
+    def __enter__(self):
+        if not hasattr(time, "tzset"):
+            raise unittest.SkipTest("no time.tzset() here")
+        self.saved = os.environ.get("TZ")
+        os.environ["TZ"] = self.zone
+        time.tzset()
+
+    def __exit__(self, *exc_info):
+        if self.saved is None:
+            del os.environ["TZ"]
+        else:
+            os.environ["TZ"] = self.saved
+        time.tzset()
+
+
+class ChargenPromiseTest(ServerTestCase):
+
+    def test_udp_replies_walk_the_ring_and_reach_512(self):
+        from unittest import mock
+        server = self.start_server(["chargen"], udp_rate=0)
+        sock = self.udp_socket()
+        address = server.addresses["chargen", "udp"][0]
+        ring = expected_chargen(95 * 2 + 7)
+        with mock.patch.object(diagsvc, "_random_below", random_at_most):
+            # 97 replies: the ring's 95 lines, then round again.
+            for number in range(97):
+                sock.sendto(b"", address)
+                reply = sock.recv(2048)
+                start = (number % 95) * 74
+                self.assertEqual(len(reply), 512)
+                self.assertEqual(reply, ring[start:start + 512], number)
+
+    def test_probe_judges_a_512_byte_reply_open(self):
+        ring = expected_chargen(8)
+        self.assertEqual(diagsvc._judge("chargen", "udp", ring[:512], b"",
+                                        True),
+                         ("open", "512 characters of the ring"))
+        self.assertEqual(diagsvc._judge("chargen", "udp", ring[:513], b"",
+                                        True)[0], "wrong")
+
+    def test_tcp_stream_is_exact_after_the_buffer_wraps(self):
+        # The precomputed buffer is ~274 KB: 600 KB wraps it twice, on
+        # both send paths.
+        size = 600 * 1000
+        expected = expected_chargen(size // 74 + 1)[:size]
+        for path in ("sendfile", "send"):
+            with self.subTest(path=path):
+                server = self.start_server(["chargen"])
+                if path == "send":
+                    server.chargen_ring_file = None
+                received = recv_exactly(self.connect(server, "chargen"), size)
+                self.assertEqual(len(received), size)
+                if received != expected:
+                    self.fail("first difference at byte %d" % next(
+                        i for i in range(size) if received[i] != expected[i]))
+
+    @unittest.skipUnless(ON_LINUX and hasattr(os, "sendfile"),
+                         "sendfile() from /dev/null is EINVAL on Linux")
+    def test_a_ring_file_sendfile_refuses_falls_back_to_send(self):
+        server = self.start_server(["chargen"])
+        # sendfile() from /dev/null fails with EINVAL (Linux), as it does
+        # where the socket type or file system cannot do it.
+        refusing = os.open(os.devnull, os.O_RDONLY)
+        self.addCleanup(os.close, refusing)
+        server.chargen_ring_file = refusing
+        sock = self.connect(server, "chargen")
+        self.assertEqual(recv_exactly(sock, 100 * 74), expected_chargen(100))
+        self.assertIsNone(server.chargen_ring_file)
+
+    def test_udp_chargen_is_rate_limited(self):
+        server = self.start_server(["chargen", "echo"], udp_rate=1.0,
+                                   udp_burst=2)
+        sock = self.udp_socket()
+        address = server.addresses["chargen", "udp"][0]
+        for _ in range(3):
+            sock.sendto(b"", address)
+        wait_until(lambda: server.counters["chargen", "udp"].datagrams == 3,
+                   message="three chargen datagrams")
+        self.assertEqual(server.counters["chargen", "udp"].refusals,
+                         {"rate-limit": 1})
+
+    def test_tcp_keeps_streaming_after_the_client_half_closes(self):
+        server = self.start_server(["chargen"])
+        port = server.addresses["chargen", "tcp"][0][1]
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.addCleanup(sock.close)
+        # A small receive buffer: what the server sent before it saw the
+        # half-close is at most its own send buffer (4 MiB here) and this.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        sock.settimeout(TIMEOUT)
+        sock.connect(("127.0.0.1", port))
+        sock.shutdown(socket.SHUT_WR)
+        wait_until(lambda: any(stream.events == diagsvc.EVENT_WRITE
+                               for stream in list(server.streams)),
+                   message="chargen to see the half-close and stop reading")
+        size = 8 << 20
+        period = expected_chargen(95)
+        expected = (period * (size // len(period) + 1))[:size]
+        received = recv_exactly(sock, size)
+        self.assertEqual(len(received), size)
+        self.assertTrue(received == expected)
+        self.assertEqual(len(server.streams), 1)
+
+
+class EchoPromiseTest(ServerTestCase):
+
+    def test_echo_is_exact_through_a_stall(self):
+        # The client reads nothing until echo has stopped reading (what it
+        # owes did not fit): then the owed bytes go out in pieces, in order.
+        server = self.start_server(["echo"], max_output=256 * 1024)
+        port = server.addresses["echo", "tcp"][0][1]
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.addCleanup(sock.close)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(TIMEOUT)
+        sock.connect(("127.0.0.1", port))
+        # A small send buffer on the server's side, so that the kernel
+        # takes what is owed a piece at a time (send_owed's partial sends).
+        wait_until(lambda: server.streams, message="the connection")
+        (stream,) = list(server.streams)
+        stream.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        payload = os.urandom(2 << 20)
+        sender = threading.Thread(target=lambda: (
+            sock.sendall(payload), sock.shutdown(socket.SHUT_WR)))
+        sender.daemon = True
+        sender.start()
+        wait_until(lambda: any(stream.owed is not None
+                               for stream in list(server.streams)),
+                   message="echo to owe bytes")
+        received = recv_to_eof(sock)
+        sender.join(TIMEOUT)
+        self.assertEqual(len(received), len(payload))
+        self.assertTrue(received == payload)
+
+    def test_stats_keep_bytes_in_and_out_apart(self):
+        server = self.start_server(["discard"])
+        sock = self.connect(server, "discard")
+        sock.sendall(b"x" * 1000)
+        sock.shutdown(socket.SHUT_WR)
+        self.assertEqual(recv_to_eof(sock), b"")
+        wait_until(lambda: not server.streams, message="discard to close")
+        self.assertEqual(server.stats()["discard", "tcp"], {
+            "connections": 1, "datagrams": 0, "bytes_in": 1000,
+            "bytes_out": 0, "refusals": {}})
+
+
+class DaytimePromiseTest(unittest.TestCase):
+
+    def test_weekday_and_space_padded_day_in_utc(self):
+        with local_time_zone("UTC"):
+            self.assertEqual(diagsvc.daytime_text(1232412198),
+                             b"Tue Jan 20 00:43:18 2009\r\n")
+            self.assertEqual(diagsvc.daytime_text(1231139289),
+                             b"Mon Jan  5 07:08:09 2009\r\n")
+            self.assertEqual(diagsvc.daytime_text(1230768000 - 1),
+                             b"Wed Dec 31 23:59:59 2008\r\n")
+
+
+class QotdPromiseTest(ServerTestCase):
+
+    def test_511_bytes_accepted_512_refused(self):
+        # The length RFC 865 limits is the quote as sent, CRLF included.
+        quote = "q" * 509
+        self.assertEqual(diagsvc.parse_quotes(quote),
+                         ((quote + "\r\n").encode("ascii"),))
+        with self.assertRaisesRegex(diagsvc.QuoteFileError,
+                                    "lines 1-1 is 512 characters"):
+            diagsvc.parse_quotes(quote + "q")
+
+    def test_del_and_other_controls_are_refused(self):
+        # README: a quote file that is not printable ASCII is refused, also
+        # where str.splitlines() sees a line end or str.strip() a space.
+        for character in ("\x7f", "\x1f", "\x00", "\x80", "\x0c", "\x0b",
+                          "\x1c", "\x1e", "\x85"):
+            for text in ("fine\nnot " + character + " here\n",
+                         "fine\nnot " + character + "\n",
+                         "fine\n" + character + "%\n"):
+                with self.subTest(character=character, text=text):
+                    with self.assertRaisesRegex(diagsvc.QuoteFileError,
+                                                "line 2 holds"):
+                        diagsvc.parse_quotes(text)
+        with self.assertRaisesRegex(diagsvc.QuoteFileError, "line 1 holds"):
+            diagsvc.parse_quotes("a lone \r is no line end\n")
+        # CRLF files and fortune's "%" lines with trailing blanks still work.
+        self.assertEqual(diagsvc.parse_quotes("one\r\ntwo \t\r\n% \r\n3\r\n"),
+                         (b"one\r\ntwo\r\n", b"3\r\n"))
+        for character in (" ", "~"):            # the ends of the range
+            self.assertEqual(diagsvc.parse_quotes("a" + character + "b"),
+                             (("a" + character + "b\r\n").encode("ascii"),))
+
+    def test_a_quote_of_blank_lines_is_no_quote(self):
+        self.assertEqual(diagsvc.parse_quotes("a\n%\n\n  \n%\nb\n"),
+                         (b"a\r\n", b"b\r\n"))
+
+    def test_every_quote_can_be_chosen(self):
+        from unittest import mock
+        quotes = (b"first\r\n", b"second\r\n", b"third\r\n")
+        server = self.start_server(["qotd"], quotes=quotes, udp_rate=0)
+        with mock.patch.object(diagsvc, "_random_below", random_at_most):
+            self.assertEqual(recv_to_eof(self.connect(server, "qotd")),
+                             b"third\r\n")
+            self.assertEqual(self.udp_exchange(server, "qotd", b""),
+                             b"third\r\n")
+        with mock.patch.object(diagsvc, "_random_below", lambda limit: 0):
+            self.assertEqual(recv_to_eof(self.connect(server, "qotd")),
+                             b"first\r\n")
+
+    def test_a_one_shot_reply_ends_with_its_half_close_not_the_linger(self):
+        from unittest import mock
+        patch = mock.patch.object(diagsvc, "ONE_SHOT_LINGER", 3600.0)
+        patch.start()
+        self.addCleanup(patch.stop)
+        server = self.start_server(["daytime", "qotd", "time"])
+        for service in ("daytime", "qotd", "time"):
+            sock = self.connect(server, service)
+            self.assertTrue(recv_to_eof(sock))  # EOF now, not in an hour
+            sock.close()
+        wait_until(lambda: not server.streams, message="the one-shots to end")
+
+    def test_the_linger_does_not_cut_a_reply_still_owed(self):
+        # Driven by hand: a reply the client has not read yet is the idle
+        # timeout's business, not the linger's (which starts at the FIN).
+        quote = os.urandom(16 << 20)
+        server = diagsvc.Server(["qotd"], bind=["127.0.0.1"],
+                                transports=["tcp"], port_offset=None)
+        self.addCleanup(server.close)
+        # Past the constructor's RFC 865 check: only the send path is tested.
+        server.quotes = (quote,)
+        client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.addCleanup(client.close)
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        client.connect(server.addresses["qotd", "tcp"][0])
+        server.listeners[0].on_event(diagsvc.EVENT_READ)
+        (stream,) = server.streams
+        self.assertIsNotNone(stream.owed)
+        server.now += diagsvc.ONE_SHOT_LINGER + 1.0
+        server._next_sweep = server.now
+        server._run_timers()
+        self.assertEqual(server.streams, {stream})
+
+    def test_a_reply_the_socket_cannot_take_at_once_is_finished(self):
+        # A reply that outgrows the
+        # socket buffers, so the rest goes through the loop (owed), and
+        # the half-close follows the last byte, not the linger's end.
+        from unittest import mock
+        patch = mock.patch.object(diagsvc, "ONE_SHOT_LINGER", 3600.0)
+        patch.start()
+        self.addCleanup(patch.stop)
+        # 16 MiB is past any send buffer Linux gives (tcp_wmem's 4 MiB).
+        quote = os.urandom(16 << 20)
+        server = self.start_server(["qotd"])
+        # Past the constructor's RFC 865 check: only the send path is tested.
+        server.quotes = (quote,)
+        port = server.addresses["qotd", "tcp"][0][1]
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.addCleanup(sock.close)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        sock.settimeout(TIMEOUT)
+        sock.connect(("127.0.0.1", port))
+        received = recv_to_eof(sock)
+        self.assertEqual(len(received), len(quote))
+        self.assertTrue(received == quote)
+        sock.close()                            # the server waits for this
+        wait_until(lambda: not server.streams, message="the reply to end")
+        self.assertEqual(server.counters["qotd", "tcp"].bytes_out, len(quote))
+
+    def test_random_below_covers_its_range(self):
+        drawn = set(diagsvc._random_below(3) for _ in range(300))
+        self.assertEqual(drawn, {0, 1, 2})
+
+
+class IdlePromiseTest(ServerTestCase):
+
+    def test_busy_discard_and_chargen_outlive_the_idle_timeout(self):
+        # Timeout 0.6 s, 1.5 s of traffic: a paced client is never quiet
+        # for 0.6 s, even on a loaded machine; a bug closes within 0.75 s.
+        server = self.start_server(["discard", "chargen"], idle_timeout=0.6)
+        sender = self.connect(server, "discard")
+        reader = self.connect(server, "chargen")
+        stop = threading.Event()
+
+        def keep_sending():
+            while not stop.is_set():
+                sender.sendall(b"d" * 100)
+                stop.wait(0.05)         # a live client's pace, not a sync
+        thread = threading.Thread(target=keep_sending)
+        thread.start()
+        try:
+            started = time.monotonic()
+            received = 0
+            while time.monotonic() - started < 1.5:
+                chunk = reader.recv(65536)
+                self.assertTrue(chunk, "chargen closed after %d bytes" %
+                                received)
+                received += len(chunk)
+        finally:
+            stop.set()
+            thread.join()
+        self.assertEqual(len(server.streams), 2)
+        self.assertEqual(server.counters["discard", "tcp"].refusals, {})
+        self.assertEqual(server.counters["chargen", "tcp"].refusals, {})
+        sender.sendall(b"still open")
+        self.assertTrue(reader.recv(100))
+
+    def test_idle_timeout_zero_never_closes(self):
+        # Driven by hand: the clock jumps a day and the sweep runs.
+        server = diagsvc.Server(["echo"], bind=["127.0.0.1"],
+                                transports=["tcp"], port_offset=None,
+                                idle_timeout=0)
+        self.addCleanup(server.close)
+        client = socket.create_connection(server.addresses["echo", "tcp"][0],
+                                          TIMEOUT)
+        self.addCleanup(client.close)
+        server.listeners[0].on_event(diagsvc.EVENT_READ)
+        (stream,) = server.streams
+        server.now += 86400.0
+        server._run_timers()
+        self.assertEqual(server.streams, {stream})
+        self.assertEqual(server.counters["echo", "tcp"].refusals, {})
+        self.assertEqual(server._sweep_interval(), diagsvc.MAX_TIMER_WAIT)
+
+    def test_sweep_closes_only_what_was_idle_longer_than_the_timeout(self):
+        server = diagsvc.Server(["echo"], bind=["127.0.0.1"],
+                                transports=["tcp"], port_offset=None,
+                                idle_timeout=10.0)
+        self.addCleanup(server.close)
+        clients = []
+        for _ in range(2):
+            clients.append(socket.create_connection(
+                server.addresses["echo", "tcp"][0], TIMEOUT))
+            self.addCleanup(clients[-1].close)
+        server.listeners[0].on_event(diagsvc.EVENT_READ)
+        old, fresh = sorted(server.streams, key=id)
+        self.assertEqual(server._sweep_interval(), 1.0)
+        server.now += 10.5
+        fresh.last_active = server.now - 9.5
+        server._run_timers()
+        self.assertEqual(server.streams, {fresh})
+        self.assertEqual(server.counters["echo", "tcp"].refusals,
+                         {"idle-timeout": 1})
+        self.assertEqual(server._next_sweep, server.now + 1.0)
+        # A short timeout is swept four times within it.
+        server.idle_timeout = 0.4
+        self.assertAlmostEqual(server._sweep_interval(), 0.1)
+        server.idle_timeout = 0.01
+        self.assertEqual(server._sweep_interval(), 0.05)
+
+
+class RateLimitPromiseTest(unittest.TestCase):
+    """The token bucket, driven by hand with exact binary clock steps."""
+
+    def make_server(self, **options):
+        server = diagsvc.Server(["daytime"], bind=["127.0.0.1"],
+                                transports=["udp"], port_offset=None,
+                                **options)
+        self.addCleanup(server.close)
+        server.now = 1000.0
+        return server
+
+    def drain(self, server, source, allowed):
+        for number in range(allowed):
+            self.assertIsNone(server.rate_limited(source), number)
+        self.assertEqual(server.rate_limited(source), "rate-limit")
+
+    def test_bucket_refills_at_the_rate_and_only_up_to_the_burst(self):
+        server = self.make_server(udp_rate=4.0, udp_burst=3)
+        self.drain(server, "192.0.2.1", 3)
+        server.now += 0.25                      # one token at 4 a second
+        self.drain(server, "192.0.2.1", 1)
+        server.now += 0.125                     # half a token: not yet
+        self.assertEqual(server.rate_limited("192.0.2.1"), "rate-limit")
+        server.now += 0.125
+        self.drain(server, "192.0.2.1", 1)
+        server.now += 3600.0                    # an idle hour: the burst
+        self.drain(server, "192.0.2.1", 3)
+        self.drain(server, "192.0.2.2", 3)      # each source its own
+
+    def test_limited_source_stays_limited_across_the_sweep(self):
+        server = self.make_server(udp_rate=4.0, udp_burst=3)
+        self.drain(server, "192.0.2.1", 3)
+        self.assertIsNone(server.rate_limited("192.0.2.2"))
+        server.now += 0.125
+        server._next_sweep = server.now
+        server._run_timers()
+        self.assertEqual(server.rate_limited("192.0.2.1"), "rate-limit")
+        # A bucket that is full again is forgotten by the sweep.
+        server.now += 10.0
+        server._next_sweep = server.now
+        server._run_timers()
+        self.assertEqual(server._rate_buckets, {})
+
+    def test_a_full_table_refuses_new_sources_until_it_can_prune(self):
+        from unittest import mock
+        server = self.make_server(udp_rate=4.0, udp_burst=2)
+        with mock.patch.object(diagsvc, "RATE_TABLE_MAX", 2):
+            self.drain(server, "192.0.2.1", 2)
+            self.drain(server, "192.0.2.2", 2)
+            self.assertEqual(server.rate_limited("192.0.2.3"),
+                             "rate-table-full")
+            server.now += 0.5                   # 192.0.2.1 and .2 refill
+            self.assertIsNone(server.rate_limited("192.0.2.3"))
+            self.assertEqual(sorted(server._rate_buckets), ["192.0.2.3"])
+
+    def test_rate_zero_and_echo_are_not_limited(self):
+        server = self.make_server(udp_rate=0, udp_burst=0)
+        self.assertEqual(server.udp_burst, 1)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(sock.close)
+        sock.settimeout(TIMEOUT)
+        server.start()
+        for _ in range(60):
+            sock.sendto(b"", server.addresses["daytime", "udp"][0])
+            self.assertTrue(DAYTIME.match(sock.recv(100)))
+
+
+class GroupAddressPromiseTest(unittest.TestCase):
+
+    def test_the_edges_of_the_multicast_range(self):
+        self.assertTrue(diagsvc._is_group_destination(b"\xe0\0\0\1"))
+        self.assertFalse(diagsvc._is_group_destination(b"\xdf\xff\xff\xff"))
+        self.assertTrue(diagsvc._is_group_address("224.0.0.1"))
+        self.assertFalse(diagsvc._is_group_address("223.255.255.255"))
+        self.assertFalse(diagsvc._is_group_destination(b"\xfe\x80" +
+                                                       b"\0" * 14))
+
+
+    def test_which_ipv6_addresses_need_their_interface(self):
+        # A reply from link-local or multicast needs the interface pinned;
+        # any other address is routed as the kernel would route it.
+        def needs(text):
+            return diagsvc._needs_interface(socket.inet_pton(
+                socket.AF_INET6, text))
+        for text in ("fe80::1", "febf::1", "ff02::1"):
+            self.assertTrue(needs(text), text)
+        for text in ("fec0::1", "fd00::2", "::1", "2001:db8::1"):
+            self.assertFalse(needs(text), text)
+
+
+@needs_linux
+class GroupDestinationTest(ServerTestCase):
+    """Datagrams sent to a group address, on a wildcard socket."""
+
+    def test_broadcast_and_multicast_destinations_are_refused(self):
+        server = self.start_server(["echo"], host="0.0.0.0",
+                                   transports=["udp"])
+        port = server.addresses["echo", "udp"][0][1]
+        counters = server.counters["echo", "udp"]
+        sock = self.udp_socket(timeout=0.0)
+        sock.bind(("127.0.0.1", 0))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+        # 127.255.255.255: loopback's directed broadcast (on Linux's lo).
+        sock.sendto(b"to all", ("127.255.255.255", port))
+        wait_until(lambda: counters.datagrams == 1, message="the broadcast")
+        expected = {"group-destination": 1}
+        try:
+            server.endpoints[0].sock.setsockopt(
+                socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP,
+                socket.inet_aton("224.0.0.1") + socket.inet_aton("127.0.0.1"))
+            sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF,
+                            socket.inet_aton("127.0.0.1"))
+            sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 1)
+        except OSError:
+            pass                        # no multicast on loopback here
+        else:
+            sock.sendto(b"to the group", ("224.0.0.1", port))
+            wait_until(lambda: counters.datagrams == 2,
+                       message="the multicast datagram")
+            expected = {"group-destination": 2}
+        self.assertEqual(counters.refusals, expected)
+        self.assertEqual(counters.bytes_out, 0)
+        # Unicast on the same socket is answered, from where it was sent.
+        sock.settimeout(TIMEOUT)
+        sock.sendto(b"to one", ("127.0.0.1", port))
+        self.assertEqual(sock.recvfrom(100), (b"to one", ("127.0.0.1", port)))
+
+    def test_group_sources_are_refused_by_the_guard_only(self):
+        server = diagsvc.Server(["echo"], bind=["127.0.0.1"],
+                                transports=["udp"], port_offset=None)
+        self.addCleanup(server.close)
+        for source in ("224.0.0.1", "255.255.255.255", "ff02::1"):
+            self.assertEqual(server.udp_source_refusal(source),
+                             "group-source")
+        self.assertIsNone(server.udp_source_refusal("127.0.0.1"))
+        server.udp_guard = False
+        self.assertIsNone(server.udp_source_refusal("224.0.0.1"))
+
+    def test_without_the_guard_a_broadcast_is_answered_from_a_unicast_address(self):
+        server = self.start_server(["echo"], host="0.0.0.0",
+                                   transports=["udp"], udp_guard=False)
+        port = server.addresses["echo", "udp"][0][1]
+        sock = self.udp_socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+        sock.sendto(b"lab", ("127.255.255.255", port))
+        self.assertEqual(sock.recvfrom(100), (b"lab", ("127.0.0.1", port)))
+
+
+NAMESPACE_ECHO_CHECK = r"""
+import socket, subprocess, sys
+sys.path.insert(0, sys.argv[1])
+import diagsvc
+subprocess.check_call(["ip", "link", "set", "lo", "up"])
+subprocess.check_call(["ip", "-6", "addr", "add", "fd00:9::2/128", "dev",
+                       "lo", "nodad"])
+with diagsvc.Server(["echo"], bind=["::"], transports=["udp"],
+                    port_offset=None) as server:
+    server.start()
+    port = server.addresses["echo", "udp"][0][1]
+    for source, destination in (("::1", "fd00:9::2"), ("fd00:9::2", "::1"),
+                                ("::1", "::1")):
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        sock.settimeout(0.5)
+        sock.bind((source, 0))
+        # The kernel finishes a new address's setup in a work queue: on a
+        # loaded machine the first datagrams may find no route yet.  Ask
+        # again, as a UDP client does, for up to 10 s.
+        for attempt in range(20):
+            sock.sendto(b"via " + destination.encode(), (destination, port))
+            try:
+                reply, sender = sock.recvfrom(100)
+                break
+            except socket.timeout:
+                continue
+        print(reply.decode(), sender[0])
+        sock.close()
+"""
+
+
+class LoopWatchPromiseTest(unittest.TestCase):
+    """The loop watch driven by hand: one echo endpoint, no loop thread.
+
+    Loopback UDP is queued in the receiver during sendto(), so each
+    exchange below is: send, one on_event(), read what came back.  The
+    clock only moves forward from where the constructor set it.
+    """
+
+    def setUp(self):
+        self.server = diagsvc.Server(["echo"], bind=["127.0.0.1"],
+                                     transports=["udp"], port_offset=None)
+        self.addCleanup(self.server.close)
+        self.endpoint = self.server.endpoints[0]
+        self.client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(self.client.close)
+        self.client.bind(("127.0.0.1", 0))
+        self.client.setblocking(False)
+        self.peer = self.client.getsockname()
+
+    def exchange(self, payload):
+        """The reply, or None when the datagram was refused."""
+        self.client.sendto(payload, self.endpoint.address)
+        self.assertTrue(select.select([self.endpoint.sock], [], [],
+                                      TIMEOUT)[0])
+        self.endpoint.on_event(diagsvc.EVENT_READ)
+        try:
+            return self.client.recv(100)
+        except BlockingIOError:
+            return None
+
+    def refusals(self):
+        return self.server.counters["echo", "udp"].refusals
+
+    def test_returns_past_the_allowance_are_refused_new_bytes_are_not(self):
+        for number in range(1 + diagsvc.LOOP_RETURNS):
+            self.assertEqual(self.exchange(b"same"), b"same", number)
+        self.assertIsNone(self.exchange(b"same"))
+        self.assertEqual(self.refusals(), {"loop-detected": 1})
+        self.assertEqual(self.exchange(b"fresh"), b"fresh")
+        # One return is forgiven each LOOP_RETURN_INTERVAL.
+        self.server.now += diagsvc.LOOP_RETURN_INTERVAL
+        self.server._age_loop_watch()
+        self.assertEqual(self.server.loop_suspects,
+                         {self.peer: diagsvc.LOOP_RETURNS - 1})
+        self.assertEqual(self.exchange(b"same"), b"same")
+        self.assertIsNone(self.exchange(b"same"))
+
+    def test_replies_are_remembered_for_two_generations_then_forgotten(self):
+        self.assertEqual(self.exchange(b"A"), b"A")
+        self.server.forget_old_replies()        # a new generation
+        self.assertEqual(self.exchange(b"A"), b"A")
+        self.assertEqual(self.server.loop_suspects, {self.peer: 1})
+        self.server.forget_old_replies()
+        self.server.forget_old_replies()        # two generations on: gone
+        self.assertEqual(self.exchange(b"A"), b"A")
+        self.assertEqual(self.server.loop_suspects, {self.peer: 1})
+        # The sweep starts a generation each LOOP_MEMORY seconds.
+        self.server.now += diagsvc.LOOP_MEMORY
+        self.server._age_loop_watch()
+        self.assertEqual(self.server.replied, set())
+
+
+class LogPromiseTest(unittest.TestCase):
+
+    def make_server(self, log_file):
+        server = diagsvc.Server(["echo"], bind=["127.0.0.1"],
+                                transports=["udp"], port_offset=None,
+                                log_file=log_file, verbosity=1)
+        self.addCleanup(server.close)
+        return server
+
+    def test_refusals_are_logged_once_per_source_group(self):
+        log_file = io.StringIO()
+        server = self.make_server(log_file)
+        counters = server.counters["echo", "udp"]
+        for host in ("2001:db8::1", "2001:db8::2", "2001:db8:0:1::1"):
+            server.refuse(counters, "denied", host, "udp",
+                          diagsvc.SERVICES["echo"])
+        server.close()                          # writes the queue out
+        self.assertEqual(counters.refusals, {"denied": 3})
+        lines = [line for line in log_file.getvalue().splitlines()
+                 if "refused" in line]
+        self.assertEqual(len(lines), 2, lines)    # one for each /64
+        self.assertIn("from 2001:db8::1: denied", lines[0])
+        self.assertIn("from 2001:db8:0:1::1: denied", lines[1])
+
+    def test_a_stalled_log_queues_a_bounded_number_of_lines(self):
+        from unittest import mock
+        writing = threading.Event()
+        release = threading.Event()
+
+        class StalledLog(io.StringIO):
+            def write(self, text):
+                writing.set()
+                release.wait(TIMEOUT)
+                return io.StringIO.write(self, text)
+        server = self.make_server(StalledLog())
+        self.addCleanup(release.set)
+        with mock.patch.object(diagsvc, "LOG_QUEUE_MAX", 3):
+            server.log("first")                 # the writer takes it, stalls
+            self.assertTrue(writing.wait(TIMEOUT))
+            dropped = server.log_lines_dropped
+            for number in range(5):
+                server.log("queued %d" % number)
+            self.assertEqual(server.log_lines_dropped - dropped, 2)
+        release.set()
+
+
+class IPv6ReplySourceTest(unittest.TestCase):
+
+    @unittest.skipUnless(HAVE_IPV6, "no IPv6")
+    def test_reply_leaves_from_the_address_it_was_sent_to(self):
+        if not (ON_LINUX and hasattr(os, "geteuid") and os.geteuid() == 0):
+            self.skipTest("needs root to make a network namespace")
+        import shutil
+        if not (shutil.which("unshare") and shutil.which("ip")):
+            self.skipTest("needs unshare and ip")
+        result = subprocess.run(
+            ["unshare", "-n", sys.executable, "-c", NAMESPACE_ECHO_CHECK, HERE],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            universal_newlines=True, timeout=60)
+        if result.returncode and "unshare failed" in result.stderr:
+            self.skipTest(result.stderr.strip())
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(result.stdout.splitlines(), [
+            "via fd00:9::2 fd00:9::2", "via ::1 ::1", "via ::1 ::1"])
+
+
+needs_root_on_linux = unittest.skipUnless(
+    ON_LINUX and hasattr(os, "geteuid") and os.geteuid() == 0,
+    "needs root and /proc")
+
+
+class PrivilegePromiseTest(unittest.TestCase):
+
+    @needs_root_on_linux
+    def test_supplementary_groups_are_gone_after_the_drop(self):
+        process = subprocess.Popen(
+            [sys.executable, SCRIPT, "echo", "--tcp", "--bind", "127.0.0.1",
+             "--port", "echo=0", "-q"], stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, universal_newlines=True,
+            preexec_fn=lambda: os.setgroups([4, 27, 100]))
+        self.addCleanup(process.wait)
+        self.addCleanup(process.stderr.close)
+        self.addCleanup(process.stdout.close)
+        self.addCleanup(process.kill)
+        for line in process.stdout:
+            if line.startswith("diagsvc: running as"):
+                break
+        with open("/proc/%d/status" % process.pid) as status:
+            fields = dict(line.split(":", 1) for line in status)
+        self.assertEqual(fields["Groups"].split(), [])
+        self.assertEqual(fields["Uid"].split()[0],
+                         str(__import__("pwd").getpwnam("nobody").pw_uid))
+
+    @needs_root_on_linux
+    def test_a_failed_drop_exits_2_with_one_line(self):
+        result = run_command("echo", "--tcp", "--bind", "127.0.0.1",
+                             "--port", "echo=0", "--user",
+                             "no-such-user-diagsvc")
+        self.assertEqual(result.returncode, 2)
+        self.assertEqual(result.stdout, "")
+        self.assertEqual(result.stderr, (
+            "diagsvc: error: no user 'no-such-user-diagsvc' on this host to "
+            "drop privileges to; name one with --user NAME (or --user root "
+            "to keep root)\n"))
+
+    @unittest.skipUnless(hasattr(os, "geteuid"), "Unix only")
+    def test_not_root_or_root_kept_changes_nothing(self):
+        import pwd
+        if os.geteuid() == 0:
+            # --user root changes nothing, supplementary groups included.
+            saved = os.getgroups()
+            os.setgroups(sorted(set(saved) | {4}))
+            try:
+                groups = os.getgroups()
+                self.assertEqual(diagsvc.drop_privileges("root"),
+                                 "user root (uid 0)")
+                self.assertEqual(os.getgroups(), groups)
+            finally:
+                os.setgroups(saved)
+        else:
+            name = pwd.getpwuid(os.geteuid()).pw_name
+            self.assertEqual(diagsvc.drop_privileges("nobody"),
+                             "user %s (uid %d)" % (name, os.geteuid()))
+
+
+class LifecyclePromiseTest(unittest.TestCase):
+
+    def test_shutdown_stops_an_idle_loop_promptly(self):
+        server = diagsvc.Server(["echo"], bind=["127.0.0.1"],
+                                port_offset=None)
+        self.addCleanup(server.close)
+        # No timer for an hour and nothing to serve: only the waker can end
+        # the select().  Wrapped to know that the loop is inside it.
+        server._next_timer = time.monotonic() + 3600
+        real_select = server.selector.select
+        waiting = threading.Event()
+
+        def select(timeout=None):
+            waiting.set()
+            return real_select(timeout)
+        server.selector.select = select
+        loop = threading.Thread(target=server.serve_forever)
+        loop.daemon = True
+        loop.start()
+        # If the waker is broken, free the loop so that close() can return.
+        self.addCleanup(lambda: server._waker.writer.send(b"\0")
+                        if loop.is_alive() else None)
+        self.assertTrue(waiting.wait(TIMEOUT))
+        server.shutdown()
+        loop.join(TIMEOUT)
+        self.assertFalse(loop.is_alive(), "the idle loop did not stop")
+
+    @unittest.skipUnless(os.path.isdir("/proc/self/fd"), "needs /proc")
+    def test_close_releases_every_descriptor_the_ring_included(self):
+        def descriptors():
+            return len(os.listdir("/proc/self/fd"))
+        before = descriptors()
+        server = diagsvc.Server(["chargen"], bind=["127.0.0.1"],
+                                port_offset=None)
+        if hasattr(os, "sendfile"):
+            self.assertIsNotNone(server.chargen_ring_file)
+        server.start()
+        client = socket.create_connection(server.addresses["chargen", "tcp"][0],
+                                          TIMEOUT)
+        recv_exactly(client, 74)
+        server.close()
+        client.close()
+        self.assertEqual(descriptors(), before)
+        server.close()                          # twice: still fine
+
+    def test_any_free_port_tries_again_where_another_program_holds_it(self):
+        # Port 0: TCP gets a free port, and UDP must take the same one.
+        # Another program may hold it for UDP (the suite runs next to
+        # others): that is no error while other ports are free.
+        from unittest import mock
+        real_bind = diagsvc.Server._bind
+        holders = []
+
+        def bind(server, name, transport, family, host, port, scope=0):
+            if transport == "udp" and port and not holders:
+                holder = socket.socket(family, socket.SOCK_DGRAM)
+                holder.bind((host, port))       # taken, as by another program
+                holders.append(holder)
+            return real_bind(server, name, transport, family, host, port,
+                             scope)
+        with mock.patch.object(diagsvc.Server, "_bind", bind):
+            server = diagsvc.Server(["echo"], bind=["127.0.0.1"],
+                                    port_offset=None)
+        self.addCleanup(server.close)
+        self.addCleanup(holders[0].close)
+        taken = holders[0].getsockname()[1]
+        (tcp,), (udp,) = (server.addresses["echo", "tcp"],
+                          server.addresses["echo", "udp"])
+        self.assertEqual(tcp[1], udp[1])
+        self.assertNotEqual(udp[1], taken)
+        # A port that was asked for is not changed: that is an error.
+        with self.assertRaisesRegex(diagsvc.ServerError, "in use"):
+            diagsvc.Server(["echo"], bind=["127.0.0.1"], transports=["udp"],
+                           ports={"echo": taken})
+
+    def test_a_failed_constructor_closes_what_it_opened(self):
+        with diagsvc.Server(["echo"], bind=["127.0.0.1"], transports=["tcp"],
+                            port_offset=None) as first:
+            port = first.addresses["echo", "tcp"][0][1]
+            if os.path.isdir("/proc/self/fd"):
+                before = len(os.listdir("/proc/self/fd"))
+            with self.assertRaises(diagsvc.ServerError):
+                diagsvc.Server(["chargen", "echo"], bind=["127.0.0.1"],
+                               transports=["tcp"], ports={"echo": port},
+                               port_offset=None)
+            if os.path.isdir("/proc/self/fd"):
+                self.assertEqual(len(os.listdir("/proc/self/fd")), before)
+
+
+class CommandLinePromiseTest(unittest.TestCase):
+
+    @unittest.skipIf(sys.platform == "win32", "signals")
+    def test_default_verbosity_logs_counters_on_sigterm(self):
+        server = ServerProcess("echo", "--udp", "--bind", "127.0.0.1",
+                               "--port", "echo=0")
+        self.addCleanup(server.kill)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(sock.close)
+        sock.settimeout(TIMEOUT)
+        sock.sendto(b"12345", server.addresses["echo", "udp"][0])
+        self.assertEqual(sock.recv(100), b"12345")
+        server.process.terminate()
+        _, stderr = server.process.communicate(timeout=TIMEOUT)
+        self.assertEqual(server.process.returncode, 0)
+        self.assertRegex(stderr, r"(?m) diagsvc: echo/udp: 1 datagrams, 5 "
+                                 r"bytes in, 5 bytes out$")
+
+    @unittest.skipIf(sys.platform == "win32", "signals")
+    def test_quiet_logs_nothing_on_sigterm(self):
+        server = ServerProcess("echo", "--udp", "--bind", "127.0.0.1",
+                               "--port", "echo=0", "-q")
+        self.addCleanup(server.kill)
+        server.process.terminate()
+        _, stderr = server.process.communicate(timeout=TIMEOUT)
+        self.assertEqual(server.process.returncode, 0)
+        self.assertEqual(stderr, "")
+
+
+# Keys every row has today; new keys may be added (a subset, not equality).
+MEASURE_KEYS = {
+    "latency": {"test", "transport", "unit", "value", "count", "address",
+                "port", "min_us", "p50_us", "p90_us", "p99_us", "max_us"},
+    "download": {"test", "transport", "unit", "value", "bytes", "seconds",
+                 "parallel", "wrong_bytes", "address", "port"},
+    "upload": {"test", "transport", "unit", "value", "bytes", "seconds",
+               "parallel", "drained", "address", "port"},
+    "echo": {"test", "transport", "unit", "value", "bytes", "seconds",
+             "wrong_bytes", "missing_bytes", "address", "port"},
+    "connect": {"test", "transport", "unit", "value", "count", "parallel",
+                "errors", "error_kinds", "service", "address", "port"},
+}
+PROBE_KEYS = {"service", "transport", "address", "port", "verdict", "rtt_ms",
+              "detail"}
+
+
+class ClientPromiseTest(ServerTestCase):
+
+    def port_options(self, server):
+        return ["--port=%s=%d" % item
+                for item in sorted(ports_of(server).items())]
+
+    def test_judging_lengths_and_clock_details(self):
+        judge = diagsvc._judge
+        self.assertEqual(judge("qotd", "tcp", b"q" * 511, b"", True)[0],
+                         "open")
+        self.assertEqual(judge("qotd", "udp", b"q" * 512, b"", True), (
+            "wrong", "quote of 512 characters; RFC 865 wants under 512"))
+        self.assertEqual(judge("echo", "tcp", b"ab", b"abcd", True),
+                         ("wrong", "sent 4 bytes, 2 came back"))
+        self.assertEqual(judge("discard", "tcp", b"x", b"abcd", True),
+                         ("wrong", "discard sent 1 bytes back"))
+        self.assertEqual(judge("time", "udp", b"abcde", b"", True),
+                         ("wrong", "5 bytes; RFC 868 sends 4"))
+        now = time.time()
+        self.assertEqual(diagsvc._clock_offset(now + 0.5),
+                         "matches the local clock to the second")
+        self.assertEqual(diagsvc._clock_offset(now + 5.2), "+5 s from the "
+                         "local clock")
+        self.assertEqual(diagsvc._clock_offset(now - 3600.2), "-3600 s from "
+                         "the local clock")
+        self.assertRegex(diagsvc._daytime_detail(diagsvc.daytime_text(now)),
+                         r"\(matches the local clock to the second\)$")
+        # RFC 868's era: a value that wrapped in 2036 is read as 2036.
+        if now < 2085978496 - 86400 * 365:          # until 2035
+            self.assertRegex(diagsvc._time_detail(b"\0\0\0\5"),
+                             r"^2036-02-07T06:28:21Z \(\+\d+ s from")
+
+    def test_udp_probe_sends_three_times_within_its_timeout(self):
+        # Driven by hand with a made-up clock: no waiting.
+        holder = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(holder.close)
+        holder.bind(("127.0.0.1", 0))      # takes datagrams, never answers
+        holder.settimeout(TIMEOUT)
+        task = diagsvc._Probe("qotd", "udp", socket.AF_INET,
+                              ("127.0.0.1", 0), holder.getsockname()[1],
+                              3.0, 100.0)
+        self.addCleanup(task.close)
+        for now in (100.0, 101.0, 102.0):
+            self.assertEqual(task.wake_time(), now)
+            task.on_timer(now)
+            self.assertEqual(holder.recv(100), b"diagsvc probe\r\n")
+        self.assertEqual(task.sends, 3)
+        self.assertEqual(task.wake_time(), 103.0)     # the deadline
+        task.on_timer(102.9)
+        self.assertIsNone(task.row)
+        task.on_timer(103.0)
+        self.assertEqual(task.row["verdict"], "no-reply")
+        self.assertEqual(task.row["detail"], "nothing within 3 s: filtered, "
+                                             "or closed with ICMP blocked")
+
+    def test_table_columns_are_as_wide_as_their_widest_cell(self):
+        self.assertEqual(diagsvc._table(
+            [{"a": "x", "b": "1"}, {"a": "longer", "b": "22"}],
+            [("A", lambda r: r["a"]), ("BB", lambda r: r["b"])]),
+            "A       BB\nx       1\nlonger  22\n")
+
+    def test_probe_exits_1_when_only_some_rows_fail(self):
+        server = self.start_server(["echo"], transports=["tcp"])
+        result = run_command("probe", "127.0.0.1", "echo", "--timeout", "1",
+                             "--json", *self.port_options(server))
+        rows = json.loads(result.stdout)
+        self.assertEqual([(r["transport"], r["verdict"]) for r in rows],
+                         [("tcp", "open"), ("udp", "refused")])
+        for row in rows:
+            self.assertLessEqual(PROBE_KEYS, set(row))
+        self.assertEqual(result.returncode, 1, result.stderr)
+
+    def test_measure_rates_are_bytes_over_a_million_over_seconds(self):
+        server = self.start_server(["echo", "chargen", "discard"])
+        rows = diagsvc.measure("127.0.0.1", ["download", "upload", "echo"],
+                               seconds=0.3, ports=ports_of(server))
+        self.assertEqual([row["test"] for row in rows],
+                         ["download", "upload", "echo"])
+        for row in rows:
+            with self.subTest(test=row["test"]):
+                self.assertEqual(row["unit"], "MB/s")
+                self.assertGreater(row["bytes"], 0)
+                self.assertGreater(row["seconds"], 0.25)
+                rate = row["bytes"] / 1e6 / row["seconds"]
+                # seconds is rounded to 0.01 s, value to 0.1 MB/s.
+                self.assertLess(abs(row["value"] - rate), 0.05 * rate + 0.1,
+                                row)
+
+    def test_every_measure_row_has_its_keys_and_renders(self):
+        server = self.start_server(max_per_source=0)
+        result = run_command("measure", "127.0.0.1", "--seconds", "0.2",
+                             "--json", *self.port_options(server))
+        self.assertEqual(result.returncode, 0, result.stderr)
+        rows = json.loads(result.stdout)
+        self.assertEqual(sorted(set(row["test"] for row in rows)),
+                         sorted(MEASURE_KEYS))
+        for row in rows:
+            with self.subTest(test=row["test"], transport=row["transport"]):
+                self.assertLessEqual(MEASURE_KEYS[row["test"]], set(row))
+                self.assertEqual(row["address"], "127.0.0.1")
+                self.assertEqual(row["port"], ports_of(server)[
+                    diagsvc._MEASURE_SERVICE.get(row["test"], "daytime")])
+        self.assertIn("loss_pct", [r for r in rows if r["test"] == "latency"
+                                   and r["transport"] == "udp"][0])
+        # The same run as a table: every test's row renders.
+        result = run_command("measure", "127.0.0.1", "--seconds", "0.2",
+                             *self.port_options(server))
+        self.assertEqual(result.returncode, 0, result.stderr)
+        lines = result.stdout.splitlines()
+        self.assertRegex(lines[0], r"^TEST +PROTO +RESULT +DETAIL$")
+        self.assertEqual([line.split()[:2] for line in lines[1:]], [
+            ["latency", "tcp"], ["latency", "udp"], ["download", "tcp"],
+            ["upload", "tcp"], ["echo", "tcp"], ["connect", "tcp"]])
+        self.assertRegex(result.stdout, r"\nlatency +udp +[0-9.]+ (µ|u)s +\d+ "
+                                        r"round trips; min [0-9.]+ p90 [0-9.]+ "
+                                        r"p99 [0-9.]+ max [0-9.]+ (µ|u)s; "
+                                        r"loss [0-9.]+ %\n")
+        self.assertRegex(result.stdout, r"\ndownload +tcp +[0-9.]+ MB/s +"
+                                        r"[0-9.]+ MB in [0-9.]+ s; wrong "
+                                        r"bytes 0\n")
+        self.assertRegex(result.stdout, r"\nupload +tcp +[0-9.]+ MB/s +"
+                                        r"[0-9.]+ MB in [0-9.]+ s")
+        self.assertRegex(result.stdout, r"\necho +tcp +[0-9.]+ MB/s +[0-9.]+"
+                                        r" MB in [0-9.]+ s; wrong bytes 0; "
+                                        r"missing 0\n")
+        self.assertRegex(result.stdout, r"\nconnect +tcp +[0-9.]+ conn/s +"
+                                        r"\d+ daytime connections; p50 "
+                                        r"[0-9.]+ p99 [0-9.]+ (µ|u)s; "
+                                        r"errors \d+( \(.*\))?\n")
+
+    def test_measure_exits_1_when_bytes_were_wrong(self):
+        corrupt = CorruptChargenServer(wrong_at=5000)
+        self.addCleanup(corrupt.close)
+        result = run_command("measure", "127.0.0.1", "download", "--seconds",
+                             "0.3", "--port", "chargen=%d" % corrupt.port)
+        self.assertEqual(result.returncode, 1, result.stderr)
+        self.assertRegex(result.stdout, r"wrong bytes 1 \(first at byte "
+                                        r"5000\)")
 
 
 if __name__ == "__main__":
