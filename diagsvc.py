@@ -1582,6 +1582,10 @@ def _bind_error(service, transport, host, port, error):
     return "cannot bind %s: %s" % (where, error.strerror or error)
 
 
+# The shortest time between two WATCHDOG=1 messages, whatever WATCHDOG_USEC.
+WATCHDOG_MIN_INTERVAL = 0.1
+
+
 class SystemdNotifier(object):
     """sd_notify(3) without libsystemd: datagrams to $NOTIFY_SOCKET.
 
@@ -1617,7 +1621,9 @@ class SystemdNotifier(object):
         watchdog_pid = environ.get("WATCHDOG_PID", "")
         if usec.isdigit() and int(usec) > 0 and (
                 not watchdog_pid or watchdog_pid == str(pid)):
-            interval = int(usec) / 2e6      # systemd's advice: at half
+            # systemd's advice: at half; but never more than ten a second,
+            # whatever WATCHDOG_USEC says (1 would mean 2 000 000 a second).
+            interval = max(int(usec) / 2e6, WATCHDOG_MIN_INTERVAL)
         try:
             return cls(address, interval)
         except OSError:
@@ -1648,6 +1654,9 @@ def _match_sockets(sockets, services, transports, port_offset, ports):
     port_offset, else its standard port.  The transport is the socket's.
     """
     by_port = {}
+    # A port that maps to two services asked for (echo's 7 + 2 is
+    # discard's 9): matching by it would be a guess, so it is refused.
+    ambiguous = {}
     for precedence in ("standard", "offset", "given"):
         for name in services:
             if precedence == "standard":
@@ -1660,6 +1669,8 @@ def _match_sockets(sockets, services, transports, port_offset, ports):
                 port = ports[name]
             else:
                 continue
+            if by_port.get(port, name) != name:
+                ambiguous.setdefault(port, {by_port[port]}).add(name)
             by_port[port] = name
     matched = []
     for sock, name in sockets:
@@ -1683,6 +1694,9 @@ def _match_sockets(sockets, services, transports, port_offset, ports):
                 not sock.getsockopt(socket.SOL_SOCKET, accepting):
             raise ServerError("%s is not listening; pass listening sockets "
                               "(ListenStream=, Accept=no)" % where)
+        if port == 0:
+            raise ServerError("%s is not bound to a port; pass bound sockets "
+                              "(ListenStream=, ListenDatagram=)" % where)
         if name in SERVICES:
             if name not in services:
                 raise ServerError("%s: %s is not among the services asked "
@@ -1691,6 +1705,11 @@ def _match_sockets(sockets, services, transports, port_offset, ports):
             service = name
         else:
             service = by_port.get(port)
+            if port in ambiguous:
+                raise ServerError(
+                    "%s could be %s: name it with FileDescriptorName=, or "
+                    "choose another --port-offset" % (
+                        where, " or ".join(sorted(ambiguous[port]))))
             if service is None:
                 raise ServerError(
                     "%s matches no service: name it after one with "
@@ -1769,7 +1788,9 @@ class Server(object):
                       port_offset, or the one ``ports`` gives.  The server
                       owns them from then on and closes them.
     duration          seconds: serve_forever() stops this long after the
-                      server was made, and closes every socket
+                      server was made, and closes every socket; None (the
+                      default) or 0 means no end (the command line's
+                      --for 0 is refused instead)
     notifier          a SystemdNotifier: READY=1, STATUS=, WATCHDOG=1,
                       STOPPING=1 (see SystemdNotifier)
     """
@@ -4963,18 +4984,27 @@ _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600}
 
 
 def parse_duration(text):
-    """Seconds in '90s', '30m', '2h' or plain seconds ('1.5'); ValueError
-    for anything else or for a duration that is not above 0."""
+    """Seconds in '90s', '30m', '2h', '1h30m', '2m30s' or plain seconds
+    ('1.5'); ValueError for anything else or for a duration that is not
+    above 0."""
     text = text.strip().lower()
-    unit = _DURATION_UNITS.get(text[-1:])
-    number = text[:-1] if unit else text
     try:
-        seconds = float(number) * (unit or 1)
+        seconds = float(text)
     except ValueError:
-        seconds = -1.0
+        # NUMBER UNIT parts, each unit at most once, largest first.
+        seconds, rest = 0.0, text
+        for unit in "hms":
+            if unit in rest:
+                number, rest = rest.split(unit, 1)
+                if not number.replace(".", "", 1).isdigit():
+                    rest = "not a number"
+                    break
+                seconds += float(number) * _DURATION_UNITS[unit]
+        if rest or not text:
+            seconds = -1.0
     if not 0 < seconds <= LIMIT_MAX:    # nan, inf: no end that can be dated
-        raise ValueError("%r is not a duration: give e.g. 90s, 30m, 2h or "
-                         "seconds (up to %d)" % (text, LIMIT_MAX))
+        raise ValueError("%r is not a duration: give e.g. 90s, 30m, 2h, "
+                         "1h30m or seconds (up to %d)" % (text, LIMIT_MAX))
     return seconds
 
 
@@ -5015,6 +5045,18 @@ def _listen_fds(environ, pid):
             for index in range(count)]
 
 
+def _not_a_socket_text(descriptor, error):
+    """The one line for a passed descriptor the kernel would not treat as
+    a socket, chosen by errno (strerror's wording differs by platform)."""
+    if error.errno == errno.EBADF:
+        what = "is not open"
+    elif error.errno == errno.ENOTSOCK:
+        what = "is not a socket"
+    else:
+        what = "cannot be used: %s" % (error.strerror or error)
+    return "descriptor %d was passed as a socket but %s" % (descriptor, what)
+
+
 def _inherited_socket(descriptor):
     """A socket object for a passed descriptor, of the family and type the
     kernel says it has (before 3.7, socket(fileno=) did not ask)."""
@@ -5022,8 +5064,8 @@ def _inherited_socket(descriptor):
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0,
                              descriptor)
     except OSError as error:
-        raise ServerError("descriptor %d was passed as a socket but is not "
-                          "open: %s" % (descriptor, error.strerror or error))
+        # 3.7+ asks the kernel here, 3.6 only below: one message for both.
+        raise ServerError(_not_a_socket_text(descriptor, error))
     try:
         kind = sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
         if hasattr(socket, "SO_DOMAIN"):
@@ -5036,8 +5078,7 @@ def _inherited_socket(descriptor):
                       getattr(socket, "AF_UNIX", socket.AF_INET))
     except OSError as error:
         sock.detach()                   # not ours to close: not a socket
-        raise ServerError("descriptor %d was passed as a socket but is not "
-                          "one: %s" % (descriptor, error.strerror or error))
+        raise ServerError(_not_a_socket_text(descriptor, error))
     sock = socket.socket(family, kind, 0, sock.detach())
     sock.set_inheritable(False)         # a child must not hold it open
     return sock
@@ -5067,11 +5108,14 @@ def _take_passed_sockets(environ=None):
 
 
 def _duration_text(seconds):
-    """90 -> '90 s', 1800 -> '30 min', 7200 -> '2 h'."""
+    """90 -> '90 s', 1800 -> '30 min', 7200 -> '2 h', 1.5 -> '1.5 s',
+    123456.7 -> '123456.7 s': whole seconds as they are, never '1e+09'."""
     for unit, size in (("h", 3600), ("min", 60)):
         if seconds >= size and seconds % size == 0:
             return "%d %s" % (seconds // size, unit)
-    return "%g s" % seconds
+    if seconds == int(seconds):
+        return "%d s" % seconds
+    return "%.1f s" % seconds
 
 
 def _build_parser():

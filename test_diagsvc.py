@@ -4715,6 +4715,79 @@ class UnitFileTest(unittest.TestCase):
                 self.assertEqual(result.stdout, "")
 
 
+
+class OperatorReviewTest(unittest.TestCase):
+    """The outside review of issue 12: pure parts, each answer exact."""
+
+    @unittest.skipIf(sys.platform == "win32", "descriptors of files")
+    def test_a_passed_descriptor_that_is_no_socket_says_which(self):
+        descriptor = os.open(os.devnull, os.O_RDONLY)
+        self.addCleanup(os.close, descriptor)
+        closed = os.dup(descriptor)
+        os.close(closed)
+        for number, text in ((descriptor, "is not a socket"),
+                             (closed, "is not open")):
+            with self.subTest(text=text):
+                with self.assertRaises(diagsvc.ServerError) as caught:
+                    diagsvc._inherited_socket(number)
+                self.assertEqual(str(caught.exception),
+                                 "descriptor %d was passed as a socket but "
+                                 "%s" % (number, text))
+        os.fstat(descriptor)            # left open: not ours to close
+
+    def test_a_passed_socket_on_no_port_is_refused(self):
+        unbound = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(unbound.close)
+        with self.assertRaisesRegex(diagsvc.ServerError,
+                                    r"udp on 0\.0\.0\.0 port 0, named 'echo'"
+                                    r"\) is not bound to a port"):
+            diagsvc._match_sockets([(unbound, "echo")], ["echo"],
+                                   ("udp",), 0, {})
+
+    def test_a_port_two_services_could_have_is_refused(self):
+        sock = listening()
+        self.addCleanup(sock.close)
+        port = sock.getsockname()[1]
+
+        def match(name):
+            # discard's 9 plus the offset, and echo's --port: the same port.
+            return diagsvc._match_sockets(
+                [(sock, name)], ["echo", "discard"], ("tcp",), port - 9,
+                {"echo": port})
+        with self.assertRaisesRegex(diagsvc.ServerError,
+                                    "could be discard or echo: name it"):
+            match(None)
+        self.assertEqual(match("echo"), [(sock, "echo", "tcp")])
+
+    @unittest.skipUnless(hasattr(socket, "AF_UNIX"), "no AF_UNIX here")
+    def test_the_watchdog_interval_has_a_floor(self):
+        for usec, interval in (("1", 0.1), ("200000", 0.1),
+                               ("400000", 0.2)):
+            notifier = diagsvc.SystemdNotifier.from_environment(
+                {"NOTIFY_SOCKET": "@diagsvc-unused", "WATCHDOG_USEC": usec},
+                pid=42)
+            self.addCleanup(notifier.close)
+            self.assertEqual(notifier.watchdog_interval, interval)
+
+    def test_the_plain_unit_restarts_on_failure(self):
+        plain = readme_unit_sets()[1]["diagsvc.service"]
+        self.assertIn("\nRestart=on-failure\n", plain)
+
+    def test_compound_durations(self):
+        for text, seconds in (("1h30m", 5400), ("2m30s", 150),
+                              ("1h0m5s", 3605), ("1.5h", 5400)):
+            with self.subTest(text=text):
+                self.assertEqual(diagsvc.parse_duration(text), seconds)
+        for text in ("30m1h", "1h1h", "1h-5m", "1h 30m", "0h0m", "h30m"):
+            with self.subTest(text=text):
+                self.assertRaises(ValueError, diagsvc.parse_duration, text)
+
+    def test_duration_text_never_exponent_nor_rounded(self):
+        for seconds, text in ((1e9, "1000000000 s"),
+                              (123456.7, "123456.7 s"), (1.5, "1.5 s"),
+                              (45, "45 s"), (5400, "90 min"), (7200, "2 h")):
+            self.assertEqual(diagsvc._duration_text(seconds), text)
+
 # --- Trust, second review: close() on the loop's thread, the log thread, ----
 # --- fork, one-shot lingers, select() one-shots, quotes, the reserve ---------
 
