@@ -985,12 +985,32 @@ def ports_of(server, transport="tcp"):
 class ProbeTest(ServerTestCase):
 
     def test_every_service_open_on_each_family(self):
+        # The UDP discard's open|filtered is a timeout, 2 s a family: the
+        # families' probes wait it out at once, each in its own thread.
+        servers = dict((host, self.start_server(host=host))
+                       for host, family in FAMILIES)
+        results = {}
+
+        def probe_family(host):
+            try:
+                results[host] = diagsvc.probe(
+                    host, ports=ports_of(servers[host]), timeout=2)
+            except Exception as error:          # re-raised below
+                results[host] = error
+        threads = [threading.Thread(target=probe_family, args=(host,))
+                   for host, family in FAMILIES]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(TIMEOUT)
         for host, family in FAMILIES:
             with self.subTest(host=host):
-                server = self.start_server(host=host)
+                server = servers[host]
                 # One port serves both transports here (port 0, reused).
                 self.assertEqual(ports_of(server, "tcp"), ports_of(server, "udp"))
-                rows = diagsvc.probe(host, ports=ports_of(server), timeout=2)
+                rows = results[host]
+                if isinstance(rows, Exception):
+                    raise rows
                 self.assertEqual(len(rows), 12)
                 for row in rows:
                     self.assertEqual(set(row), {
@@ -1155,18 +1175,18 @@ class ClientCommandLineTest(ServerTestCase):
 
     def test_probe_json_and_exit_status(self):
         server = self.start_server()
-        result = run_command("probe", "127.0.0.1", "--json", "--timeout",
-                             "3", *self.port_options(server))
-        self.assertEqual(result.returncode, 0, result.stderr)
-        rows = json.loads(result.stdout)
-        self.assertEqual(len(rows), 12)
-        self.assertEqual(set(rows[0]), {"service", "transport", "address",
-                                        "port", "verdict", "rtt_ms", "detail",
-                                        "host"})
-        self.assertEqual(rows[0]["host"], "127.0.0.1")
-        server.close()                      # now nothing listens there
+        # Its UDP discard waits out the 3 s: the other commands run meanwhile.
+        full_probe = subprocess.Popen(
+            [sys.executable, SCRIPT, "probe", "127.0.0.1", "--json",
+             "--timeout", "3"] + list(self.port_options(server)),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            universal_newlines=True)
+        self.addCleanup(full_probe.wait)
+        self.addCleanup(full_probe.kill)    # only if an assertion ends us early
+        gone = self.start_server()
+        gone.close()                        # now nothing listens there
         result = run_command("probe", "127.0.0.1", "echo", "--tcp",
-                             *self.port_options(server))
+                             *self.port_options(gone))
         self.assertEqual(result.returncode, 1)
         self.assertRegex(result.stdout, r"(?m)^SERVICE +PROTO +ADDRESS +PORT "
                                         r"+VERDICT +RTT +DETAIL\necho +tcp +"
@@ -1179,6 +1199,14 @@ class ClientCommandLineTest(ServerTestCase):
                 result = run_command(*args)
                 self.assertEqual(result.returncode, 2, result.stderr)
                 self.assertNotIn("Traceback", result.stderr)
+        stdout, stderr = full_probe.communicate(timeout=60)
+        self.assertEqual(full_probe.returncode, 0, stderr)
+        rows = json.loads(stdout)
+        self.assertEqual(len(rows), 12)
+        self.assertEqual(set(rows[0]), {"service", "transport", "address",
+                                        "port", "verdict", "rtt_ms", "detail",
+                                        "host"})
+        self.assertEqual(rows[0]["host"], "127.0.0.1")
 
     def test_measure_json(self):
         server = self.start_server(["echo", "chargen"])
@@ -1492,15 +1520,24 @@ class MeasureFailuresTest(ServerTestCase):
             silent.bind(("127.0.0.1", port))    # takes the pings, never answers
         except OSError as error:
             self.skipTest("UDP port %d is taken: %s" % (port, error))
-        result = self.measure_command("latency", "--port", "echo=%d" % port)
+        # The command and the call below each wait out their lost pings:
+        # the command's child runs while this process measures.
+        results = []
+        command = threading.Thread(target=lambda: results.append(
+            self.measure_command("latency", "--port", "echo=%d" % port)))
+        command.start()
+        try:
+            rows = diagsvc.measure("127.0.0.1", ["latency"], seconds=0.3,
+                                   timeout=1, ports={"echo": port})
+        finally:
+            command.join(90)                # run_command's own bound is 60 s
+        result, = results
         self.assertEqual(result.returncode, 1, result.stdout)
         self.assertRegex(result.stdout, r"(?m)^latency +udp +- +0 round trips;"
                                         r" min - p90 - p99 - max - µs; loss "
                                         r"100\.0 %; FAILED: no round trip "
                                         r"completed$")
         self.assertRegex(result.stdout, r"(?m)^latency +tcp +[0-9.]+ µs ")
-        rows = diagsvc.measure("127.0.0.1", ["latency"], seconds=0.3,
-                               timeout=1, ports={"echo": port})
         self.assertEqual([row["value"] is None for row in rows],
                          [False, True])
         self.assertEqual(diagsvc._measure_failures(rows),
@@ -3818,6 +3855,10 @@ class OneShotCloseTest(ServerTestCase):
                                          self.read_reply_and_eof(sock))
 
     def test_a_client_that_never_closes_gets_eof_and_is_let_go(self):
+        # What matters is that the linger ends, not its 2 s: a short one.
+        self.addCleanup(setattr, diagsvc, "ONE_SHOT_LINGER",
+                        diagsvc.ONE_SHOT_LINGER)
+        diagsvc.ONE_SHOT_LINGER = 0.2
         server = self.start_server(["time"], transports=["tcp"])
         sock = self.connect(server, "time")
         self.assertEqual(len(recv_to_eof(sock)), 4)     # FIN came at once
