@@ -490,12 +490,17 @@ class SafetyTest(ServerTestCase):
         silent = self.connect(server, "echo")
         stalled = self.connect(server, "chargen")     # never reads
         stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        while time.monotonic() - started < 2.2:
+        wait_until(lambda: len(server.streams) == 3,
+                   message="the three connections to be accepted")
+        # Talk until the other two are closed, a second or more after the
+        # talker came: it outlives an idle timeout only by talking.
+        while len(server.streams) > 1:
+            self.assertLess(time.monotonic() - started, TIMEOUT,
+                            "the idle connections are still open")
             self.assert_echoes(talker, b"t")
             time.sleep(0.1)         # the pace of a live client, not a sync
+        self.assertGreater(time.monotonic() - started, 1.0)
         self.assertEqual(silent.recv(10), b"")      # closed (TIMEOUT bounds it)
-        wait_until(lambda: len(server.streams) == 1,
-                   message="the stalled chargen to be closed")
         self.assertEqual(server.counters["echo", "tcp"].refusals,
                          {"idle-timeout": 1})
         self.assertEqual(server.counters["chargen", "tcp"].refusals,
@@ -1376,20 +1381,28 @@ class ProbeSleepsTest(ServerTestCase):
         silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.addCleanup(silent.close)
         silent.bind(("127.0.0.1", 0))
+        # The upload's 0.5 s and its drain's 2 s (the least it waits) are
+        # slept through while a thread waits 1 s on the silent UDP echo.
         cpu, wall = cpu_fraction_of(
-            "rows = diagsvc.measure('127.0.0.1', ['upload'], seconds=1, "
-            "timeout=1, ports={'discard': %d})\n"
-            "assert not rows[0]['drained'], rows\n"
-            "sock = diagsvc.socket.socket(diagsvc.socket.AF_INET, "
+            "import threading\n"
+            "def wait_for_the_silent_echo():\n"
+            "    sock = diagsvc.socket.socket(diagsvc.socket.AF_INET, "
             "diagsvc.socket.SOCK_DGRAM)\n"
-            "sock.settimeout(1.0)\n"
-            "sock.connect(('127.0.0.1', %d))\n"
-            "sock.send(b'x')\n"
-            "try:\n"
-            "    sock.recv(10)\n"
-            "except diagsvc.socket.timeout:\n"
-            "    pass\n" % (stalled.getsockname()[1], silent.getsockname()[1]))
-        self.assertGreater(wall, 2.9)
+            "    sock.settimeout(1.0)\n"
+            "    sock.connect(('127.0.0.1', %d))\n"
+            "    sock.send(b'x')\n"
+            "    try:\n"
+            "        sock.recv(10)\n"
+            "    except diagsvc.socket.timeout:\n"
+            "        pass\n"
+            "silent = threading.Thread(target=wait_for_the_silent_echo)\n"
+            "silent.start()\n"
+            "rows = diagsvc.measure('127.0.0.1', ['upload'], seconds=0.5, "
+            "timeout=1, ports={'discard': %d})\n"
+            "silent.join()\n"
+            "assert not rows[0]['drained'], rows\n"
+            % (silent.getsockname()[1], stalled.getsockname()[1]))
+        self.assertGreater(wall, 2.4)
         self.assertLess(cpu, 0.5 * wall, (cpu, wall))
 
 
