@@ -987,35 +987,42 @@ def ports_of(server, transport="tcp"):
                 for name in server.services)
 
 
+def probes_at_once(*calls):
+    """Run diagsvc.probe(*args, **options) for each (args, options) of
+    CALLS, each in its own thread, so that probes whose verdict is a
+    timeout wait it out together; return each call's rows, in order."""
+    results = [None] * len(calls)
+
+    def run(index, args, options):
+        try:
+            results[index] = diagsvc.probe(*args, **options)
+        except Exception as error:          # raised again in the caller
+            results[index] = error
+    threads = [threading.Thread(target=run, args=(index,) + tuple(call))
+               for index, call in enumerate(calls)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()       # each probe ends by its own timeout
+    for rows in results:
+        if isinstance(rows, Exception):
+            raise rows
+    return results
+
+
 class ProbeTest(ServerTestCase):
 
     def test_every_service_open_on_each_family(self):
         # The UDP discard's open|filtered is a timeout, 2 s a family: the
         # families' probes wait it out at once, each in its own thread.
-        servers = dict((host, self.start_server(host=host))
-                       for host, family in FAMILIES)
-        results = {}
-
-        def probe_family(host):
-            try:
-                results[host] = diagsvc.probe(
-                    host, ports=ports_of(servers[host]), timeout=2)
-            except Exception as error:          # re-raised below
-                results[host] = error
-        threads = [threading.Thread(target=probe_family, args=(host,))
-                   for host, family in FAMILIES]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(TIMEOUT)
-        for host, family in FAMILIES:
+        servers = [self.start_server(host=host) for host, family in FAMILIES]
+        results = probes_at_once(*[
+            ((host,), dict(ports=ports_of(server), timeout=2))
+            for (host, family), server in zip(FAMILIES, servers)])
+        for (host, family), server, rows in zip(FAMILIES, servers, results):
             with self.subTest(host=host):
-                server = servers[host]
                 # One port serves both transports here (port 0, reused).
                 self.assertEqual(ports_of(server, "tcp"), ports_of(server, "udp"))
-                rows = results[host]
-                if isinstance(rows, Exception):
-                    raise rows
                 self.assertEqual(len(rows), 12)
                 for row in rows:
                     self.assertEqual(set(row), {
@@ -1065,12 +1072,23 @@ class ProbeTest(ServerTestCase):
         server = self.start_server(["discard", "echo"])
         discard_port = server.addresses["discard", "tcp"][0][1]
         echo_port = server.addresses["echo", "tcp"][0][1]
-        rows = diagsvc.probe("127.0.0.1", ["echo", "chargen", "time"], ports={
-            "echo": discard_port, "chargen": echo_port, "time": echo_port},
-            timeout=2.0)        # the UDP echo must come back within it
+        ports = {"echo": discard_port, "chargen": echo_port,
+                 "time": echo_port}
+        # The UDP echo (chargen's reply) and the discard's close must come
+        # back within the generous bound; the other three verdicts are
+        # timeouts: a short one, 1 s, waited out by both probes at once.
+        rows = sum(probes_at_once(
+            (("127.0.0.1", ["chargen"], ["udp"]),
+             dict(ports=ports, timeout=TIMEOUT)),
+            (("127.0.0.1", ["echo"], ["tcp"]),
+             dict(ports=ports, timeout=TIMEOUT)),
+            (("127.0.0.1", ["echo"], ["udp"]), dict(ports=ports, timeout=1.0)),
+            (("127.0.0.1", ["chargen", "time"], ["tcp"]),
+             dict(ports=ports, timeout=1.0))), [])
         verdicts = dict(((r["service"], r["transport"]), (r["verdict"],
                                                           r["detail"]))
                         for r in rows)
+        self.assertEqual(len(verdicts), 5)
         self.assertEqual(verdicts["echo", "tcp"], (
             "wrong", "sent 34 bytes, none came back before the close"))
         self.assertEqual(verdicts["echo", "udp"][0], "no-reply")
@@ -1363,14 +1381,14 @@ class ProbeSleepsTest(ServerTestCase):
     """Item 9: probe and measure sleep while they wait."""
 
     def test_probe_uses_a_small_fraction_of_a_core(self):
-        # UDP discard keeps the probe open for the whole timeout (1.5 s)
+        # UDP discard keeps the probe open for the whole timeout (1 s)
         # while the finished TCP probes' sockets stay readable (at EOF):
         # before the fix, the loop spun on them (95 % of the wall time).
         server = self.start_server()
         cpu, wall = cpu_fraction_of(
-            "diagsvc.probe('127.0.0.1', ports=%r, timeout=1.5)"
+            "diagsvc.probe('127.0.0.1', ports=%r, timeout=1.0)"
             % ports_of(server))
-        self.assertGreater(wall, 1.4)
+        self.assertGreater(wall, 0.9)
         self.assertLess(cpu, 0.5 * wall, (cpu, wall))
 
     def test_measure_waits_asleep_on_a_stalled_path(self):
@@ -1441,7 +1459,15 @@ class ScopedAddressTest(unittest.TestCase):
             # has gone through, the probe's 3 s are the path's, not setup's.
             "diagsvc.socket.create_connection(('fe80::1%br0', "
             "ports['echo']), 10).close()\n"
-            "rows = diagsvc.probe('fe80::1%br0', ports=ports, timeout=3)\n"
+            # The UDP discard's open|filtered is a timeout, alone in its
+            # probe: a short one; the replies that must come keep 3 s.
+            "rows = diagsvc.probe('fe80::1%br0', ports=ports, timeout=3, "
+            "services=[name for name in diagsvc.SERVICE_NAMES if name != "
+            "'discard'])\n"
+            "rows += diagsvc.probe('fe80::1%br0', ['discard'], ['tcp'], "
+            "ports=ports, timeout=3)\n"
+            "rows += diagsvc.probe('fe80::1%br0', ['discard'], ['udp'], "
+            "ports=ports, timeout=0.5)\n"
             "rows += diagsvc.probe('2001:db8::1', ['echo'], ports=ports, "
             "timeout=2)\n"
             "rows += diagsvc.measure('fe80::1%br0', ['latency'], seconds=0.2,"
@@ -1449,6 +1475,11 @@ class ScopedAddressTest(unittest.TestCase):
             "server.close()\n"
             "print(json.dumps(rows))\n"))
         probed, unroutable, measured = rows[:12], rows[12:14], rows[14:]
+        self.assertEqual(sorted((row["service"], row["transport"])
+                                for row in probed),
+                         sorted((name, transport)
+                                for name in diagsvc.SERVICE_NAMES
+                                for transport in ("tcp", "udp")))
         for row in probed:
             self.assertEqual(row["address"], "fe80::1%br0")
             self.assertIn(row["verdict"], diagsvc.PROBE_OK, row)
