@@ -1892,8 +1892,10 @@ class MeasureTestsFailAloneTest(ServerTestCase):
         options = ["--port=%s=%d" % item for item in
                    sorted(ports_of(server).items())] + [
             "--port", "echo=%d" % port, "--seconds", "0.3"]
-        result = run_command("measure", "127.0.0.1", "download", "echo",
-                             "connect", "--json", *options)
+        result, table = run_commands_at_once(
+            ["measure", "127.0.0.1", "download", "echo", "connect", "--json"]
+            + options,
+            ["measure", "127.0.0.1", "download", "echo", "connect"] + options)
         self.assertEqual(result.returncode, 1, result.stderr)
         self.assertEqual(result.stderr, "")
         download, echo, connect = json.loads(result.stdout)
@@ -1905,8 +1907,7 @@ class MeasureTestsFailAloneTest(ServerTestCase):
         self.assertGreater(connect["count"], 0)
         self.assertEqual(diagsvc._measure_failures([download, echo, connect]),
                          ["echo/tcp: Connection refused"])
-        result = run_command("measure", "127.0.0.1", "download", "echo",
-                             "connect", *options)
+        result = table
         self.assertEqual(result.returncode, 1, result.stderr)
         self.assertRegex(result.stdout, r"(?m)^echo +tcp +- +port %d; "
                                         r"FAILED: Connection refused$" % port)
@@ -2015,18 +2016,21 @@ class IntermixedArgumentsTest(ServerTestCase):
     def test_probe_and_measure_take_options_after_positionals(self):
         server = self.start_server(["echo"])
         port = "--port=echo=%d" % ports_of(server)["echo"]
-        result = run_command("probe", "127.0.0.1", "--tcp", "echo", port,
-                             "--json")
+        probed, measured, bogus = run_commands_at_once(
+            ["probe", "127.0.0.1", "--tcp", "echo", port, "--json"],
+            ["measure", "127.0.0.1", "--seconds", "0.2", "latency", port,
+             "--json"],
+            ["probe", "127.0.0.1", "echo", "--bogus", "echo"])
+        result = probed
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertEqual([(row["service"], row["transport"])
                           for row in json.loads(result.stdout)],
                          [("echo", "tcp")])
-        result = run_command("measure", "127.0.0.1", "--seconds", "0.2",
-                             "latency", port, "--json")
+        result = measured
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertEqual([row["test"] for row in json.loads(result.stdout)],
                          ["latency", "latency"])
-        result = run_command("probe", "127.0.0.1", "echo", "--bogus", "echo")
+        result = bogus
         self.assertEqual(result.returncode, 2)
         self.assertIn("unrecognized arguments: --bogus", result.stderr)
 
@@ -2779,6 +2783,28 @@ def run_command(*args, **options):
     return subprocess.run(
         [sys.executable, SCRIPT] + list(args), stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, universal_newlines=True, timeout=60, **options)
+
+
+def run_commands_at_once(*argument_lists):
+    """run_command() for each list of ARGUMENT_LISTS, all at once (each
+    waits on its own child); return their results, in order."""
+    results = [None] * len(argument_lists)
+
+    def run(index, arguments):
+        try:
+            results[index] = run_command(*arguments)
+        except Exception as error:          # raised again in the caller
+            results[index] = error
+    threads = [threading.Thread(target=run, args=(index, arguments))
+               for index, arguments in enumerate(argument_lists)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()           # run_command's own timeout bounds each
+    for result in results:
+        if isinstance(result, Exception):
+            raise result
+    return results
 
 
 class ServerProcess(object):
