@@ -3272,9 +3272,14 @@ class LoopWatchRepeatsTest(ServerTestCase):
     def test_the_count_decays_while_the_server_is_busy(self):
         # A generation of remembered replies also ends when it is full;
         # a small table makes a modest flood fill it many times a second.
-        self.addCleanup(setattr, diagsvc, "LOOP_TABLE_MAX",
-                        diagsvc.LOOP_TABLE_MAX)
-        diagsvc.LOOP_TABLE_MAX = 32
+        # Sweeps ten times a second, and, once the count of 2 is checked,
+        # a decay every 0.25 s: it goes in about 0.5 s, not 2 (restored
+        # after).
+        for name, value in (("LOOP_TABLE_MAX", 32), ("MAX_TIMER_WAIT", 0.1)):
+            self.addCleanup(setattr, diagsvc, name, getattr(diagsvc, name))
+            setattr(diagsvc, name, value)
+        self.addCleanup(setattr, diagsvc, "LOOP_RETURN_INTERVAL",
+                        diagsvc.LOOP_RETURN_INTERVAL)
         server = self.start_server(["echo"], transports=("udp",))
         pinger = self.echo_socket(server)
         for _ in range(3):
@@ -3282,6 +3287,7 @@ class LoopWatchRepeatsTest(ServerTestCase):
             self.assertEqual(pinger.recv(100), b"ping")
         peer = pinger.getsockname()
         self.assertEqual(server.loop_suspects.get(peer), 2)
+        diagsvc.LOOP_RETURN_INTERVAL = 0.25
         flood = self.echo_socket(server)
         flood.setblocking(False)
         sent = [0]
