@@ -1013,12 +1013,23 @@ def probes_at_once(*calls):
 class ProbeTest(ServerTestCase):
 
     def test_every_service_open_on_each_family(self):
-        # The UDP discard's open|filtered is a timeout, 2 s a family: the
-        # families' probes wait it out at once, each in its own thread.
+        # The UDP discard's open|filtered is a timeout: it is waited out in
+        # a probe of its own with a short one (0.5 s), beside the probes of
+        # the replies that must come, which keep the generous TIMEOUT.
         servers = [self.start_server(host=host) for host, family in FAMILIES]
-        results = probes_at_once(*[
-            ((host,), dict(ports=ports_of(server), timeout=2))
-            for (host, family), server in zip(FAMILIES, servers)])
+        calls = []
+        for (host, family), server in zip(FAMILIES, servers):
+            ports = ports_of(server)
+            calls += [((host,), dict(ports=ports, transports=("tcp",),
+                                     timeout=TIMEOUT)),
+                      ((host, [name for name in diagsvc.SERVICE_NAMES
+                               if name != "discard"], ("udp",)),
+                       dict(ports=ports, timeout=TIMEOUT)),
+                      ((host, ["discard"], ("udp",)),
+                       dict(ports=ports, timeout=0.5))]
+        results = probes_at_once(*calls)
+        results = [sum(results[index:index + 3], [])
+                   for index in range(0, len(results), 3)]
         for (host, family), server, rows in zip(FAMILIES, servers, results):
             with self.subTest(host=host):
                 # One port serves both transports here (port 0, reused).
