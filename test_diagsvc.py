@@ -1273,8 +1273,10 @@ class ClientCommandLineTest(ServerTestCase):
         self.addCleanup(os.close, master)
         try:
             result = subprocess.run(
+                # 0.3 s a transport: the line is shown at once, then
+                # rewritten for UDP (it is shown at most each 0.25 s).
                 [sys.executable, SCRIPT, "measure", "127.0.0.1", "latency",
-                 "--seconds", "0.6", "--port",
+                 "--seconds", "0.3", "--port",
                  "echo=%d" % server.addresses["echo", "tcp"][0][1]],
                 stdout=subprocess.PIPE, stderr=slave, timeout=60)
         finally:
@@ -3254,6 +3256,10 @@ class LoopWatchRepeatsTest(ServerTestCase):
     def test_the_same_payload_again_and_again_from_one_socket(self):
         # The README's example in a test: one socket, b"hello" each time.
         self.hold_loop_clock()
+        # The decay below comes at a sweep: ten a second, not one.
+        self.addCleanup(setattr, diagsvc, "MAX_TIMER_WAIT",
+                        diagsvc.MAX_TIMER_WAIT)
+        diagsvc.MAX_TIMER_WAIT = 0.1
         server = self.start_server(["echo", "chargen"], transports=("udp",))
         sock = self.udp_socket()
         target = server.addresses["echo", "udp"][0]
@@ -3264,8 +3270,9 @@ class LoopWatchRepeatsTest(ServerTestCase):
         self.assert_no_reply(sock, server, "127.0.0.1")
         self.assertEqual(self.refusals(server), {"loop-detected": 1})
         sock.settimeout(TIMEOUT)
-        # Then one a second: once the count has gone down, it is answered.
-        diagsvc.LOOP_MEMORY = diagsvc.LOOP_RETURN_INTERVAL = 1.0
+        # Then one each 0.25 s (the README's second, sooner): once the
+        # count has gone down, it is answered.
+        diagsvc.LOOP_MEMORY = diagsvc.LOOP_RETURN_INTERVAL = 0.25
         peer = ("127.0.0.1", sock.getsockname()[1])
         wait_until(lambda: server.loop_suspects.get(peer, 0) < 16,
                    message="the count of returns to go down")
