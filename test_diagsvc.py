@@ -490,12 +490,17 @@ class SafetyTest(ServerTestCase):
         silent = self.connect(server, "echo")
         stalled = self.connect(server, "chargen")     # never reads
         stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        while time.monotonic() - started < 2.2:
+        wait_until(lambda: len(server.streams) == 3,
+                   message="the three connections to be accepted")
+        # Talk until the other two are closed, a second or more after the
+        # talker came: it outlives an idle timeout only by talking.
+        while len(server.streams) > 1:
+            self.assertLess(time.monotonic() - started, TIMEOUT,
+                            "the idle connections are still open")
             self.assert_echoes(talker, b"t")
             time.sleep(0.1)         # the pace of a live client, not a sync
+        self.assertGreater(time.monotonic() - started, 1.0)
         self.assertEqual(silent.recv(10), b"")      # closed (TIMEOUT bounds it)
-        wait_until(lambda: len(server.streams) == 1,
-                   message="the stalled chargen to be closed")
         self.assertEqual(server.counters["echo", "tcp"].refusals,
                          {"idle-timeout": 1})
         self.assertEqual(server.counters["chargen", "tcp"].refusals,
@@ -982,15 +987,53 @@ def ports_of(server, transport="tcp"):
                 for name in server.services)
 
 
+def probes_at_once(*calls):
+    """Run diagsvc.probe(*args, **options) for each (args, options) of
+    CALLS, each in its own thread, so that probes whose verdict is a
+    timeout wait it out together; return each call's rows, in order."""
+    results = [None] * len(calls)
+
+    def run(index, args, options):
+        try:
+            results[index] = diagsvc.probe(*args, **options)
+        except Exception as error:          # raised again in the caller
+            results[index] = error
+    threads = [threading.Thread(target=run, args=(index,) + tuple(call))
+               for index, call in enumerate(calls)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()       # each probe ends by its own timeout
+    for rows in results:
+        if isinstance(rows, Exception):
+            raise rows
+    return results
+
+
 class ProbeTest(ServerTestCase):
 
     def test_every_service_open_on_each_family(self):
-        for host, family in FAMILIES:
+        # The UDP discard's open|filtered is a timeout: it is waited out in
+        # a probe of its own with a short one (0.5 s), beside the probes of
+        # the replies that must come, which keep the generous TIMEOUT.
+        servers = [self.start_server(host=host) for host, family in FAMILIES]
+        calls = []
+        for (host, family), server in zip(FAMILIES, servers):
+            ports = ports_of(server)
+            calls += [((host,), dict(ports=ports, transports=("tcp",),
+                                     timeout=TIMEOUT)),
+                      ((host, [name for name in diagsvc.SERVICE_NAMES
+                               if name != "discard"], ("udp",)),
+                       dict(ports=ports, timeout=TIMEOUT)),
+                      ((host, ["discard"], ("udp",)),
+                       dict(ports=ports, timeout=0.5))]
+        results = probes_at_once(*calls)
+        results = [sum(results[index:index + 3], [])
+                   for index in range(0, len(results), 3)]
+        for (host, family), server, rows in zip(FAMILIES, servers, results):
             with self.subTest(host=host):
-                server = self.start_server(host=host)
                 # One port serves both transports here (port 0, reused).
                 self.assertEqual(ports_of(server, "tcp"), ports_of(server, "udp"))
-                rows = diagsvc.probe(host, ports=ports_of(server), timeout=2)
                 self.assertEqual(len(rows), 12)
                 for row in rows:
                     self.assertEqual(set(row), {
@@ -1040,12 +1083,23 @@ class ProbeTest(ServerTestCase):
         server = self.start_server(["discard", "echo"])
         discard_port = server.addresses["discard", "tcp"][0][1]
         echo_port = server.addresses["echo", "tcp"][0][1]
-        rows = diagsvc.probe("127.0.0.1", ["echo", "chargen", "time"], ports={
-            "echo": discard_port, "chargen": echo_port, "time": echo_port},
-            timeout=2.0)        # the UDP echo must come back within it
+        ports = {"echo": discard_port, "chargen": echo_port,
+                 "time": echo_port}
+        # The UDP echo (chargen's reply) and the discard's close must come
+        # back within the generous bound; the other three verdicts are
+        # timeouts: a short one, 1 s, waited out by both probes at once.
+        rows = sum(probes_at_once(
+            (("127.0.0.1", ["chargen"], ["udp"]),
+             dict(ports=ports, timeout=TIMEOUT)),
+            (("127.0.0.1", ["echo"], ["tcp"]),
+             dict(ports=ports, timeout=TIMEOUT)),
+            (("127.0.0.1", ["echo"], ["udp"]), dict(ports=ports, timeout=1.0)),
+            (("127.0.0.1", ["chargen", "time"], ["tcp"]),
+             dict(ports=ports, timeout=1.0))), [])
         verdicts = dict(((r["service"], r["transport"]), (r["verdict"],
                                                           r["detail"]))
                         for r in rows)
+        self.assertEqual(len(verdicts), 5)
         self.assertEqual(verdicts["echo", "tcp"], (
             "wrong", "sent 34 bytes, none came back before the close"))
         self.assertEqual(verdicts["echo", "udp"][0], "no-reply")
@@ -1155,18 +1209,18 @@ class ClientCommandLineTest(ServerTestCase):
 
     def test_probe_json_and_exit_status(self):
         server = self.start_server()
-        result = run_command("probe", "127.0.0.1", "--json", "--timeout",
-                             "3", *self.port_options(server))
-        self.assertEqual(result.returncode, 0, result.stderr)
-        rows = json.loads(result.stdout)
-        self.assertEqual(len(rows), 12)
-        self.assertEqual(set(rows[0]), {"service", "transport", "address",
-                                        "port", "verdict", "rtt_ms", "detail",
-                                        "host"})
-        self.assertEqual(rows[0]["host"], "127.0.0.1")
-        server.close()                      # now nothing listens there
+        # Its UDP discard waits out the 3 s: the other commands run meanwhile.
+        full_probe = subprocess.Popen(
+            [sys.executable, SCRIPT, "probe", "127.0.0.1", "--json",
+             "--timeout", "3"] + list(self.port_options(server)),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            universal_newlines=True)
+        self.addCleanup(full_probe.wait)
+        self.addCleanup(full_probe.kill)    # only if an assertion ends us early
+        gone = self.start_server()
+        gone.close()                        # now nothing listens there
         result = run_command("probe", "127.0.0.1", "echo", "--tcp",
-                             *self.port_options(server))
+                             *self.port_options(gone))
         self.assertEqual(result.returncode, 1)
         self.assertRegex(result.stdout, r"(?m)^SERVICE +PROTO +ADDRESS +PORT "
                                         r"+VERDICT +RTT +DETAIL\necho +tcp +"
@@ -1179,6 +1233,14 @@ class ClientCommandLineTest(ServerTestCase):
                 result = run_command(*args)
                 self.assertEqual(result.returncode, 2, result.stderr)
                 self.assertNotIn("Traceback", result.stderr)
+        stdout, stderr = full_probe.communicate(timeout=60)
+        self.assertEqual(full_probe.returncode, 0, stderr)
+        rows = json.loads(stdout)
+        self.assertEqual(len(rows), 12)
+        self.assertEqual(set(rows[0]), {"service", "transport", "address",
+                                        "port", "verdict", "rtt_ms", "detail",
+                                        "host"})
+        self.assertEqual(rows[0]["host"], "127.0.0.1")
 
     def test_measure_json(self):
         server = self.start_server(["echo", "chargen"])
@@ -1211,8 +1273,10 @@ class ClientCommandLineTest(ServerTestCase):
         self.addCleanup(os.close, master)
         try:
             result = subprocess.run(
+                # 0.3 s a transport: the line is shown at once, then
+                # rewritten for UDP (it is shown at most each 0.25 s).
                 [sys.executable, SCRIPT, "measure", "127.0.0.1", "latency",
-                 "--seconds", "0.6", "--port",
+                 "--seconds", "0.3", "--port",
                  "echo=%d" % server.addresses["echo", "tcp"][0][1]],
                 stdout=subprocess.PIPE, stderr=slave, timeout=60)
         finally:
@@ -1330,14 +1394,14 @@ class ProbeSleepsTest(ServerTestCase):
     """Item 9: probe and measure sleep while they wait."""
 
     def test_probe_uses_a_small_fraction_of_a_core(self):
-        # UDP discard keeps the probe open for the whole timeout (1.5 s)
+        # UDP discard keeps the probe open for the whole timeout (1 s)
         # while the finished TCP probes' sockets stay readable (at EOF):
         # before the fix, the loop spun on them (95 % of the wall time).
         server = self.start_server()
         cpu, wall = cpu_fraction_of(
-            "diagsvc.probe('127.0.0.1', ports=%r, timeout=1.5)"
+            "diagsvc.probe('127.0.0.1', ports=%r, timeout=1.0)"
             % ports_of(server))
-        self.assertGreater(wall, 1.4)
+        self.assertGreater(wall, 0.9)
         self.assertLess(cpu, 0.5 * wall, (cpu, wall))
 
     def test_measure_waits_asleep_on_a_stalled_path(self):
@@ -1348,20 +1412,28 @@ class ProbeSleepsTest(ServerTestCase):
         silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.addCleanup(silent.close)
         silent.bind(("127.0.0.1", 0))
+        # The upload's 0.5 s and its drain's 2 s (the least it waits) are
+        # slept through while a thread waits 1 s on the silent UDP echo.
         cpu, wall = cpu_fraction_of(
-            "rows = diagsvc.measure('127.0.0.1', ['upload'], seconds=1, "
-            "timeout=1, ports={'discard': %d})\n"
-            "assert not rows[0]['drained'], rows\n"
-            "sock = diagsvc.socket.socket(diagsvc.socket.AF_INET, "
+            "import threading\n"
+            "def wait_for_the_silent_echo():\n"
+            "    sock = diagsvc.socket.socket(diagsvc.socket.AF_INET, "
             "diagsvc.socket.SOCK_DGRAM)\n"
-            "sock.settimeout(1.0)\n"
-            "sock.connect(('127.0.0.1', %d))\n"
-            "sock.send(b'x')\n"
-            "try:\n"
-            "    sock.recv(10)\n"
-            "except diagsvc.socket.timeout:\n"
-            "    pass\n" % (stalled.getsockname()[1], silent.getsockname()[1]))
-        self.assertGreater(wall, 2.9)
+            "    sock.settimeout(1.0)\n"
+            "    sock.connect(('127.0.0.1', %d))\n"
+            "    sock.send(b'x')\n"
+            "    try:\n"
+            "        sock.recv(10)\n"
+            "    except diagsvc.socket.timeout:\n"
+            "        pass\n"
+            "silent = threading.Thread(target=wait_for_the_silent_echo)\n"
+            "silent.start()\n"
+            "rows = diagsvc.measure('127.0.0.1', ['upload'], seconds=0.5, "
+            "timeout=1, ports={'discard': %d})\n"
+            "silent.join()\n"
+            "assert not rows[0]['drained'], rows\n"
+            % (silent.getsockname()[1], stalled.getsockname()[1]))
+        self.assertGreater(wall, 2.4)
         self.assertLess(cpu, 0.5 * wall, (cpu, wall))
 
 
@@ -1400,7 +1472,15 @@ class ScopedAddressTest(unittest.TestCase):
             # has gone through, the probe's 3 s are the path's, not setup's.
             "diagsvc.socket.create_connection(('fe80::1%br0', "
             "ports['echo']), 10).close()\n"
-            "rows = diagsvc.probe('fe80::1%br0', ports=ports, timeout=3)\n"
+            # The UDP discard's open|filtered is a timeout, alone in its
+            # probe: a short one; the replies that must come keep 3 s.
+            "rows = diagsvc.probe('fe80::1%br0', ports=ports, timeout=3, "
+            "services=[name for name in diagsvc.SERVICE_NAMES if name != "
+            "'discard'])\n"
+            "rows += diagsvc.probe('fe80::1%br0', ['discard'], ['tcp'], "
+            "ports=ports, timeout=3)\n"
+            "rows += diagsvc.probe('fe80::1%br0', ['discard'], ['udp'], "
+            "ports=ports, timeout=0.5)\n"
             "rows += diagsvc.probe('2001:db8::1', ['echo'], ports=ports, "
             "timeout=2)\n"
             "rows += diagsvc.measure('fe80::1%br0', ['latency'], seconds=0.2,"
@@ -1408,6 +1488,11 @@ class ScopedAddressTest(unittest.TestCase):
             "server.close()\n"
             "print(json.dumps(rows))\n"))
         probed, unroutable, measured = rows[:12], rows[12:14], rows[14:]
+        self.assertEqual(sorted((row["service"], row["transport"])
+                                for row in probed),
+                         sorted((name, transport)
+                                for name in diagsvc.SERVICE_NAMES
+                                for transport in ("tcp", "udp")))
         for row in probed:
             self.assertEqual(row["address"], "fe80::1%br0")
             self.assertIn(row["verdict"], diagsvc.PROBE_OK, row)
@@ -1492,15 +1577,24 @@ class MeasureFailuresTest(ServerTestCase):
             silent.bind(("127.0.0.1", port))    # takes the pings, never answers
         except OSError as error:
             self.skipTest("UDP port %d is taken: %s" % (port, error))
-        result = self.measure_command("latency", "--port", "echo=%d" % port)
+        # The command and the call below each wait out their lost pings:
+        # the command's child runs while this process measures.
+        results = []
+        command = threading.Thread(target=lambda: results.append(
+            self.measure_command("latency", "--port", "echo=%d" % port)))
+        command.start()
+        try:
+            rows = diagsvc.measure("127.0.0.1", ["latency"], seconds=0.3,
+                                   timeout=1, ports={"echo": port})
+        finally:
+            command.join(90)                # run_command's own bound is 60 s
+        result, = results
         self.assertEqual(result.returncode, 1, result.stdout)
         self.assertRegex(result.stdout, r"(?m)^latency +udp +- +0 round trips;"
                                         r" min - p90 - p99 - max - µs; loss "
                                         r"100\.0 %; FAILED: no round trip "
                                         r"completed$")
         self.assertRegex(result.stdout, r"(?m)^latency +tcp +[0-9.]+ µs ")
-        rows = diagsvc.measure("127.0.0.1", ["latency"], seconds=0.3,
-                               timeout=1, ports={"echo": port})
         self.assertEqual([row["value"] is None for row in rows],
                          [False, True])
         self.assertEqual(diagsvc._measure_failures(rows),
@@ -1811,8 +1905,10 @@ class MeasureTestsFailAloneTest(ServerTestCase):
         options = ["--port=%s=%d" % item for item in
                    sorted(ports_of(server).items())] + [
             "--port", "echo=%d" % port, "--seconds", "0.3"]
-        result = run_command("measure", "127.0.0.1", "download", "echo",
-                             "connect", "--json", *options)
+        result, table = run_commands_at_once(
+            ["measure", "127.0.0.1", "download", "echo", "connect", "--json"]
+            + options,
+            ["measure", "127.0.0.1", "download", "echo", "connect"] + options)
         self.assertEqual(result.returncode, 1, result.stderr)
         self.assertEqual(result.stderr, "")
         download, echo, connect = json.loads(result.stdout)
@@ -1824,8 +1920,7 @@ class MeasureTestsFailAloneTest(ServerTestCase):
         self.assertGreater(connect["count"], 0)
         self.assertEqual(diagsvc._measure_failures([download, echo, connect]),
                          ["echo/tcp: Connection refused"])
-        result = run_command("measure", "127.0.0.1", "download", "echo",
-                             "connect", *options)
+        result = table
         self.assertEqual(result.returncode, 1, result.stderr)
         self.assertRegex(result.stdout, r"(?m)^echo +tcp +- +port %d; "
                                         r"FAILED: Connection refused$" % port)
@@ -1934,18 +2029,21 @@ class IntermixedArgumentsTest(ServerTestCase):
     def test_probe_and_measure_take_options_after_positionals(self):
         server = self.start_server(["echo"])
         port = "--port=echo=%d" % ports_of(server)["echo"]
-        result = run_command("probe", "127.0.0.1", "--tcp", "echo", port,
-                             "--json")
+        probed, measured, bogus = run_commands_at_once(
+            ["probe", "127.0.0.1", "--tcp", "echo", port, "--json"],
+            ["measure", "127.0.0.1", "--seconds", "0.2", "latency", port,
+             "--json"],
+            ["probe", "127.0.0.1", "echo", "--bogus", "echo"])
+        result = probed
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertEqual([(row["service"], row["transport"])
                           for row in json.loads(result.stdout)],
                          [("echo", "tcp")])
-        result = run_command("measure", "127.0.0.1", "--seconds", "0.2",
-                             "latency", port, "--json")
+        result = measured
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertEqual([row["test"] for row in json.loads(result.stdout)],
                          ["latency", "latency"])
-        result = run_command("probe", "127.0.0.1", "echo", "--bogus", "echo")
+        result = bogus
         self.assertEqual(result.returncode, 2)
         self.assertIn("unrecognized arguments: --bogus", result.stderr)
 
@@ -2700,6 +2798,28 @@ def run_command(*args, **options):
         stderr=subprocess.PIPE, universal_newlines=True, timeout=60, **options)
 
 
+def run_commands_at_once(*argument_lists):
+    """run_command() for each list of ARGUMENT_LISTS, all at once (each
+    waits on its own child); return their results, in order."""
+    results = [None] * len(argument_lists)
+
+    def run(index, arguments):
+        try:
+            results[index] = run_command(*arguments)
+        except Exception as error:          # raised again in the caller
+            results[index] = error
+    threads = [threading.Thread(target=run, args=(index, arguments))
+               for index, arguments in enumerate(argument_lists)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()           # run_command's own timeout bounds each
+    for result in results:
+        if isinstance(result, Exception):
+            raise result
+    return results
+
+
 class ServerProcess(object):
     """diagsvc.py in a subprocess; start lines parsed into addresses."""
 
@@ -3136,6 +3256,10 @@ class LoopWatchRepeatsTest(ServerTestCase):
     def test_the_same_payload_again_and_again_from_one_socket(self):
         # The README's example in a test: one socket, b"hello" each time.
         self.hold_loop_clock()
+        # The decay below comes at a sweep: ten a second, not one.
+        self.addCleanup(setattr, diagsvc, "MAX_TIMER_WAIT",
+                        diagsvc.MAX_TIMER_WAIT)
+        diagsvc.MAX_TIMER_WAIT = 0.1
         server = self.start_server(["echo", "chargen"], transports=("udp",))
         sock = self.udp_socket()
         target = server.addresses["echo", "udp"][0]
@@ -3146,8 +3270,9 @@ class LoopWatchRepeatsTest(ServerTestCase):
         self.assert_no_reply(sock, server, "127.0.0.1")
         self.assertEqual(self.refusals(server), {"loop-detected": 1})
         sock.settimeout(TIMEOUT)
-        # Then one a second: once the count has gone down, it is answered.
-        diagsvc.LOOP_MEMORY = diagsvc.LOOP_RETURN_INTERVAL = 1.0
+        # Then one each 0.25 s (the README's second, sooner): once the
+        # count has gone down, it is answered.
+        diagsvc.LOOP_MEMORY = diagsvc.LOOP_RETURN_INTERVAL = 0.25
         peer = ("127.0.0.1", sock.getsockname()[1])
         wait_until(lambda: server.loop_suspects.get(peer, 0) < 16,
                    message="the count of returns to go down")
@@ -3165,9 +3290,14 @@ class LoopWatchRepeatsTest(ServerTestCase):
     def test_the_count_decays_while_the_server_is_busy(self):
         # A generation of remembered replies also ends when it is full;
         # a small table makes a modest flood fill it many times a second.
-        self.addCleanup(setattr, diagsvc, "LOOP_TABLE_MAX",
-                        diagsvc.LOOP_TABLE_MAX)
-        diagsvc.LOOP_TABLE_MAX = 32
+        # Sweeps ten times a second, and, once the count of 2 is checked,
+        # a decay every 0.25 s: it goes in about 0.5 s, not 2 (restored
+        # after).
+        for name, value in (("LOOP_TABLE_MAX", 32), ("MAX_TIMER_WAIT", 0.1)):
+            self.addCleanup(setattr, diagsvc, name, getattr(diagsvc, name))
+            setattr(diagsvc, name, value)
+        self.addCleanup(setattr, diagsvc, "LOOP_RETURN_INTERVAL",
+                        diagsvc.LOOP_RETURN_INTERVAL)
         server = self.start_server(["echo"], transports=("udp",))
         pinger = self.echo_socket(server)
         for _ in range(3):
@@ -3175,6 +3305,7 @@ class LoopWatchRepeatsTest(ServerTestCase):
             self.assertEqual(pinger.recv(100), b"ping")
         peer = pinger.getsockname()
         self.assertEqual(server.loop_suspects.get(peer), 2)
+        diagsvc.LOOP_RETURN_INTERVAL = 0.25
         flood = self.echo_socket(server)
         flood.setblocking(False)
         sent = [0]
@@ -3818,6 +3949,11 @@ class OneShotCloseTest(ServerTestCase):
                                          self.read_reply_and_eof(sock))
 
     def test_a_client_that_never_closes_gets_eof_and_is_let_go(self):
+        # What matters is that the linger ends, not its 2 s: a short one,
+        # looked at by sweeps ten times a second, not once.
+        for name, value in (("ONE_SHOT_LINGER", 0.2), ("MAX_TIMER_WAIT", 0.1)):
+            self.addCleanup(setattr, diagsvc, name, getattr(diagsvc, name))
+            setattr(diagsvc, name, value)
         server = self.start_server(["time"], transports=["tcp"])
         sock = self.connect(server, "time")
         self.assertEqual(len(recv_to_eof(sock)), 4)     # FIN came at once
@@ -4405,6 +4541,11 @@ class ServeForDurationTest(ServerTestCase):
         self.assertEqual((server.listeners, server.endpoints), ([], []))
 
     def test_at_the_end_every_socket_is_closed(self):
+        # The loop wakes ten times a second, not once: the end below is
+        # seen sooner; what is tested is what the end closes.
+        self.addCleanup(setattr, diagsvc, "MAX_TIMER_WAIT",
+                        diagsvc.MAX_TIMER_WAIT)
+        diagsvc.MAX_TIMER_WAIT = 0.1
         server = self.start_server(["echo"], duration=3600.0)
         self.assertLess(abs(server.stops_at - time.time() - 3600), TIMEOUT)
         address = server.addresses["echo", "tcp"][0]
@@ -4412,7 +4553,7 @@ class ServeForDurationTest(ServerTestCase):
         client.sendall(b"in the window")
         self.assertEqual(recv_exactly(client, 13), b"in the window")
         # The hour is up: bring the end forward rather than wait for it
-        # (the loop's timers look at it at least once a second).
+        # (the loop's timers look at it at least every MAX_TIMER_WAIT).
         server._stop_deadline = time.monotonic()
         server._thread.join(TIMEOUT)
         self.assertFalse(server._thread.is_alive())
