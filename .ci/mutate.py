@@ -190,8 +190,8 @@ MUTANTS = [
     ("owed reply half-closes", "            if self.send_owed():\n"
      "                self.half_close()", "            if self.send_owed():\n"
      "                self.set_events(EVENT_READ)"),
-    ("per-source release", "remaining = self.per_source[group] - 1",
-     "remaining = self.per_source[group]"),
+    ("per-source release", "remaining = self.per_source.get(group, 0) - 1",
+     "remaining = self.per_source.get(group, 0)"),
     ("accept pause ends", "self._accept_paused_until = self.now + "
      "ACCEPT_PAUSE", "self._accept_paused_until = self.now + 3600"),
     ("group source refused",
@@ -225,8 +225,8 @@ MUTANTS = [
      "            if True:\n                deadline"),
     ("idle deadline", "deadline = now - self.idle_timeout",
      "deadline = now - 2 * self.idle_timeout"),
-    ("idle comparison", "if s.last_active < deadline]",
-     "if s.last_active > deadline]"),
+    ("idle comparison", "if s.last_active < deadline and not (",
+     "if s.last_active > deadline and not ("),
     ("sweep prunes buckets",
      "            if self._rate_buckets or self._echo_buckets:\n"
      "                self._prune_rate_buckets()",
@@ -241,9 +241,10 @@ MUTANTS = [
      "            waker.wake()", "if waker is not None and self._closed:\n"
      "            waker.wake()"),
     ("close closes streams", "            for stream in list(self.streams):\n"
-     "                self.close_stream(stream)", "            for stream in "
-     "[]:\n                self.close_stream(stream)"),
-    ("close closes the ring", "os.close(self._ring_file_to_close)", "pass"),
+     "                self._quietly(self.close_stream, stream)",
+     "            for stream in []:\n"
+     "                self._quietly(self.close_stream, stream)"),
+    ("close closes the ring", "self._quietly(self._close_ring)", "pass"),
     ("burst at least 1", "self.udp_burst = max(1, _checked_limit(",
      "self.udp_burst = max(0, _checked_limit("),
     ("port 0 shared by transports",
@@ -288,9 +289,8 @@ MUTANTS = [
      "LOOP_RETURN_INTERVAL)", "forgiven = 0"),
     ("loop watch ages", "if now - self._replies_aged >= LOOP_MEMORY:",
      "if False:"),
-    ("log queue bound", "if self._log_writer is None or "
-     "len(self._log_lines) >= LOG_QUEUE_MAX:", "if self._log_writer is "
-     "None:"),
+    ("log queue bound", "if self.thread is None or "
+     "len(self.lines) >= LOG_QUEUE_MAX:", "if self.thread is None:"),
     ("log bucket", "tokens = min(float(LOG_BURST), self._log_tokens +",
      "tokens = max(float(LOG_BURST), self._log_tokens +"),
     ("log suppressed report", "if held_back and self.now - "
@@ -299,8 +299,8 @@ MUTANTS = [
     ("refusal log per source group", "key = (reason, self.group_of(source))",
      "key = (reason, source)"),
 
-    ("select() past FD_SETSIZE refused", "elif self._select_based and not "
-     "self.can_watch(sock):", "elif False:"),
+    ("select() past FD_SETSIZE refused", "elif (self._select_based and not "
+     "self.can_watch(sock) and", "elif (False and"),
     ("one-shot linger ends", "s.last_active < linger_deadline]:",
      "s.last_active < linger_deadline - 3600]:"),
     ("one-shot linger waits for owed bytes", "                           "
@@ -372,8 +372,9 @@ MUTANTS = [
      '"value": round(echoed_in_window / 1e5 / window, 1),'),
     ("echo missing", '"missing_bytes": state["sent"] - state["received"]}',
      '"missing_bytes": state["sent"] - state["received"] - 1}'),
-    ("measure port", "row[\"port\"] = all_ports[_MEASURE_SERVICE.get(test,",
-     "row[\"port\"] = all_ports[_MEASURE_SERVICE.get(\"echo\","),
+    ("measure port",
+     'row["port"] = all_ports[_MEASURE_SERVICE.get(row["test"],',
+     'row["port"] = all_ports[_MEASURE_SERVICE.get("echo",'),
 
     ("nearest rank", "rank = max(1, -(-percent * len(ordered) // 100))",
      "rank = max(1, percent * len(ordered) // 100 + 1)"),
