@@ -888,6 +888,25 @@ class UdpPathsTest(unittest.TestCase):
             if not ON_LINUX:
                 self.assertFalse(works)
 
+    def test_a_refused_gso_send_ends_gso_on_that_socket(self):
+        # Twelve queued echoes: a GSO send of the first eight is refused
+        # (EIO), they go one by one, and the next four never try GSO.
+        if not (ON_LINUX and diagsvc._segmentation_works()[0]):
+            self.skipTest("no UDP_SEGMENT here")
+        server, client, payloads = self.refused_sends(
+            True, diagsvc.SELECTORS[0], "127.0.0.1", "127.0.0.1", errno.EIO,
+            True)
+        self.assertEqual([client.recv(100) for _ in payloads], payloads)
+        echo = [endpoint for endpoint in server.endpoints
+                if endpoint.service.name == "echo"][0]
+        self.assertEqual([count for count in echo.sock.sends if count > 1],
+                         [diagsvc.SEGMENT_BATCH])
+
+    def test_linux_runs_the_self_test(self):
+        # On Linux the answer is the self-test's, never "not Linux".
+        if ON_LINUX:
+            self.assertNotEqual(diagsvc._segmentation_works()[1], "not Linux")
+
 
 class SafetyCommandLineTest(unittest.TestCase):
 
@@ -2208,6 +2227,46 @@ class UdpStreamTest(ServerTestCase):
         self.assertEqual(row["ipdv_mean_us"], 3000.0)
         self.assertEqual(row["pdv_us"], row["p99_us"] - 1000.0)
 
+    def test_tally_edges(self):
+        tally = diagsvc._StreamTally(4)
+        tally.sent = 2
+        tally.arrived(2, 0.001)         # the next number: not sent yet
+        self.assertEqual((tally.foreign, tally.arrivals), (1, 0))
+        tally.arrived(0, 0.5)           # exactly the wait: on time
+        self.assertEqual(tally.on_time(0.5), [0.5, -1.0])
+
+    def test_ipdv_pairs_neighbours_only(self):
+        tally = diagsvc._StreamTally(4)
+        tally.sent = 4
+        for sequence, rtt in enumerate((0.001, 0.002, 0.004, 0.008)):
+            tally.arrived(sequence, rtt)
+        # |2-1|, |4-2|, |8-4| ms.
+        self.assertEqual(diagsvc._stream_figures([tally], 1.0)[
+            "ipdv_mean_us"], round(7000.0 / 3, 1))
+
+    def test_smallest_size_is_the_header(self):
+        self.assertEqual(diagsvc._stream_rate(None, None,
+                                              diagsvc.STREAM_MIN_SIZE,
+                                              socket.AF_INET),
+                         (100.0, diagsvc.STREAM_MIN_SIZE))
+
+    def test_a_flow_counts_another_flows_reply_as_foreign(self):
+        peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(peer.close)
+        peer.bind(("127.0.0.1", 0))
+        flow = diagsvc._UdpFlow(socket.AF_INET, ("127.0.0.1", 0),
+                                peer.getsockname()[1], 5, 0, 4, 64, None)
+        self.addCleanup(flow.sock.close)
+        flow.tally.sent = 1
+        buffer = bytearray(65536)
+        for flow_id in (6, 5):
+            peer.sendto(diagsvc.stream_datagram(flow_id, 0,
+                                                time.perf_counter(), 64),
+                        flow.sock.getsockname())
+            select.select([flow.sock], [], [], TIMEOUT)
+            flow.read_replies(buffer, time.perf_counter)
+        self.assertEqual((flow.tally.foreign, flow.tally.arrivals), (1, 1))
+
     def test_pacing_follows_the_clock(self):
         echo = MischievousEcho(mischief=False)
         self.addCleanup(echo.close)
@@ -3367,6 +3426,19 @@ class LoopWatchRepeatsTest(ServerTestCase):
                 pass
             return peer not in server.loop_suspects
         wait_until(flood_then_check, message="the count to decay")
+
+    def test_a_full_generation_of_replies_starts_a_new_one(self):
+        self.addCleanup(setattr, diagsvc, "LOOP_TABLE_MAX",
+                        diagsvc.LOOP_TABLE_MAX)
+        diagsvc.LOOP_TABLE_MAX = 4
+        server = self.start_server(["echo"], transports=("udp",))
+        sock = self.echo_socket(server)
+        for number in range(20):
+            sock.send(b"%d" % number)
+            self.assertEqual(sock.recv(100), b"%d" % number)
+        # However the clock ages them, no generation holds more than 4.
+        self.assertLess(len(server.replied), 4)
+        self.assertLessEqual(len(server.replied_before), 4)
 
     def test_large_payloads_that_differ_only_in_the_middle_are_distinct(self):
         server = self.start_server(["echo"], transports=("udp",))
