@@ -6302,5 +6302,40 @@ class ClientPromiseTest(ServerTestCase):
                                         r"5000\)")
 
 
+
+class MeasureArithmeticTest(unittest.TestCase):
+    """The loaded row and the thresholds, on made-up figures."""
+
+    def test_loaded_row(self):
+        class Pinger(object):
+            transport = "udp"
+            samples = {"idle": [0.001, 0.002], "loaded": [0.003]}
+            lost = {"idle": 2, "loaded": 0}
+        row = diagsvc._loaded_row(Pinger(), {}, 1)
+        # 2 lost of 4 tries; the value is the loaded p50.
+        self.assertEqual((row["idle_loss_pct"], row["loaded_loss_pct"]),
+                         (50.0, 0.0))
+        self.assertEqual((row["value"], row["idle_p50_us"]), (3000.0, 1000.0))
+
+    def test_thresholds(self):
+        class Options(object):
+            rtt_percentile = 50
+            max_loss = 1.0
+            max_rtt = 2.0               # ms
+            min_rate = None
+        rows = [{"host": "h", "test": "udp", "transport": "udp",
+                 "loss_pct": 1.0, "p50_us": 2500.0, "value": 1.0},
+                {"host": "h", "test": "connect", "transport": "tcp",
+                 "p50_us": 9000.0, "value": 9000.0},
+                {"host": "h", "test": "udp", "transport": "udp", "flow": 2,
+                 "loss_pct": 5.0, "value": 5.0}]
+        # Loss at the limit passes; 2.5 ms is above 2 ms; connect's
+        # percentiles are whole connections, not RTTs.
+        self.assertEqual(diagsvc._threshold_failures(rows, Options()),
+                         ["h udp/udp: p50_us 2.5 ms is above --max-rtt 2",
+                          "h udp/udp flow 2: loss_pct 5 % is above "
+                          "--max-loss 1"])
+
+
 if __name__ == "__main__":
     unittest.main()
