@@ -6337,5 +6337,28 @@ class MeasureArithmeticTest(unittest.TestCase):
                           "--max-loss 1"])
 
 
+
+class CheckedArgumentsTest(unittest.TestCase):
+    """Arguments checked without a server: quotes= and passed sockets."""
+
+    def test_quote_edges(self):
+        self.assertEqual(diagsvc.checked_quotes([b"x" * 511]), (b"x" * 511,))
+        for quotes in ([b"x" * 512], [b"DEL \x7f"], [b" \r\n"]):
+            with self.subTest(quotes=quotes):
+                with self.assertRaises(diagsvc.QuoteFileError):
+                    diagsvc.checked_quotes(quotes)
+
+    def test_a_given_port_beats_the_offset(self):
+        # echo's port plus the offset is discard's --port: discard's.
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(sock.close)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        matched = diagsvc._match_sockets(
+            [(sock, None)], ["echo", "discard"], ("udp",),
+            port - diagsvc.SERVICES["echo"].port, {"discard": port})
+        self.assertEqual(matched, [(sock, "discard", "udp")])
+
+
 if __name__ == "__main__":
     unittest.main()
