@@ -6322,19 +6322,24 @@ class MeasureArithmeticTest(unittest.TestCase):
             rtt_percentile = 50
             max_loss = 1.0
             max_rtt = 2.0               # ms
-            min_rate = None
+            min_rate = 10.0             # MB/s
         rows = [{"host": "h", "test": "udp", "transport": "udp",
                  "loss_pct": 1.0, "p50_us": 2500.0, "value": 1.0},
                 {"host": "h", "test": "connect", "transport": "tcp",
                  "p50_us": 9000.0, "value": 9000.0},
                 {"host": "h", "test": "udp", "transport": "udp", "flow": 2,
-                 "loss_pct": 5.0, "value": 5.0}]
+                 "loss_pct": 5.0, "value": 5.0},
+                {"host": "h", "test": "download", "transport": "tcp",
+                 "value": 20.0},
+                {"host": "h", "test": "upload", "transport": "tcp",
+                 "value": 5.0}]
         # Loss at the limit passes; 2.5 ms is above 2 ms; connect's
         # percentiles are whole connections, not RTTs.
         self.assertEqual(diagsvc._threshold_failures(rows, Options()),
                          ["h udp/udp: p50_us 2.5 ms is above --max-rtt 2",
                           "h udp/udp flow 2: loss_pct 5 % is above "
-                          "--max-loss 1"])
+                          "--max-loss 1",
+                          "h upload/tcp: 5 MB/s is below --min-rate 10"])
 
 
 
@@ -6347,6 +6352,13 @@ class CheckedArgumentsTest(unittest.TestCase):
             with self.subTest(quotes=quotes):
                 with self.assertRaises(diagsvc.QuoteFileError):
                     diagsvc.checked_quotes(quotes)
+
+    def test_limits_and_durations(self):
+        with self.assertRaises(diagsvc.ServerError):
+            diagsvc._checked_limit("udp_rate", True)    # not a number
+        self.assertEqual([diagsvc._duration_text(seconds) for seconds in
+                          (90, 1800, 7200, 5400)],
+                         ["90 s", "30 min", "2 h", "90 min"])
 
     def test_a_given_port_beats_the_offset(self):
         # echo's port plus the offset is discard's --port: discard's.
