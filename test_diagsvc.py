@@ -6344,7 +6344,8 @@ class MeasureArithmeticTest(unittest.TestCase):
 
 
 class CheckedArgumentsTest(unittest.TestCase):
-    """Arguments checked without a server: quotes= and passed sockets."""
+    """Pure checks, no loop running: quotes=, limits, --for's text,
+    passed sockets' matching, the loop watch's decay."""
 
     def test_quote_edges(self):
         self.assertEqual(diagsvc.checked_quotes([b"x" * 511]), (b"x" * 511,))
@@ -6359,6 +6360,22 @@ class CheckedArgumentsTest(unittest.TestCase):
         self.assertEqual([diagsvc._duration_text(seconds) for seconds in
                           (90, 1800, 7200, 5400)],
                          ["90 s", "30 min", "2 h", "90 min"])
+
+    def test_the_loop_watch_decays_by_whole_intervals(self):
+        # Driven by hand: 1.5 intervals forgive one return and keep the
+        # half, which counts towards the next.
+        with diagsvc.Server(["echo"], bind=["127.0.0.1"], port_offset=None,
+                            transports=["udp"]) as server:
+            peer = ("127.0.0.1", 40000)
+            interval = diagsvc.LOOP_RETURN_INTERVAL
+            server.loop_suspects = {peer: 3}
+            server._returns_decayed = server.now = 0.0
+            server.now = 1.5 * interval
+            server._age_loop_watch()
+            self.assertEqual(server.loop_suspects, {peer: 2})
+            server.now = 2.0 * interval
+            server._age_loop_watch()
+            self.assertEqual(server.loop_suspects, {peer: 1})
 
     def test_a_given_port_beats_the_offset(self):
         # echo's port plus the offset is discard's --port: discard's.

@@ -490,7 +490,10 @@ MUTANTS = [
     ("loaded value", 'row["value"] = figures["loaded"].get("p50_us")',
      'row["value"] = figures["idle"].get("p50_us")'),
     ("mtu search midpoint", "size = high if high == fits else (low + high "
-     "+ 1) // 2", "size = high if high == fits else (low + high) // 2"),
+     "+ 1) // 2", "size = high if high == fits else (low + high) // 2",
+     "rounding the midpoint down finds the same boundary and the same "
+     "failure in about as many tries; only the order of the sizes tried "
+     "differs, and no promise names that order"),
     ("mtu search retries a loss", 'if failure != "lost" or failed in '
      'confirmed:', "if True:"),
     ("mtu refused size", "failures[high] = (fits + 1, outcome)",
