@@ -534,13 +534,18 @@ MUTANTS = [
      "not sock.getsockopt(socket.SOL_SOCKET, accepting):", "False:"),
     ("notify abstract socket", 'address = "\\0" + address[1:]',
      "address = address[1:]"),
-    ("watchdog at half", "interval = int(usec) / 2e6",
-     "interval = int(usec) / 1e6"),
+    ("watchdog at half", "interval = max(int(usec) / 2e6, "
+     "WATCHDOG_MIN_INTERVAL)", "interval = max(int(usec) / 1e6, "
+     "WATCHDOG_MIN_INTERVAL)"),
+    ("watchdog floor", "interval = max(int(usec) / 2e6, "
+     "WATCHDOG_MIN_INTERVAL)", "interval = max(int(usec) / 2e6, 0.0)"),
     ("watchdog for this pid",
      "not watchdog_pid or watchdog_pid == str(pid)):", "True):"),
     ("watchdog pings again", "            self._next_watchdog = now + "
      "notifier.watchdog_interval\n            notifier.send(\"WATCHDOG=1\")",
      "            self._next_watchdog = now + notifier.watchdog_interval\n"),
+    ("duration compound: seconds last", 'for unit in "hms":',
+     'for unit in "hm":'),
     ("duration hours", '_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600}',
      '_DURATION_UNITS = {"s": 1, "m": 60, "h": 360}'),
     ("duration above 0", "if not 0 < seconds <= LIMIT_MAX:",
