@@ -6377,16 +6377,19 @@ class CheckedArgumentsTest(unittest.TestCase):
             server._age_loop_watch()
             self.assertEqual(server.loop_suspects, {peer: 1})
 
-    def test_a_given_port_beats_the_offset(self):
-        # echo's port plus the offset is discard's --port: discard's.
+    def test_a_port_two_services_claim_is_refused(self):
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.addCleanup(sock.close)
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-        matched = diagsvc._match_sockets(
-            [(sock, None)], ["echo", "discard"], ("udp",),
-            port - diagsvc.SERVICES["echo"].port, {"discard": port})
-        self.assertEqual(matched, [(sock, "discard", "udp")])
+        match = diagsvc._match_sockets
+        self.assertEqual(match([(sock, None)], ["echo", "discard"], ("udp",),
+                               None, {"discard": port}),
+                         [(sock, "discard", "udp")])
+        # echo's port plus the offset is discard's --port: a guess.
+        with self.assertRaises(diagsvc.ServerError):
+            match([(sock, None)], ["echo", "discard"], ("udp",),
+                  port - diagsvc.SERVICES["echo"].port, {"discard": port})
 
 
 if __name__ == "__main__":

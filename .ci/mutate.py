@@ -529,7 +529,11 @@ MUTANTS = [
     ("match port offset", "port = SERVICES[name].port + port_offset",
      "port = SERVICES[name].port"),
     ("match --port first", 'for precedence in ("standard", "offset", '
-     '"given"):', 'for precedence in ("given", "offset", "standard"):'),
+     '"given"):', 'for precedence in ("given", "offset", "standard"):',
+     "a port two services claim is refused as ambiguous (the fix12 "
+     "merge), so the order of the claims cannot change a match"),
+    ("match refuses a port two services claim",
+     "if by_port.get(port, name) != name:", "if False:"),
     ("match listening only",
      "not sock.getsockopt(socket.SOL_SOCKET, accepting):", "False:"),
     ("notify abstract socket", 'address = "\\0" + address[1:]',
