@@ -6344,7 +6344,8 @@ class MeasureArithmeticTest(unittest.TestCase):
 
 
 class CheckedArgumentsTest(unittest.TestCase):
-    """Pure checks, no loop running: quotes=, limits, --for's text,
+    """Pure checks, no loop running: quotes=, limits, --for's text, the
+    watchdog's floor,
     passed sockets' matching, the loop watch's decay."""
 
     def test_quote_edges(self):
@@ -6376,6 +6377,16 @@ class CheckedArgumentsTest(unittest.TestCase):
             server.now = 2.0 * interval
             server._age_loop_watch()
             self.assertEqual(server.loop_suspects, {peer: 1})
+
+    def test_the_watchdog_has_a_floor(self):
+        notifier = diagsvc.SystemdNotifier.from_environment(
+            {"NOTIFY_SOCKET": "/run/diagsvc-test-notify", "WATCHDOG_USEC":
+             "1"}, 1)
+        if notifier is None:
+            self.skipTest("no AF_UNIX here")
+        self.addCleanup(notifier.close)
+        self.assertEqual(notifier.watchdog_interval,
+                         diagsvc.WATCHDOG_MIN_INTERVAL)
 
     def test_a_port_two_services_claim_is_refused(self):
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
