@@ -6345,8 +6345,7 @@ class MeasureArithmeticTest(unittest.TestCase):
 
 class CheckedArgumentsTest(unittest.TestCase):
     """Pure checks, no loop running: quotes=, limits, --for's text, the
-    watchdog's floor,
-    passed sockets' matching, the loop watch's decay."""
+    watchdog's floor, passed sockets' matching, the loop watch's decay."""
 
     def test_quote_edges(self):
         self.assertEqual(diagsvc.checked_quotes([b"x" * 511]), (b"x" * 511,))
