@@ -888,6 +888,25 @@ class UdpPathsTest(unittest.TestCase):
             if not ON_LINUX:
                 self.assertFalse(works)
 
+    def test_a_refused_gso_send_ends_gso_on_that_socket(self):
+        # Twelve queued echoes: a GSO send of the first eight is refused
+        # (EIO), they go one by one, and the next four never try GSO.
+        if not (ON_LINUX and diagsvc._segmentation_works()[0]):
+            self.skipTest("no UDP_SEGMENT here")
+        server, client, payloads = self.refused_sends(
+            True, diagsvc.SELECTORS[0], "127.0.0.1", "127.0.0.1", errno.EIO,
+            True)
+        self.assertEqual([client.recv(100) for _ in payloads], payloads)
+        echo = [endpoint for endpoint in server.endpoints
+                if endpoint.service.name == "echo"][0]
+        self.assertEqual([count for count in echo.sock.sends if count > 1],
+                         [diagsvc.SEGMENT_BATCH])
+
+    def test_linux_runs_the_self_test(self):
+        # On Linux the answer is the self-test's, never "not Linux".
+        if ON_LINUX:
+            self.assertNotEqual(diagsvc._segmentation_works()[1], "not Linux")
+
 
 class SafetyCommandLineTest(unittest.TestCase):
 
@@ -2208,6 +2227,46 @@ class UdpStreamTest(ServerTestCase):
         self.assertEqual(row["ipdv_mean_us"], 3000.0)
         self.assertEqual(row["pdv_us"], row["p99_us"] - 1000.0)
 
+    def test_tally_edges(self):
+        tally = diagsvc._StreamTally(4)
+        tally.sent = 2
+        tally.arrived(2, 0.001)         # the next number: not sent yet
+        self.assertEqual((tally.foreign, tally.arrivals), (1, 0))
+        tally.arrived(0, 0.5)           # exactly the wait: on time
+        self.assertEqual(tally.on_time(0.5), [0.5, -1.0])
+
+    def test_ipdv_pairs_neighbours_only(self):
+        tally = diagsvc._StreamTally(4)
+        tally.sent = 4
+        for sequence, rtt in enumerate((0.001, 0.002, 0.004, 0.008)):
+            tally.arrived(sequence, rtt)
+        # |2-1|, |4-2|, |8-4| ms.
+        self.assertEqual(diagsvc._stream_figures([tally], 1.0)[
+            "ipdv_mean_us"], round(7000.0 / 3, 1))
+
+    def test_smallest_size_is_the_header(self):
+        self.assertEqual(diagsvc._stream_rate(None, None,
+                                              diagsvc.STREAM_MIN_SIZE,
+                                              socket.AF_INET),
+                         (100.0, diagsvc.STREAM_MIN_SIZE))
+
+    def test_a_flow_counts_another_flows_reply_as_foreign(self):
+        peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(peer.close)
+        peer.bind(("127.0.0.1", 0))
+        flow = diagsvc._UdpFlow(socket.AF_INET, ("127.0.0.1", 0),
+                                peer.getsockname()[1], 5, 0, 4, 64, None)
+        self.addCleanup(flow.sock.close)
+        flow.tally.sent = 1
+        buffer = bytearray(65536)
+        for flow_id in (6, 5):
+            peer.sendto(diagsvc.stream_datagram(flow_id, 0,
+                                                time.perf_counter(), 64),
+                        flow.sock.getsockname())
+            select.select([flow.sock], [], [], TIMEOUT)
+            flow.read_replies(buffer, time.perf_counter)
+        self.assertEqual((flow.tally.foreign, flow.tally.arrivals), (1, 1))
+
     def test_pacing_follows_the_clock(self):
         echo = MischievousEcho(mischief=False)
         self.addCleanup(echo.close)
@@ -3367,6 +3426,19 @@ class LoopWatchRepeatsTest(ServerTestCase):
                 pass
             return peer not in server.loop_suspects
         wait_until(flood_then_check, message="the count to decay")
+
+    def test_a_full_generation_of_replies_starts_a_new_one(self):
+        self.addCleanup(setattr, diagsvc, "LOOP_TABLE_MAX",
+                        diagsvc.LOOP_TABLE_MAX)
+        diagsvc.LOOP_TABLE_MAX = 4
+        server = self.start_server(["echo"], transports=("udp",))
+        sock = self.echo_socket(server)
+        for number in range(20):
+            sock.send(b"%d" % number)
+            self.assertEqual(sock.recv(100), b"%d" % number)
+        # However the clock ages them, no generation holds more than 4.
+        self.assertLess(len(server.replied), 4)
+        self.assertLessEqual(len(server.replied_before), 4)
 
     def test_large_payloads_that_differ_only_in_the_middle_are_distinct(self):
         server = self.start_server(["echo"], transports=("udp",))
@@ -6228,6 +6300,106 @@ class ClientPromiseTest(ServerTestCase):
         self.assertEqual(result.returncode, 1, result.stderr)
         self.assertRegex(result.stdout, r"wrong bytes 1 \(first at byte "
                                         r"5000\)")
+
+
+
+class MeasureArithmeticTest(unittest.TestCase):
+    """The loaded row and the thresholds, on made-up figures."""
+
+    def test_loaded_row(self):
+        class Pinger(object):
+            transport = "udp"
+            samples = {"idle": [0.001, 0.002], "loaded": [0.003]}
+            lost = {"idle": 2, "loaded": 0}
+        row = diagsvc._loaded_row(Pinger(), {}, 1)
+        # 2 lost of 4 tries; the value is the loaded p50.
+        self.assertEqual((row["idle_loss_pct"], row["loaded_loss_pct"]),
+                         (50.0, 0.0))
+        self.assertEqual((row["value"], row["idle_p50_us"]), (3000.0, 1000.0))
+
+    def test_thresholds(self):
+        class Options(object):
+            rtt_percentile = 50
+            max_loss = 1.0
+            max_rtt = 2.0               # ms
+            min_rate = 10.0             # MB/s
+        rows = [{"host": "h", "test": "udp", "transport": "udp",
+                 "loss_pct": 1.0, "p50_us": 2500.0, "value": 1.0},
+                {"host": "h", "test": "connect", "transport": "tcp",
+                 "p50_us": 9000.0, "value": 9000.0},
+                {"host": "h", "test": "udp", "transport": "udp", "flow": 2,
+                 "loss_pct": 5.0, "value": 5.0},
+                {"host": "h", "test": "download", "transport": "tcp",
+                 "value": 20.0},
+                {"host": "h", "test": "upload", "transport": "tcp",
+                 "value": 5.0}]
+        # Loss at the limit passes; 2.5 ms is above 2 ms; connect's
+        # percentiles are whole connections, not RTTs.
+        self.assertEqual(diagsvc._threshold_failures(rows, Options()),
+                         ["h udp/udp: p50_us 2.5 ms is above --max-rtt 2",
+                          "h udp/udp flow 2: loss_pct 5 % is above "
+                          "--max-loss 1",
+                          "h upload/tcp: 5 MB/s is below --min-rate 10"])
+
+
+
+class CheckedArgumentsTest(unittest.TestCase):
+    """Pure checks, no loop running: quotes=, limits, --for's text, the
+    watchdog's floor, passed sockets' matching, the loop watch's decay."""
+
+    def test_quote_edges(self):
+        self.assertEqual(diagsvc.checked_quotes([b"x" * 511]), (b"x" * 511,))
+        for quotes in ([b"x" * 512], [b"DEL \x7f"], [b" \r\n"]):
+            with self.subTest(quotes=quotes):
+                with self.assertRaises(diagsvc.QuoteFileError):
+                    diagsvc.checked_quotes(quotes)
+
+    def test_limits_and_durations(self):
+        with self.assertRaises(diagsvc.ServerError):
+            diagsvc._checked_limit("udp_rate", True)    # not a number
+        self.assertEqual([diagsvc._duration_text(seconds) for seconds in
+                          (90, 1800, 7200, 5400)],
+                         ["90 s", "30 min", "2 h", "90 min"])
+
+    def test_the_loop_watch_decays_by_whole_intervals(self):
+        # Driven by hand: 1.5 intervals forgive one return and keep the
+        # half, which counts towards the next.
+        with diagsvc.Server(["echo"], bind=["127.0.0.1"], port_offset=None,
+                            transports=["udp"]) as server:
+            peer = ("127.0.0.1", 40000)
+            interval = diagsvc.LOOP_RETURN_INTERVAL
+            server.loop_suspects = {peer: 3}
+            server._returns_decayed = server.now = 0.0
+            server.now = 1.5 * interval
+            server._age_loop_watch()
+            self.assertEqual(server.loop_suspects, {peer: 2})
+            server.now = 2.0 * interval
+            server._age_loop_watch()
+            self.assertEqual(server.loop_suspects, {peer: 1})
+
+    def test_the_watchdog_has_a_floor(self):
+        notifier = diagsvc.SystemdNotifier.from_environment(
+            {"NOTIFY_SOCKET": "/run/diagsvc-test-notify", "WATCHDOG_USEC":
+             "1"}, 1)
+        if notifier is None:
+            self.skipTest("no AF_UNIX here")
+        self.addCleanup(notifier.close)
+        self.assertEqual(notifier.watchdog_interval,
+                         diagsvc.WATCHDOG_MIN_INTERVAL)
+
+    def test_a_port_two_services_claim_is_refused(self):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(sock.close)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        match = diagsvc._match_sockets
+        self.assertEqual(match([(sock, None)], ["echo", "discard"], ("udp",),
+                               None, {"discard": port}),
+                         [(sock, "discard", "udp")])
+        # echo's port plus the offset is discard's --port: a guess.
+        with self.assertRaises(diagsvc.ServerError):
+            match([(sock, None)], ["echo", "discard"], ("udp",),
+                  port - diagsvc.SERVICES["echo"].port, {"discard": port})
 
 
 if __name__ == "__main__":

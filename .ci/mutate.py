@@ -18,6 +18,7 @@ exactly the README's test command):
     python3 .ci/mutate.py                  # every mutant, 2 at a time
     python3 .ci/mutate.py -j 1 -t 240      # one at a time, 240 s each
     python3 .ci/mutate.py --only chargen   # names containing "chargen"
+    python3 .ci/mutate.py --only segment mtu   # "segment" or "mtu"
     python3 .ci/mutate.py --check          # patterns only: no suite runs
     python3 .ci/mutate.py --only owed --tests test_diagsvc.QotdPromiseTest
                                            # quicker: some tests only
@@ -190,8 +191,8 @@ MUTANTS = [
     ("owed reply half-closes", "            if self.send_owed():\n"
      "                self.half_close()", "            if self.send_owed():\n"
      "                self.set_events(EVENT_READ)"),
-    ("per-source release", "remaining = self.per_source[group] - 1",
-     "remaining = self.per_source[group]"),
+    ("per-source release", "remaining = self.per_source.get(group, 0) - 1",
+     "remaining = self.per_source.get(group, 0)"),
     ("accept pause ends", "self._accept_paused_until = self.now + "
      "ACCEPT_PAUSE", "self._accept_paused_until = self.now + 3600"),
     ("group source refused",
@@ -225,8 +226,8 @@ MUTANTS = [
      "            if True:\n                deadline"),
     ("idle deadline", "deadline = now - self.idle_timeout",
      "deadline = now - 2 * self.idle_timeout"),
-    ("idle comparison", "if s.last_active < deadline]",
-     "if s.last_active > deadline]"),
+    ("idle comparison", "if s.last_active < deadline and not (",
+     "if s.last_active > deadline and not ("),
     ("sweep prunes buckets",
      "            if self._rate_buckets or self._echo_buckets:\n"
      "                self._prune_rate_buckets()",
@@ -241,9 +242,10 @@ MUTANTS = [
      "            waker.wake()", "if waker is not None and self._closed:\n"
      "            waker.wake()"),
     ("close closes streams", "            for stream in list(self.streams):\n"
-     "                self.close_stream(stream)", "            for stream in "
-     "[]:\n                self.close_stream(stream)"),
-    ("close closes the ring", "os.close(self._ring_file_to_close)", "pass"),
+     "                self._quietly(self.close_stream, stream)",
+     "            for stream in []:\n"
+     "                self._quietly(self.close_stream, stream)"),
+    ("close closes the ring", "self._quietly(self._close_ring)", "pass"),
     ("burst at least 1", "self.udp_burst = max(1, _checked_limit(",
      "self.udp_burst = max(0, _checked_limit("),
     ("port 0 shared by transports",
@@ -288,9 +290,8 @@ MUTANTS = [
      "LOOP_RETURN_INTERVAL)", "forgiven = 0"),
     ("loop watch ages", "if now - self._replies_aged >= LOOP_MEMORY:",
      "if False:"),
-    ("log queue bound", "if self._log_writer is None or "
-     "len(self._log_lines) >= LOG_QUEUE_MAX:", "if self._log_writer is "
-     "None:"),
+    ("log queue bound", "if self.thread is None or "
+     "len(self.lines) >= LOG_QUEUE_MAX:", "if self.thread is None:"),
     ("log bucket", "tokens = min(float(LOG_BURST), self._log_tokens +",
      "tokens = max(float(LOG_BURST), self._log_tokens +"),
     ("log suppressed report", "if held_back and self.now - "
@@ -299,8 +300,8 @@ MUTANTS = [
     ("refusal log per source group", "key = (reason, self.group_of(source))",
      "key = (reason, source)"),
 
-    ("select() past FD_SETSIZE refused", "elif self._select_based and not "
-     "self.can_watch(sock):", "elif False:"),
+    ("select() past FD_SETSIZE refused", "elif (self._select_based and not "
+     "self.can_watch(sock) and", "elif (False and"),
     ("one-shot linger ends", "s.last_active < linger_deadline]:",
      "s.last_active < linger_deadline - 3600]:"),
     ("one-shot linger waits for owed bytes", "                           "
@@ -372,8 +373,9 @@ MUTANTS = [
      '"value": round(echoed_in_window / 1e5 / window, 1),'),
     ("echo missing", '"missing_bytes": state["sent"] - state["received"]}',
      '"missing_bytes": state["sent"] - state["received"] - 1}'),
-    ("measure port", "row[\"port\"] = all_ports[_MEASURE_SERVICE.get(test,",
-     "row[\"port\"] = all_ports[_MEASURE_SERVICE.get(\"echo\","),
+    ("measure port",
+     'row["port"] = all_ports[_MEASURE_SERVICE.get(row["test"],',
+     'row["port"] = all_ports[_MEASURE_SERVICE.get("echo",'),
 
     ("nearest rank", "rank = max(1, -(-percent * len(ordered) // 100))",
      "rank = max(1, percent * len(ordered) // 100 + 1)"),
@@ -410,6 +412,165 @@ MUTANTS = [
     ("measure exit on wrong bytes", 'if row.get("wrong_bytes"):\n'
      '        reasons.append', 'if False:\n        reasons.append'),
     ("SIGTERM stops", "    signal.signal(signal.SIGTERM, stop)\n", ""),
+
+    # --- issue 10: answer(), send_reply(), the UDP_SEGMENT fast path ---
+    ("answer counts bytes in",
+     "        counters.bytes_in += count\n        source = address[0]",
+     "        counters.bytes_in += 0\n        source = address[0]"),
+    ("answer forgets empty chargen replies",
+     "if watch_loops and (self.echoes or reply):\n            if not "
+     "self.echoes:", "if watch_loops:\n            if not self.echoes:"),
+    ("answer loop table bound", "if len(replied) >= LOOP_TABLE_MAX:",
+     "if False:"),
+    ("send_reply from pktinfo", "if reply_info is not None:\n"
+     "                self.sock.sendmsg([reply], reply_info, 0, address)",
+     "if False:\n"
+     "                self.sock.sendmsg([reply], reply_info, 0, address)"),
+    ("send_reply failure counted", "            self.send_failed(reply, "
+     "address)\n            return False", "            return False"),
+    ("send_failed takes bytes back",
+     "self.counters.bytes_out -= len(reply)", "pass"),
+    ("segmentation on Linux only", "if not (_ON_LINUX and _HAS_MSG):",
+     "if True:"),
+    ("segmenting switch", "segment_max = SEGMENT_MAX if self.segmenting "
+     "else 0", "segment_max = SEGMENT_MAX"),
+    ("segment run one address", "address == run[1] and reply_info == "
+     "run[3] and", "reply_info == run[3] and"),
+    ("segment run no longer reply", "if (run is not None and run[4] and "
+     "0 < size <= run[2] and", "if (run is not None and run[4] and "
+     "0 < size and"),
+    ("segment run closes after a short one", "run[4] = size == run[2]",
+     "run[4] = True"),
+    ("segment size", 'struct.pack("@H", size))]',
+     'struct.pack("@H", size + 1))]'),
+    ("segmenting stops on EINVAL", "                self.segmenting = "
+     "False\n", "                pass\n"),
+    ("segment run refused: one by one", "            for reply in replies:\n"
+     "                self.send_reply(reply, reply_info, address)",
+     "            for reply in replies[:1]:\n"
+     "                self.send_reply(reply, reply_info, address)"),
+
+    # --- issue 11: measure udp, loaded, mtu, --interval, thresholds ---
+    ("stream datagram minimum size",
+     "payload = bytearray(max(size, STREAM_MIN_SIZE))",
+     "payload = bytearray(size)"),
+    ("stream datagram magic", "if len(data) < STREAM_MIN_SIZE or "
+     "bytes(data[:4]) != _STREAM_MAGIC:", "if len(data) < STREAM_MIN_SIZE:"),
+    ("stream tally foreign", "if sequence >= self.sent:",
+     "if sequence > self.sent:"),
+    ("stream tally duplicates", "            self.duplicated += 1\n",
+     "            self.duplicated += 0\n"),
+    ("stream tally reordered", "if sequence < self.highest:",
+     "if sequence < self.highest - 1:"),
+    ("stream on time", "rtt if rtt <= wait else -1.0",
+     "rtt if rtt < wait else -1.0"),
+    ("stream late is not lost", "lost = sent - received - late",
+     "lost = sent - received"),
+    ("stream IPDV consecutive", "zip(by_sequence, by_sequence[1:])",
+     "zip(by_sequence, by_sequence[2:])"),
+    ("stream PDV p99", 'round(figures["p99_us"] - figures["min_us"], 1)',
+     'round(figures["p90_us"] - figures["min_us"], 1)'),
+    ("stream size from bitrate", "size = int(round(bitrate / 8.0 / rate))",
+     "size = int(round(bitrate / rate))"),
+    ("stream rate from bitrate", "rate = bitrate / 8.0 / size",
+     "rate = bitrate / size"),
+    ("stream at most two", "if rate and bitrate and size:", "if False:"),
+    ("stream smallest size", "if not STREAM_MIN_SIZE <= size <= largest:",
+     "if not STREAM_MIN_SIZE < size <= largest:"),
+    ("udp flow other flows' replies", "if parsed is None or parsed[0] != "
+     "self.id:", "if parsed is None:"),
+    ("udp rows per flow", "if parallel > 1 else []",
+     "if parallel > 0 else []"),
+    ("udp rows client limited", "achieved < rate * _STREAM_CATCH_UP",
+     "achieved > rate * _STREAM_CATCH_UP"),
+    ("udp rows asked share", "round(rate * len(members) / parallel, 1)",
+     "round(rate, 1)"),
+    ("loaded loss over tries", "tries = len(samples) + pinger.lost[phase]",
+     "tries = len(samples)"),
+    ("loaded value", 'row["value"] = figures["loaded"].get("p50_us")',
+     'row["value"] = figures["idle"].get("p50_us")'),
+    ("mtu search midpoint", "size = high if high == fits else (low + high "
+     "+ 1) // 2", "size = high if high == fits else (low + high) // 2",
+     "rounding the midpoint down finds the same boundary and the same "
+     "failure in about as many tries; only the order of the sizes tried "
+     "differs, and no promise names that order"),
+    ("mtu search retries a loss", 'if failure != "lost" or failed in '
+     'confirmed:', "if True:"),
+    ("mtu refused size", "failures[high] = (fits + 1, outcome)",
+     "failures[high] = (size, outcome)"),
+    ("mtu verdict path MTU", 'row["path_mtu_bytes"] = passed + overhead',
+     'row["path_mtu_bytes"] = passed'),
+    ("mtu verdict ICMP", "elif kernel_mtu and kernel_mtu < failed + "
+     "overhead:", "elif kernel_mtu and kernel_mtu < failed:"),
+    ("threshold loss", "and row[key] > options.max_loss:",
+     "and row[key] >= options.max_loss:"),
+    ("threshold rtt unit", "row[key] > options.max_rtt * 1000.0:",
+     "row[key] > options.max_rtt * 1e6:"),
+    ("threshold rtt not connect", 'if options.max_rtt is not None and '
+     'row["test"] != "connect" \\\n', 'if options.max_rtt is not None '
+     '\\\n'),
+    ("threshold min rate",
+     'row["value"] is not None and row["value"] < options.min_rate:',
+     'row["value"] is not None and row["value"] > options.min_rate:'),
+    ("threshold names the flow", 'name += " flow %s" % row["flow"]',
+     "pass"),
+    ("interval text counts", 'for key in ("count", "sent", "received", '
+     '"errors", "payload_bytes"):', 'for key in ("count", "sent", '
+     '"errors", "payload_bytes"):'),
+
+    # --- issue 12: socket activation, sd_notify, --for ---
+    ("listen pid", 'if environ.get("LISTEN_PID", "").strip() != str(pid):',
+     "if False:"),
+    ("listen fds start", "SD_LISTEN_FDS_START = 3",
+     "SD_LISTEN_FDS_START = 4"),
+    ("listen names count", "if len(names) != count:", "if False:"),
+    ("passed socket not inherited", "sock.set_inheritable(False)         "
+     "# a child must not hold it open", "pass"),
+    ("match port offset", "port = SERVICES[name].port + port_offset",
+     "port = SERVICES[name].port"),
+    ("match --port first", 'for precedence in ("standard", "offset", '
+     '"given"):', 'for precedence in ("given", "offset", "standard"):',
+     "a port two services claim is refused as ambiguous (the fix12 "
+     "merge), so the order of the claims cannot change a match"),
+    ("match refuses a port two services claim",
+     "if by_port.get(port, name) != name:", "if False:"),
+    ("match listening only",
+     "not sock.getsockopt(socket.SOL_SOCKET, accepting):", "False:"),
+    ("notify abstract socket", 'address = "\\0" + address[1:]',
+     "address = address[1:]"),
+    ("watchdog at half", "interval = max(int(usec) / 2e6, "
+     "WATCHDOG_MIN_INTERVAL)", "interval = max(int(usec) / 1e6, "
+     "WATCHDOG_MIN_INTERVAL)"),
+    ("watchdog floor", "interval = max(int(usec) / 2e6, "
+     "WATCHDOG_MIN_INTERVAL)", "interval = max(int(usec) / 2e6, 0.0)"),
+    ("watchdog for this pid",
+     "not watchdog_pid or watchdog_pid == str(pid)):", "True):"),
+    ("watchdog pings again", "            self._next_watchdog = now + "
+     "notifier.watchdog_interval\n            notifier.send(\"WATCHDOG=1\")",
+     "            self._next_watchdog = now + notifier.watchdog_interval\n"),
+    ("duration compound: seconds last", 'for unit in "hms":',
+     'for unit in "hm":'),
+    ("duration hours", '_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600}',
+     '_DURATION_UNITS = {"s": 1, "m": 60, "h": 360}'),
+    ("duration above 0", "if not 0 < seconds <= LIMIT_MAX:",
+     "if not 0 <= seconds <= LIMIT_MAX:"),
+    ("duration text whole units",
+     "if seconds >= size and seconds % size == 0:", "if seconds >= size:"),
+
+    # --- issue 8's second review: checked quotes, limits ---
+    ("checked quotes 511", "if len(quote) > QOTD_MAX:",
+     "if len(quote) >= QOTD_MAX:"),
+    ("checked quotes DEL", "if not (32 <= byte <= 126 or byte in (13, 10)):",
+     "if not (32 <= byte <= 127 or byte in (13, 10)):"),
+    ("checked quotes blank",
+     "if not isinstance(quote, bytes) or not quote.strip():",
+     "if not isinstance(quote, bytes):"),
+    ("checked limit refuses bool", "if isinstance(value, bool) or not "
+     "isinstance(value, kinds) or \\\n", "if not isinstance(value, kinds) "
+     "or \\\n"),
+    ("loop watch decay keeps the remainder",
+     "self._returns_decayed += forgiven * LOOP_RETURN_INTERVAL",
+     "self._returns_decayed = now"),
 ]
 
 
@@ -507,8 +668,9 @@ def main():
     parser.add_argument("-j", "--jobs", type=int, default=2)
     parser.add_argument("-t", "--timeout", type=float, default=300.0,
                         help="seconds a mutant's suite may take")
-    parser.add_argument("--only", default="",
-                        help="run the mutants whose name contains this")
+    parser.add_argument("--only", nargs="+", default=[""],
+                        help="run the mutants whose name contains one of "
+                        "these")
     parser.add_argument("--python", default=sys.executable)
     parser.add_argument("--tests", nargs="+", default=["test_diagsvc"],
                         help="unittest names to run (default: the suite)")
@@ -527,7 +689,7 @@ def main():
         if name in names:
             raise SystemExit("mutate: two mutants named %r" % name)
         names.add(name)
-        if options.only not in name:
+        if not any(part in name for part in options.only):
             continue
         at, problem = locate(source, old)
         if problem:
