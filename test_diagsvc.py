@@ -6229,14 +6229,20 @@ class ClientPromiseTest(ServerTestCase):
 
     def test_probe_exits_1_when_only_some_rows_fail(self):
         server = self.start_server(["echo"], transports=["tcp"])
-        result = run_command("probe", "127.0.0.1", "echo", "--timeout", "1",
-                             "--json", *self.port_options(server))
-        rows = json.loads(result.stdout)
+        # In this process, not a child: the same main(), without the
+        # interpreter's start-up.
+        from unittest import mock
+        stdout, stderr = io.StringIO(), io.StringIO()
+        with mock.patch.object(sys, "stdout", stdout), \
+                mock.patch.object(sys, "stderr", stderr):
+            status = diagsvc.main(["probe", "127.0.0.1", "echo", "--timeout",
+                                   "1", "--json"] + self.port_options(server))
+        rows = json.loads(stdout.getvalue())
         self.assertEqual([(r["transport"], r["verdict"]) for r in rows],
                          [("tcp", "open"), ("udp", "refused")])
         for row in rows:
             self.assertLessEqual(PROBE_KEYS, set(row))
-        self.assertEqual(result.returncode, 1, result.stderr)
+        self.assertEqual(status, 1, stderr.getvalue())
 
     def test_measure_rates_are_bytes_over_a_million_over_seconds(self):
         server = self.start_server(["echo", "chargen", "discard"])
@@ -6315,14 +6321,15 @@ class ClientPromiseTest(ServerTestCase):
         corrupt = CorruptChargenServer(wrong_at=5000)
         self.addCleanup(corrupt.close)
         # In this process, not a child: the same main(), without the
-        # interpreter's start-up; the 0.3 s window is what the bytes must
-        # arrive within, so it stays.
+        # interpreter's start-up.  The wrong byte is in the first 7 KB,
+        # the first read; 0.15 s is small on purpose but no shorter than
+        # the 0.1 s windows every measure row must fill in the test above.
         from unittest import mock
         stdout, stderr = io.StringIO(), io.StringIO()
         with mock.patch.object(sys, "stdout", stdout), \
                 mock.patch.object(sys, "stderr", stderr):
             status = diagsvc.main(["measure", "127.0.0.1", "download",
-                                   "--seconds", "0.3", "--port",
+                                   "--seconds", "0.15", "--port",
                                    "chargen=%d" % corrupt.port])
         self.assertEqual(status, 1, stderr.getvalue())
         self.assertRegex(stdout.getvalue(), r"wrong bytes 1 \(first at byte "
