@@ -3960,6 +3960,9 @@ DEFAULT_STREAM_RATE = 100.0     # pps: 64-byte datagrams, 51 kbit/s, safe
 DEFAULT_STREAM_SIZE = 64        # on any shared link
 _STREAM_BATCH = 1024            # at most this many sends between two reads
 _STREAM_CATCH_UP = 0.99         # below 99 % of the asked rate: client-limited
+# At most this many datagrams in one udp test (all flows): each one costs 8
+# bytes of RTT record, so 10^7 is 80 MB; a larger rate * seconds is refused.
+STREAM_MAX_DATAGRAMS = 10 ** 7
 # Replies wait in the kernel while the sender works through a batch: a
 # larger receive buffer (the kernel caps it at net.core.rmem_max) keeps a
 # busy client from losing them and blaming the path.
@@ -4073,8 +4076,10 @@ def _stream_rate(rate, bitrate, size, family):
     if rate and bitrate and size:
         raise ValueError("give at most two of --rate, --bitrate and --size")
     if rate and bitrate:
+        # Derived, so never defaulted: 1k bits at 1000 pps is no datagram.
         size = int(round(bitrate / 8.0 / rate))
-    size = size or DEFAULT_STREAM_SIZE
+    elif not size:
+        size = DEFAULT_STREAM_SIZE
     if not STREAM_MIN_SIZE <= size <= largest:
         raise ValueError("a datagram of %d bytes: the udp test needs %d to %d"
                          % (size, STREAM_MIN_SIZE, largest))
@@ -4082,6 +4087,21 @@ def _stream_rate(rate, bitrate, size, family):
         rate = bitrate / 8.0 / size
     rate = rate or DEFAULT_STREAM_RATE
     return float(rate), size
+
+
+def _stream_plan(rate, seconds, parallel):
+    """The number of datagrams of a udp test; ValueError when it is more
+    than STREAM_MAX_DATAGRAMS or fewer than one per flow."""
+    if not seconds * rate < STREAM_MAX_DATAGRAMS + 0.5:    # inf and nan too
+        raise ValueError("%g datagrams a second for %g s is above the udp "
+                         "test's limit of %d datagrams" % (
+                             rate, seconds, STREAM_MAX_DATAGRAMS))
+    planned = int(round(seconds * rate))
+    if planned < parallel:
+        raise ValueError("%g datagrams a second for %g s is %d datagrams, "
+                         "fewer than the %d flows" % (rate, seconds, planned,
+                                                      parallel))
+    return planned
 
 
 class _UdpFlow(object):
@@ -4095,6 +4115,7 @@ class _UdpFlow(object):
         self.tally = _StreamTally(share, rtts)
         self.payload = bytearray(size)
         self.errors = {}
+        self.send_failed = 0
         try:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF,
                                  _STREAM_RECEIVE_BUFFER)
@@ -4109,7 +4130,11 @@ class _UdpFlow(object):
         self.errors[kind] = self.errors.get(kind, 0) + 1
 
     def send_next(self, now):
-        """Send the flow's next datagram; False if the kernel took none."""
+        """Send the flow's next datagram; False if the socket buffer is full.
+
+        A send that fails (a local firewall's EPERM, ENOBUFS, an earlier
+        ICMP error) uses up its sequence number: that datagram is sent and
+        lost, so the loss shows and the schedule goes on."""
         _STREAM_HEADER.pack_into(self.payload, 0, _STREAM_MAGIC, self.id,
                                  self.tally.sent, now)
         try:
@@ -4117,10 +4142,10 @@ class _UdpFlow(object):
         except (BlockingIOError, InterruptedError):
             return False                # the socket buffer is full
         except OSError as error:
-            # An earlier ICMP error reported on this send (Linux), or
-            # ENOBUFS: this datagram did not leave.
+            # An earlier ICMP error reported on this send (Linux), ENOBUFS,
+            # or a local firewall's EPERM: this datagram did not leave.
             self.note_error(error)
-            return False
+            self.send_failed += 1
         self.tally.sent += 1
         return True
 
@@ -4154,6 +4179,7 @@ def _udp_rows(flows, rate, size, seconds, wait, send_lag):
     for members, name in groups:
         figures = _stream_figures([flow.tally for flow in members], wait)
         errors = {}
+        send_failed = sum(flow.send_failed for flow in members)
         for flow in members:
             for kind, count in flow.errors.items():
                 errors[kind] = errors.get(kind, 0) + count
@@ -4166,9 +4192,12 @@ def _udp_rows(flows, rate, size, seconds, wait, send_lag):
             "rate_sent_pps": round(figures["sent"] / seconds, 1),
             "bitrate_sent_bps": int(figures["sent"] * size * 8 / seconds),
             "parallel": parallel,
+            "send_failed": send_failed,
             # The sender as a whole fell behind: the figures describe the
-            # client, not the path.
-            "client_limited": achieved < rate * _STREAM_CATCH_UP,
+            # client, not the path.  Not when sends failed: then the errors
+            # name the limit.
+            "client_limited": achieved < rate * _STREAM_CATCH_UP and
+                              not any(flow.send_failed for flow in flows),
             "send_lag_max_ms": round(send_lag * 1e3, 3),
             "errors": errors})
         rows.append(row)
@@ -4182,10 +4211,11 @@ def _measure_udp(family, address, ports, seconds, parallel, progress,
     The schedule is by absolute time: datagram g is due at start + g/rate
     and goes out on flow g mod N.  Each wake sends everything due (in a
     batch when behind), then select() sleeps until the next one is due or a
-    reply comes.  After the last send, replies are awaited for `timeout`;
-    one that comes later than that after its send counts as late.
+    reply comes.  A reply more than `timeout` after its send is late; after
+    the last send, replies are awaited for 2 * `timeout`, so that the last
+    datagram, like every other, has `timeout` more to show as late.
     """
-    planned = max(1, int(round(seconds * rate)))
+    planned = _stream_plan(rate, seconds, parallel)
     clock = time.perf_counter
     base_id = struct.unpack("!I", os.urandom(4))[0]
     buffer = bytearray(65536)
@@ -4235,9 +4265,11 @@ def _measure_udp(family, address, ports, seconds, parallel, progress,
             progress.show("udp: %d sent" % sent)
         last_send = clock()
         send_seconds = seconds if sent >= planned else last_send - started
-        # Replies still on their way: wait for them, at most `timeout`.
-        deadline = last_send + timeout
-        while any(flow.tally.arrivals < flow.tally.sent for flow in flows) \
+        # Replies still on their way: wait for them, at most 2 * `timeout`
+        # (late ones too, whatever their place in the stream).
+        deadline = last_send + 2 * timeout
+        while any(flow.tally.arrivals + flow.send_failed < flow.tally.sent
+                  for flow in flows) \
                 and clock() < deadline:
             read_ready(deadline - clock())
     finally:
@@ -4790,6 +4822,7 @@ def measure(host, tests=None, seconds=5.0, parallel=1, port_offset=0,
     shown = _shown_address(address)
     if "udp" in tests:
         rate, size = _stream_rate(rate, bitrate, size, target_family)
+        _stream_plan(rate, seconds, parallel)   # a ValueError before any test
     all_ports = dict((name, _service_port(name, port_offset, ports))
                      for name in SERVICE_NAMES)
     context = {"host": host, "address": shown}
@@ -5336,7 +5369,7 @@ def _rtt_text(row, prefix=""):
 def _measure_detail(row):
     test = row["test"]
     if "unit" not in row:               # a test an error stopped at once
-        return "port %d" % row["port"]
+        return "port %d" % row["port"] if row["port"] else "-"
     if test == "udp":
         text = ("sent %d at %g pps (asked %g), received %d, lost %d, late %d "
                 "(after %g s), duplicated %d, reordered %d; RTT %s" % (
@@ -5576,21 +5609,34 @@ def _client_main(argv):
             sys.stdout.flush()
 
     rows = []
+    unresolved = {}                     # host: the reason, for its own row
     try:
-        for host in hosts:              # all or nothing: a typo is an error
+        for host in hosts:
             try:
                 _resolve_targets(host, options.family)
             except ServerError as error:
+                # A lone word may be a mistyped test or service: a usage
+                # error.  A name with a dot or a colon is a host that does
+                # not resolve: its own error row, and the others measured.
                 if "." not in host and ":" not in host:
                     raise ServerError("%s (nor is it a %s: %s)" % (
                         error, "service" if command == "probe" else "test",
                         ", ".join(choices)))
-                raise
+                unresolved[host] = str(error)
         if command == "measure" and (options.parallel < 1 or
                                      options.seconds <= 0):
             parser.error("--parallel and --seconds must be above 0")
         for host in hosts:
-            if command == "probe":
+            if host in unresolved:
+                rows.append({"host": host, "address": None, "port": None,
+                             "transport": "-", "error": unresolved[host]})
+                rows[-1].update(
+                    {"service": "-", "verdict": "error", "rtt_ms": None,
+                     "detail": unresolved[host]} if command == "probe" else
+                    {"test": "-", "value": None})
+                if stream:
+                    report(rows[-1])
+            elif command == "probe":
                 rows += probe(host, names,
                               ("tcp",) if options.tcp else ("udp",)
                               if options.udp else TRANSPORTS,
@@ -5624,8 +5670,8 @@ def _client_main(argv):
         _write_text(_table(rows, host_column + [
             ("SERVICE", lambda r: r["service"]),
             ("PROTO", lambda r: r["transport"]),
-            ("ADDRESS", lambda r: r["address"]),
-            ("PORT", lambda r: str(r["port"])),
+            ("ADDRESS", lambda r: r["address"] or "-"),
+            ("PORT", lambda r: str(r["port"] or "-")),
             ("VERDICT", lambda r: r["verdict"]),
             ("RTT", lambda r: "-" if r["rtt_ms"] is None else
              "%.2f ms" % r["rtt_ms"]),
