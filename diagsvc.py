@@ -4564,7 +4564,8 @@ def _kernel_mtu(sock, family):
 def _mtu_search(attempt, smallest, largest):
     """Binary search for the largest size that attempt() gets through.
 
-    attempt(size) returns ("ok", None), ("lost", None) or ("refused", fits):
+    attempt(size) returns ("ok", None), ("lost", None), ("filtered", None)
+    (a local firewall refused the send) or ("refused", fits):
     the local host refused the size and `fits` is the largest size its MTU
     allows (or None): every size above it fails the same way, and it is
     tried next.  The smallest lost size is tried once more before it is
@@ -4616,7 +4617,11 @@ def _mtu_verdict(passed, failed, failure, kernel_mtu, overhead,
     row = {"fragmented": fragmented, "fragmentation_forbidden": forbidden}
     if passed is not None:
         row["largest_payload_bytes"] = passed
-    if passed is None:
+    if passed is None and failure == "filtered":
+        row["limit"] = "local-filter"
+        text = "this host's firewall refused every send (EPERM), even of " \
+            "%d bytes" % (failed or 0)
+    elif passed is None:
         row["limit"] = "nothing-back"
         text = "no datagram came back, even of %d bytes" % (failed or 0)
     else:
@@ -4628,6 +4633,10 @@ def _mtu_verdict(passed, failed, failure, kernel_mtu, overhead,
     elif failed is None:
         row["limit"] = "none"
         text += ": the largest UDP datagram crosses this path"
+    elif failure == "filtered":
+        row["limit"] = "local-filter"
+        text += "; %d bytes and more are refused by this host's firewall " \
+                "(EPERM or EACCES on send)" % failed
     elif failure == "refused":
         row["limit"] = "local-mtu"
         if kernel_mtu:
@@ -4713,6 +4722,11 @@ class _MtuProbe(object):
                 if error.errno == errno.EMSGSIZE:
                     mtu = _kernel_mtu(self.sock, self.family)
                     return "refused", mtu - self.overhead if mtu else None
+                if error.errno in (errno.EPERM, errno.EACCES):
+                    # A local firewall (an nftables or iptables drop in the
+                    # output chain) took this size: an outcome, and the
+                    # search goes on below it.
+                    return "filtered", None
                 if not isinstance(error, (BlockingIOError,
                                           ConnectionRefusedError)):
                     raise

@@ -2475,6 +2475,47 @@ class UdpStreamReviewTest(unittest.TestCase):
                          2)
 
 
+class FirewalledSocket(object):
+    """A socket whose sends above `limit` bytes fail with EPERM, as behind
+    an nftables 'meta length gt N drop' in the output chain."""
+
+    def __init__(self, sock, limit):
+        self.sock, self.limit = sock, limit
+
+    def send(self, data):
+        if len(data) > self.limit:
+            raise PermissionError(errno.EPERM, "Operation not permitted")
+        return self.sock.send(data)
+
+    def __getattr__(self, name):
+        return getattr(self.sock, name)
+
+
+class MtuLocalFilterTest(unittest.TestCase):
+    """Review of issue 11: EPERM from a local firewall is an outcome of the
+    mtu search, not the end of it."""
+
+    def test_a_local_firewall_is_named_and_the_search_goes_on(self):
+        echo = MischievousEcho(mischief=False)
+        self.addCleanup(echo.close)
+        probe = diagsvc._MtuProbe(socket.AF_INET, ("127.0.0.1", 0),
+                                  echo.port, False, 2.0,
+                                  diagsvc._Progress(False), 7)
+        self.addCleanup(probe.close)
+        probe.sock = FirewalledSocket(probe.sock, 1200)
+        passed, failed, failure, _ = diagsvc._mtu_search(probe.attempt, 24,
+                                                         2000)
+        self.assertEqual((passed, failed, failure), (1200, 1201, "filtered"))
+        row, text = diagsvc._mtu_verdict(passed, failed, failure, 65536, 28,
+                                         "untested", True)
+        self.assertEqual(row["limit"], "local-filter")
+        self.assertIn("1201 bytes and more are refused by this host's "
+                      "firewall", text)
+        row, _ = diagsvc._mtu_verdict(None, 24, "filtered", 65536, 28,
+                                      "untested", True)
+        self.assertEqual(row["limit"], "local-filter")
+
+
 class PathMtuTest(ServerTestCase):
 
     @staticmethod
