@@ -4361,10 +4361,17 @@ class _Pinger(object):
 
 
 def _open_load(family, address, ports, parallel, timeout, selector, load):
-    """N chargen downloads and N discard uploads, registered, in `load`."""
+    """N chargen downloads and N discard uploads, registered, in `load`.
+
+    Returns None, or the reason one could not be opened, naming its service
+    and port (the row's own port is echo's)."""
     for _ in range(parallel):
         for kind, service in (("download", "chargen"), ("upload", "discard")):
-            sock = _connect(family, address, ports[service], timeout)
+            try:
+                sock = _connect(family, address, ports[service], timeout)
+            except OSError as error:
+                return "the %s stream: %s port %d: %s" % (
+                    kind, service, ports[service], _socket_error(error))
             sock.setblocking(False)
             load.append([sock, kind, 0])
             selector.register(sock, EVENT_READ if kind == "download"
@@ -4401,6 +4408,7 @@ def _measure_loaded(family, address, ports, seconds, parallel, progress,
     tcp = _connect(family, address, ports["echo"], timeout)
     udp = socket.socket(family, socket.SOCK_DGRAM)
     pingers = []
+    load_error = None
     try:
         tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         udp.connect(_endpoint(address, ports["echo"]))
@@ -4435,8 +4443,10 @@ def _measure_loaded(family, address, ports, seconds, parallel, progress,
                     break
                 if state["phase"] == "idle":    # load both directions
                     load_started = now
-                    _open_load(family, address, ports, parallel, timeout,
-                               selector, load)
+                    load_error = _open_load(family, address, ports, parallel,
+                                            timeout, selector, load)
+                    if load_error:
+                        break           # the idle figures are kept
                     state.update(phase="ramp", end=now + ramp)
                 else:
                     state.update(phase="loaded",
@@ -4474,7 +4484,11 @@ def _measure_loaded(family, address, ports, seconds, parallel, progress,
     for kind in ("download", "upload"):
         moved = sum(entry[2] for entry in load if entry[1] == kind)
         rates[kind + "_mbyte_per_s"] = round(moved / 1e6 / load_seconds, 2)
-    return [_loaded_row(pinger, rates, parallel) for pinger in pingers]
+    rows = [_loaded_row(pinger, rates, parallel) for pinger in pingers]
+    if load_error:
+        for row in rows:
+            row["error"] = load_error
+    return rows
 
 
 def _loaded_row(pinger, rates, parallel):

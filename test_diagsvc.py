@@ -2516,6 +2516,29 @@ class MtuLocalFilterTest(unittest.TestCase):
         self.assertEqual(row["limit"], "local-filter")
 
 
+class LoadedRefusalTest(ServerTestCase):
+    """Review of issue 11: a load stream that cannot open names its own
+    service and port, and the idle figures stay in the row."""
+
+    def test_a_refused_discard_is_named_and_idle_kept(self):
+        server = self.start_server(["echo", "chargen"])
+        closed = socket.socket()
+        closed.bind(("127.0.0.1", 0))
+        discard = closed.getsockname()[1]
+        closed.close()                  # nothing listens there now
+        ports = ports_of(server)
+        ports["discard"] = discard
+        rows = diagsvc.measure("127.0.0.1", ["loaded"], seconds=0.1,
+                               timeout=TIMEOUT, ports=ports)
+        self.assertEqual([row["transport"] for row in rows], ["tcp", "udp"])
+        for row in rows:
+            self.assertRegex(row["error"], r"^the upload stream: discard "
+                             r"port %d: \S" % discard)
+            self.assertGreater(row["idle_count"], 0, row)
+            self.assertEqual(row["loaded_count"], 0, row)
+            self.assertTrue(diagsvc._measure_row_failures(row), row)
+
+
 class PathMtuTest(ServerTestCase):
 
     @staticmethod
