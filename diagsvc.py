@@ -4624,6 +4624,18 @@ def _mtu_search(attempt, smallest, largest):
     return passed, failed, failure, tried
 
 
+def _fragment_probe_size(failed, kernel_mtu, overhead, largest):
+    """The size that asks whether fragmented datagrams get through: at
+    least the first failing size, and big enough that this host itself
+    must fragment it.  None when no datagram is that big (loopback's MTU
+    of 65,536 holds the largest): nothing would be fragmented, so a loss
+    would say nothing about fragments."""
+    size = min(largest, max(failed, (kernel_mtu or 0) - overhead + 1))
+    if kernel_mtu and size + overhead <= kernel_mtu:
+        return None
+    return size
+
+
 def _mtu_verdict(passed, failed, failure, kernel_mtu, overhead,
                  fragmented, forbidden, fragmented_size=None,
                  truncated_to=None):
@@ -4796,11 +4808,9 @@ def _measure_mtu(family, address, ports, progress, timeout):
         kernel_mtu = _kernel_mtu(strict.sock, family)
         fragmented, fragmented_size = "untested", None
         if failed is not None and passed is not None and strict.settable:
-            # Does a datagram too big for the path get through when it may
-            # be fragmented?  At least the first failing size, and big
-            # enough that this host itself must fragment it.
-            fragmented_size = min(largest, max(failed, (kernel_mtu or 0) -
-                                               overhead + 1))
+            fragmented_size = _fragment_probe_size(failed, kernel_mtu,
+                                                   overhead, largest)
+        if fragmented_size is not None:
             probes.append(_MtuProbe(family, address, ports["echo"], True,
                                     timeout, progress, token))
             outcome, _ = probes[1].attempt(fragmented_size)

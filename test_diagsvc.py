@@ -2515,6 +2515,16 @@ class MtuLocalFilterTest(unittest.TestCase):
                                       "untested", True)
         self.assertEqual(row["limit"], "local-filter")
 
+    def test_no_fragment_probe_when_nothing_would_fragment(self):
+        # Loopback (MTU 65,536) with a filter above 1,200 bytes: the largest
+        # datagram fits the MTU unfragmented, so 'fragmented' is untested,
+        # not 'lost'.
+        size = diagsvc._fragment_probe_size
+        self.assertIsNone(size(1201, 65536, 28, 65507))
+        self.assertEqual(size(1201, 1500, 28, 65507), 1473)
+        self.assertEqual(size(1473, 1500, 28, 65507), 1473)
+        self.assertEqual(size(1201, None, 28, 65507), 1201)
+
 
 class LoadedRefusalTest(ServerTestCase):
     """Review of issue 11: a load stream that cannot open names its own
