@@ -4848,7 +4848,8 @@ def measure(host, tests=None, seconds=5.0, parallel=1, port_offset=0,
     reason), and the next test runs.  _measure_failures(rows) says what
     failed, if anything did.  udp: rate (datagrams a second, all flows
     together), bitrate (payload bits a second) and size (payload bytes),
-    any two (ValueError if they cannot be).  interval: report(row) gets a
+    any two (ValueError if they cannot be, or if round(rate * seconds) is
+    above STREAM_MAX_DATAGRAMS or below parallel).  interval: report(row) gets a
     row every `interval` seconds during each test ("type": "interval"),
     and each test's rows as it ends.
     """
