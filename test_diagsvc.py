@@ -2425,13 +2425,13 @@ class UdpStreamReviewTest(unittest.TestCase):
         self.assertIn("2 datagrams, fewer than the 4 flows", stderr)
 
     def test_the_last_datagram_can_be_late_too(self):
-        # 11 datagrams; the last (10) comes back 0.14 s after it left, later
-        # than the 0.12 s timeout: late, as it would be mid-stream, and not
-        # lost (the client listens until 0.24 s after the last send).
-        echo = MischievousEcho(late_hold=0.14)
+        # 11 datagrams; the last (10) comes back 0.12 s after it left, later
+        # than the 0.11 s timeout: late, as it would be mid-stream, and not
+        # lost (the client listens until 0.22 s after the last send).
+        echo = MischievousEcho(late_hold=0.12)
         self.addCleanup(echo.close)
-        row = diagsvc.measure("127.0.0.1", ["udp"], seconds=0.055, rate=200,
-                              timeout=0.12, ports={"echo": echo.port})[0]
+        row = diagsvc.measure("127.0.0.1", ["udp"], seconds=0.0275, rate=400,
+                              timeout=0.11, ports={"echo": echo.port})[0]
         self.assertEqual(row["sent"], 11)
         self.assertEqual(row["lost"], 1)            # 9, dropped
         self.assertGreaterEqual(row["late"], 1)     # 10 at least
