@@ -4122,7 +4122,11 @@ class _UdpFlow(object):
         except OSError:
             pass                        # the default, then
         self.sock.setblocking(False)
-        self.sock.connect(_endpoint(address, port))
+        try:
+            self.sock.connect(_endpoint(address, port))
+        except OSError:                 # a broadcast address: EACCES
+            self.sock.close()
+            raise
 
     def note_error(self, error):
         kind = ("refused" if isinstance(error, ConnectionRefusedError)
