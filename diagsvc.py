@@ -3960,6 +3960,9 @@ DEFAULT_STREAM_RATE = 100.0     # pps: 64-byte datagrams, 51 kbit/s, safe
 DEFAULT_STREAM_SIZE = 64        # on any shared link
 _STREAM_BATCH = 1024            # at most this many sends between two reads
 _STREAM_CATCH_UP = 0.99         # below 99 % of the asked rate: client-limited
+# At most this many datagrams in one udp test (all flows): each one costs 8
+# bytes of RTT record, so 10^7 is 80 MB; a larger rate * seconds is refused.
+STREAM_MAX_DATAGRAMS = 10 ** 7
 # Replies wait in the kernel while the sender works through a batch: a
 # larger receive buffer (the kernel caps it at net.core.rmem_max) keeps a
 # busy client from losing them and blaming the path.
@@ -4073,8 +4076,10 @@ def _stream_rate(rate, bitrate, size, family):
     if rate and bitrate and size:
         raise ValueError("give at most two of --rate, --bitrate and --size")
     if rate and bitrate:
+        # Derived, so never defaulted: 1k bits at 1000 pps is no datagram.
         size = int(round(bitrate / 8.0 / rate))
-    size = size or DEFAULT_STREAM_SIZE
+    elif not size:
+        size = DEFAULT_STREAM_SIZE
     if not STREAM_MIN_SIZE <= size <= largest:
         raise ValueError("a datagram of %d bytes: the udp test needs %d to %d"
                          % (size, STREAM_MIN_SIZE, largest))
@@ -4082,6 +4087,21 @@ def _stream_rate(rate, bitrate, size, family):
         rate = bitrate / 8.0 / size
     rate = rate or DEFAULT_STREAM_RATE
     return float(rate), size
+
+
+def _stream_plan(rate, seconds, parallel):
+    """The number of datagrams of a udp test; ValueError when it is more
+    than STREAM_MAX_DATAGRAMS or fewer than one per flow."""
+    if not seconds * rate < STREAM_MAX_DATAGRAMS + 0.5:    # inf and nan too
+        raise ValueError("%g datagrams a second for %g s is above the udp "
+                         "test's limit of %d datagrams" % (
+                             rate, seconds, STREAM_MAX_DATAGRAMS))
+    planned = int(round(seconds * rate))
+    if planned < parallel:
+        raise ValueError("%g datagrams a second for %g s is %d datagrams, "
+                         "fewer than the %d flows" % (rate, seconds, planned,
+                                                      parallel))
+    return planned
 
 
 class _UdpFlow(object):
@@ -4095,13 +4115,18 @@ class _UdpFlow(object):
         self.tally = _StreamTally(share, rtts)
         self.payload = bytearray(size)
         self.errors = {}
+        self.send_failed = 0
         try:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF,
                                  _STREAM_RECEIVE_BUFFER)
         except OSError:
             pass                        # the default, then
         self.sock.setblocking(False)
-        self.sock.connect(_endpoint(address, port))
+        try:
+            self.sock.connect(_endpoint(address, port))
+        except OSError:                 # a broadcast address: EACCES
+            self.sock.close()
+            raise
 
     def note_error(self, error):
         kind = ("refused" if isinstance(error, ConnectionRefusedError)
@@ -4109,7 +4134,11 @@ class _UdpFlow(object):
         self.errors[kind] = self.errors.get(kind, 0) + 1
 
     def send_next(self, now):
-        """Send the flow's next datagram; False if the kernel took none."""
+        """Send the flow's next datagram; False if the socket buffer is full.
+
+        A send that fails (a local firewall's EPERM, ENOBUFS, an earlier
+        ICMP error) uses up its sequence number: that datagram is sent and
+        lost, so the loss shows and the schedule goes on."""
         _STREAM_HEADER.pack_into(self.payload, 0, _STREAM_MAGIC, self.id,
                                  self.tally.sent, now)
         try:
@@ -4117,10 +4146,10 @@ class _UdpFlow(object):
         except (BlockingIOError, InterruptedError):
             return False                # the socket buffer is full
         except OSError as error:
-            # An earlier ICMP error reported on this send (Linux), or
-            # ENOBUFS: this datagram did not leave.
+            # An earlier ICMP error reported on this send (Linux), ENOBUFS,
+            # or a local firewall's EPERM: this datagram did not leave.
             self.note_error(error)
-            return False
+            self.send_failed += 1
         self.tally.sent += 1
         return True
 
@@ -4154,6 +4183,7 @@ def _udp_rows(flows, rate, size, seconds, wait, send_lag):
     for members, name in groups:
         figures = _stream_figures([flow.tally for flow in members], wait)
         errors = {}
+        send_failed = sum(flow.send_failed for flow in members)
         for flow in members:
             for kind, count in flow.errors.items():
                 errors[kind] = errors.get(kind, 0) + count
@@ -4166,9 +4196,12 @@ def _udp_rows(flows, rate, size, seconds, wait, send_lag):
             "rate_sent_pps": round(figures["sent"] / seconds, 1),
             "bitrate_sent_bps": int(figures["sent"] * size * 8 / seconds),
             "parallel": parallel,
+            "send_failed": send_failed,
             # The sender as a whole fell behind: the figures describe the
-            # client, not the path.
-            "client_limited": achieved < rate * _STREAM_CATCH_UP,
+            # client, not the path.  Not when sends failed: then the errors
+            # name the limit.
+            "client_limited": achieved < rate * _STREAM_CATCH_UP and
+                              not any(flow.send_failed for flow in flows),
             "send_lag_max_ms": round(send_lag * 1e3, 3),
             "errors": errors})
         rows.append(row)
@@ -4182,10 +4215,11 @@ def _measure_udp(family, address, ports, seconds, parallel, progress,
     The schedule is by absolute time: datagram g is due at start + g/rate
     and goes out on flow g mod N.  Each wake sends everything due (in a
     batch when behind), then select() sleeps until the next one is due or a
-    reply comes.  After the last send, replies are awaited for `timeout`;
-    one that comes later than that after its send counts as late.
+    reply comes.  A reply more than `timeout` after its send is late; after
+    the last send, replies are awaited for 2 * `timeout`, so that the last
+    datagram, like every other, has `timeout` more to show as late.
     """
-    planned = max(1, int(round(seconds * rate)))
+    planned = _stream_plan(rate, seconds, parallel)
     clock = time.perf_counter
     base_id = struct.unpack("!I", os.urandom(4))[0]
     buffer = bytearray(65536)
@@ -4235,9 +4269,11 @@ def _measure_udp(family, address, ports, seconds, parallel, progress,
             progress.show("udp: %d sent" % sent)
         last_send = clock()
         send_seconds = seconds if sent >= planned else last_send - started
-        # Replies still on their way: wait for them, at most `timeout`.
-        deadline = last_send + timeout
-        while any(flow.tally.arrivals < flow.tally.sent for flow in flows) \
+        # Replies still on their way: wait for them, at most 2 * `timeout`
+        # (late ones too, whatever their place in the stream).
+        deadline = last_send + 2 * timeout
+        while any(flow.tally.arrivals + flow.send_failed < flow.tally.sent
+                  for flow in flows) \
                 and clock() < deadline:
             read_ready(deadline - clock())
     finally:
@@ -4329,10 +4365,17 @@ class _Pinger(object):
 
 
 def _open_load(family, address, ports, parallel, timeout, selector, load):
-    """N chargen downloads and N discard uploads, registered, in `load`."""
+    """N chargen downloads and N discard uploads, registered, in `load`.
+
+    Returns None, or the reason one could not be opened, naming its service
+    and port (the row's own port is echo's)."""
     for _ in range(parallel):
         for kind, service in (("download", "chargen"), ("upload", "discard")):
-            sock = _connect(family, address, ports[service], timeout)
+            try:
+                sock = _connect(family, address, ports[service], timeout)
+            except OSError as error:
+                return "the %s stream: %s port %d: %s" % (
+                    kind, service, ports[service], _socket_error(error))
             sock.setblocking(False)
             load.append([sock, kind, 0])
             selector.register(sock, EVENT_READ if kind == "download"
@@ -4369,6 +4412,7 @@ def _measure_loaded(family, address, ports, seconds, parallel, progress,
     tcp = _connect(family, address, ports["echo"], timeout)
     udp = socket.socket(family, socket.SOCK_DGRAM)
     pingers = []
+    load_error = None
     try:
         tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         udp.connect(_endpoint(address, ports["echo"]))
@@ -4403,8 +4447,10 @@ def _measure_loaded(family, address, ports, seconds, parallel, progress,
                     break
                 if state["phase"] == "idle":    # load both directions
                     load_started = now
-                    _open_load(family, address, ports, parallel, timeout,
-                               selector, load)
+                    load_error = _open_load(family, address, ports, parallel,
+                                            timeout, selector, load)
+                    if load_error:
+                        break           # the idle figures are kept
                     state.update(phase="ramp", end=now + ramp)
                 else:
                     state.update(phase="loaded",
@@ -4442,7 +4488,11 @@ def _measure_loaded(family, address, ports, seconds, parallel, progress,
     for kind in ("download", "upload"):
         moved = sum(entry[2] for entry in load if entry[1] == kind)
         rates[kind + "_mbyte_per_s"] = round(moved / 1e6 / load_seconds, 2)
-    return [_loaded_row(pinger, rates, parallel) for pinger in pingers]
+    rows = [_loaded_row(pinger, rates, parallel) for pinger in pingers]
+    if load_error:
+        for row in rows:
+            row["error"] = load_error
+    return rows
 
 
 def _loaded_row(pinger, rates, parallel):
@@ -4532,7 +4582,8 @@ def _kernel_mtu(sock, family):
 def _mtu_search(attempt, smallest, largest):
     """Binary search for the largest size that attempt() gets through.
 
-    attempt(size) returns ("ok", None), ("lost", None) or ("refused", fits):
+    attempt(size) returns ("ok", None), ("lost", None), ("filtered", None)
+    (a local firewall refused the send) or ("refused", fits):
     the local host refused the size and `fits` is the largest size its MTU
     allows (or None): every size above it fails the same way, and it is
     tried next.  The smallest lost size is tried once more before it is
@@ -4577,6 +4628,18 @@ def _mtu_search(attempt, smallest, largest):
     return passed, failed, failure, tried
 
 
+def _fragment_probe_size(failed, kernel_mtu, overhead, largest):
+    """The size that asks whether fragmented datagrams get through: at
+    least the first failing size, and big enough that this host itself
+    must fragment it.  None when no datagram is that big (loopback's MTU
+    of 65,536 holds the largest): nothing would be fragmented, so a loss
+    would say nothing about fragments."""
+    size = min(largest, max(failed, (kernel_mtu or 0) - overhead + 1))
+    if kernel_mtu and size + overhead <= kernel_mtu:
+        return None
+    return size
+
+
 def _mtu_verdict(passed, failed, failure, kernel_mtu, overhead,
                  fragmented, forbidden, fragmented_size=None,
                  truncated_to=None):
@@ -4584,7 +4647,11 @@ def _mtu_verdict(passed, failed, failure, kernel_mtu, overhead,
     row = {"fragmented": fragmented, "fragmentation_forbidden": forbidden}
     if passed is not None:
         row["largest_payload_bytes"] = passed
-    if passed is None:
+    if passed is None and failure == "filtered":
+        row["limit"] = "local-filter"
+        text = "this host's firewall refused every send (EPERM), even of " \
+            "%d bytes" % (failed or 0)
+    elif passed is None:
         row["limit"] = "nothing-back"
         text = "no datagram came back, even of %d bytes" % (failed or 0)
     else:
@@ -4596,6 +4663,10 @@ def _mtu_verdict(passed, failed, failure, kernel_mtu, overhead,
     elif failed is None:
         row["limit"] = "none"
         text += ": the largest UDP datagram crosses this path"
+    elif failure == "filtered":
+        row["limit"] = "local-filter"
+        text += "; %d bytes and more are refused by this host's firewall " \
+                "(EPERM or EACCES on send)" % failed
     elif failure == "refused":
         row["limit"] = "local-mtu"
         if kernel_mtu:
@@ -4681,6 +4752,11 @@ class _MtuProbe(object):
                 if error.errno == errno.EMSGSIZE:
                     mtu = _kernel_mtu(self.sock, self.family)
                     return "refused", mtu - self.overhead if mtu else None
+                if error.errno in (errno.EPERM, errno.EACCES):
+                    # A local firewall (an nftables or iptables drop in the
+                    # output chain) took this size: an outcome, and the
+                    # search goes on below it.
+                    return "filtered", None
                 if not isinstance(error, (BlockingIOError,
                                           ConnectionRefusedError)):
                     raise
@@ -4736,11 +4812,9 @@ def _measure_mtu(family, address, ports, progress, timeout):
         kernel_mtu = _kernel_mtu(strict.sock, family)
         fragmented, fragmented_size = "untested", None
         if failed is not None and passed is not None and strict.settable:
-            # Does a datagram too big for the path get through when it may
-            # be fragmented?  At least the first failing size, and big
-            # enough that this host itself must fragment it.
-            fragmented_size = min(largest, max(failed, (kernel_mtu or 0) -
-                                               overhead + 1))
+            fragmented_size = _fragment_probe_size(failed, kernel_mtu,
+                                                   overhead, largest)
+        if fragmented_size is not None:
             probes.append(_MtuProbe(family, address, ports["echo"], True,
                                     timeout, progress, token))
             outcome, _ = probes[1].attempt(fragmented_size)
@@ -4778,7 +4852,8 @@ def measure(host, tests=None, seconds=5.0, parallel=1, port_offset=0,
     reason), and the next test runs.  _measure_failures(rows) says what
     failed, if anything did.  udp: rate (datagrams a second, all flows
     together), bitrate (payload bits a second) and size (payload bytes),
-    any two (ValueError if they cannot be).  interval: report(row) gets a
+    any two (ValueError if they cannot be, or if round(rate * seconds) is
+    above STREAM_MAX_DATAGRAMS or below parallel).  interval: report(row) gets a
     row every `interval` seconds during each test ("type": "interval"),
     and each test's rows as it ends.
     """
@@ -4790,6 +4865,7 @@ def measure(host, tests=None, seconds=5.0, parallel=1, port_offset=0,
     shown = _shown_address(address)
     if "udp" in tests:
         rate, size = _stream_rate(rate, bitrate, size, target_family)
+        _stream_plan(rate, seconds, parallel)   # a ValueError before any test
     all_ports = dict((name, _service_port(name, port_offset, ports))
                      for name in SERVICE_NAMES)
     context = {"host": host, "address": shown}
@@ -5336,7 +5412,7 @@ def _rtt_text(row, prefix=""):
 def _measure_detail(row):
     test = row["test"]
     if "unit" not in row:               # a test an error stopped at once
-        return "port %d" % row["port"]
+        return "port %d" % row["port"] if row["port"] else "-"
     if test == "udp":
         text = ("sent %d at %g pps (asked %g), received %d, lost %d, late %d "
                 "(after %g s), duplicated %d, reordered %d; RTT %s" % (
@@ -5576,21 +5652,34 @@ def _client_main(argv):
             sys.stdout.flush()
 
     rows = []
+    unresolved = {}                     # host: the reason, for its own row
     try:
-        for host in hosts:              # all or nothing: a typo is an error
+        for host in hosts:
             try:
                 _resolve_targets(host, options.family)
             except ServerError as error:
+                # A lone word may be a mistyped test or service: a usage
+                # error.  A name with a dot or a colon is a host that does
+                # not resolve: its own error row, and the others measured.
                 if "." not in host and ":" not in host:
                     raise ServerError("%s (nor is it a %s: %s)" % (
                         error, "service" if command == "probe" else "test",
                         ", ".join(choices)))
-                raise
+                unresolved[host] = str(error)
         if command == "measure" and (options.parallel < 1 or
                                      options.seconds <= 0):
             parser.error("--parallel and --seconds must be above 0")
         for host in hosts:
-            if command == "probe":
+            if host in unresolved:
+                rows.append({"host": host, "address": None, "port": None,
+                             "transport": "-", "error": unresolved[host]})
+                rows[-1].update(
+                    {"service": "-", "verdict": "error", "rtt_ms": None,
+                     "detail": unresolved[host]} if command == "probe" else
+                    {"test": "-", "value": None})
+                if stream:
+                    report(rows[-1])
+            elif command == "probe":
                 rows += probe(host, names,
                               ("tcp",) if options.tcp else ("udp",)
                               if options.udp else TRANSPORTS,
@@ -5624,8 +5713,8 @@ def _client_main(argv):
         _write_text(_table(rows, host_column + [
             ("SERVICE", lambda r: r["service"]),
             ("PROTO", lambda r: r["transport"]),
-            ("ADDRESS", lambda r: r["address"]),
-            ("PORT", lambda r: str(r["port"])),
+            ("ADDRESS", lambda r: r["address"] or "-"),
+            ("PORT", lambda r: str(r["port"] or "-")),
             ("VERDICT", lambda r: r["verdict"]),
             ("RTT", lambda r: "-" if r["rtt_ms"] is None else
              "%.2f ms" % r["rtt_ms"]),

@@ -1246,12 +1246,16 @@ class ClientCommandLineTest(ServerTestCase):
                                         r"127\.0\.0\.1 +\d+ +refused +- +TCP "
                                         r"reset: nothing listens\n$")
         for args in (["probe"], ["probe", "127.0.0.1", "nosuch"],
-                     ["measure", "127.0.0.1", "nosuch"],
-                     ["probe", "no.such.host.invalid"]):
+                     ["measure", "127.0.0.1", "nosuch"]):
             with self.subTest(args=args):
                 result = run_command(*args)
                 self.assertEqual(result.returncode, 2, result.stderr)
                 self.assertNotIn("Traceback", result.stderr)
+        # A dotted name that does not resolve is a host, not a typo: its
+        # own failed row (UdpStreamReviewTest has one beside a good host).
+        result = run_command("probe", "no.such.host.invalid")
+        self.assertEqual(result.returncode, 1, result.stderr)
+        self.assertIn("cannot resolve no.such.host.invalid", result.stdout)
         stdout, stderr = full_probe.communicate(timeout=60)
         self.assertEqual(full_probe.returncode, 0, stderr)
         rows = json.loads(stdout)
@@ -2179,8 +2183,8 @@ class UdpStreamTest(ServerTestCase):
         # 200 datagrams in 0.5 s (short on purpose: the sending window is
         # not what is tested); a reply is late after 1 s, kept long so that
         # no reply of a loaded machine is late by accident.  Number 10 comes
-        # back 1.05 s after it left (late whatever the load), 0.4 s before
-        # the client stops listening (1 s after its last send).
+        # back 1.05 s after it left (late whatever the load), long before
+        # the client stops listening (2 * 1 s after its last send).
         rows = diagsvc.measure("127.0.0.1", ["udp"], seconds=0.5,
                                rate=400, timeout=1.0,
                                ports={"echo": echo.port})
@@ -2367,6 +2371,186 @@ finally:
     server.terminate()
     server.wait()
 """ % SCRIPT
+
+
+def main_in_process(*argv):
+    """(exit status, stdout, stderr) of diagsvc.main(argv), in this process."""
+    from unittest import mock
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with mock.patch.object(sys, "stdout", stdout), \
+            mock.patch.object(sys, "stderr", stderr):
+        status = diagsvc.main(list(argv))
+    return status, stdout.getvalue(), stderr.getvalue()
+
+
+class FailingSendSocket(object):
+    """Stands in for a flow's socket behind a local firewall: send() fails
+    with EPERM, as an nftables 'drop' in the output chain makes it."""
+
+    def send(self, data):
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    def close(self):
+        pass
+
+
+class UdpStreamReviewTest(unittest.TestCase):
+    """The outside review of issue 11's udp test: refusals, the late
+    window, failed sends, hosts that do not resolve."""
+
+    def test_a_huge_rate_or_bitrate_is_a_usage_error(self):
+        # Was: OverflowError (array * 10**297) or MemoryError (1e9 pps).
+        for options in (["--bitrate", "1e300"],
+                        ["--rate", "2000001", "--seconds", "5"]):
+            status, _, stderr = main_in_process(
+                "measure", "127.0.0.1", "udp", "--port", "echo=9", *options)
+            self.assertEqual(status, 2, stderr)
+            self.assertRegex(stderr, r"^diagsvc measure: error: .* above "
+                                     r"the udp test's limit of 10000000 "
+                                     r"datagrams\n$")
+        self.assertEqual(diagsvc._stream_plan(2e6, 5.0, 1), 10 ** 7)
+
+    def test_a_derived_size_out_of_range_is_refused(self):
+        # 1000 bits at 1000 pps is 0 bytes a datagram: not the 64 default.
+        for bitrate in (1000, 8 * 65508 * 10):
+            with self.assertRaises(ValueError):
+                diagsvc._stream_rate(10 if bitrate > 1000 else 1000, bitrate,
+                                     None, socket.AF_INET)
+
+    def test_fewer_datagrams_than_flows_is_a_usage_error(self):
+        status, _, stderr = main_in_process(
+            "measure", "127.0.0.1", "udp", "--parallel", "4", "--rate", "2",
+            "--seconds", "1", "--port", "echo=9")
+        self.assertEqual(status, 2, stderr)
+        self.assertIn("2 datagrams, fewer than the 4 flows", stderr)
+
+    def test_the_last_datagram_can_be_late_too(self):
+        # 11 datagrams; the last (10) comes back 0.12 s after it left, later
+        # than the 0.11 s timeout: late, as it would be mid-stream, and not
+        # lost (the client listens until 0.22 s after the last send).
+        echo = MischievousEcho(late_hold=0.12)
+        self.addCleanup(echo.close)
+        row = diagsvc.measure("127.0.0.1", ["udp"], seconds=0.0275, rate=400,
+                              timeout=0.11, ports={"echo": echo.port})[0]
+        self.assertEqual(row["sent"], 11)
+        self.assertEqual(row["lost"], 1)            # 9, dropped
+        self.assertGreaterEqual(row["late"], 1)     # 10 at least
+        self.assertEqual(row["received"] + row["late"], 10)
+
+    def test_failed_sends_are_lost_and_not_client_limited(self):
+        flow = diagsvc._UdpFlow(socket.AF_INET, ("127.0.0.1", 0), 9, 1, 0,
+                                3, 64, None)
+        flow.sock.close()
+        flow.sock = FailingSendSocket()
+        for _ in range(3):
+            flow.send_next(0.0)
+        row = diagsvc._udp_rows([flow], 3.0, 64, 1.0, 1.0, 0.0)[0]
+        # Was: sent 0, 0.0 % loss and client_limited.
+        self.assertEqual((row["sent"], row["lost"], row["loss_pct"],
+                          row["client_limited"], row["errors"]),
+                         (3, 3, 100.0, False, {"Operation not permitted": 3}))
+        self.assertEqual(row["send_failed"], 3)
+
+    def test_an_unresolvable_host_is_its_own_row(self):
+        echo = MischievousEcho(mischief=False)
+        self.addCleanup(echo.close)
+        status, stdout, stderr = main_in_process(
+            "measure", "127.0.0.1", "no.such.host.invalid", "udp", "--json",
+            "--rate", "20", "--seconds", "0.05", "--timeout", "1",
+            "--port", "echo=%d" % echo.port)
+        self.assertEqual(status, 1, stderr)
+        rows = json.loads(stdout)
+        self.assertEqual([(row["host"], row["test"]) for row in rows],
+                         [("127.0.0.1", "udp"),
+                          ("no.such.host.invalid", "-")])
+        self.assertEqual(rows[0]["received"], 1)
+        self.assertRegex(rows[1]["error"], "^cannot resolve "
+                                           "no.such.host.invalid: ")
+        status, stdout, stderr = main_in_process(
+            "probe", "no.such.host.invalid", "127.0.0.1", "echo", "--udp",
+            "--json", "--port", "echo=%d" % echo.port)
+        self.assertEqual(status, 1, stderr)
+        self.assertEqual([(row["host"], row["verdict"]) for row in
+                          json.loads(stdout)],
+                         [("no.such.host.invalid", "error"),
+                          ("127.0.0.1", "open")])
+        # A lone word is still a usage error: a mistyped test name.
+        self.assertEqual(main_in_process("measure", "127.0.0.1", "udpp")[0],
+                         2)
+
+
+class FirewalledSocket(object):
+    """A socket whose sends above `limit` bytes fail with EPERM, as behind
+    an nftables 'meta length gt N drop' in the output chain."""
+
+    def __init__(self, sock, limit):
+        self.sock, self.limit = sock, limit
+
+    def send(self, data):
+        if len(data) > self.limit:
+            raise PermissionError(errno.EPERM, "Operation not permitted")
+        return self.sock.send(data)
+
+    def __getattr__(self, name):
+        return getattr(self.sock, name)
+
+
+class MtuLocalFilterTest(unittest.TestCase):
+    """Review of issue 11: EPERM from a local firewall is an outcome of the
+    mtu search, not the end of it."""
+
+    def test_a_local_firewall_is_named_and_the_search_goes_on(self):
+        echo = MischievousEcho(mischief=False)
+        self.addCleanup(echo.close)
+        probe = diagsvc._MtuProbe(socket.AF_INET, ("127.0.0.1", 0),
+                                  echo.port, False, 2.0,
+                                  diagsvc._Progress(False), 7)
+        self.addCleanup(probe.close)
+        probe.sock = FirewalledSocket(probe.sock, 1200)
+        passed, failed, failure, _ = diagsvc._mtu_search(probe.attempt, 24,
+                                                         2000)
+        self.assertEqual((passed, failed, failure), (1200, 1201, "filtered"))
+        row, text = diagsvc._mtu_verdict(passed, failed, failure, 65536, 28,
+                                         "untested", True)
+        self.assertEqual(row["limit"], "local-filter")
+        self.assertIn("1201 bytes and more are refused by this host's "
+                      "firewall", text)
+        row, _ = diagsvc._mtu_verdict(None, 24, "filtered", 65536, 28,
+                                      "untested", True)
+        self.assertEqual(row["limit"], "local-filter")
+
+    def test_no_fragment_probe_when_nothing_would_fragment(self):
+        # Loopback (MTU 65,536) with a filter above 1,200 bytes: the largest
+        # datagram fits the MTU unfragmented, so 'fragmented' is untested,
+        # not 'lost'.
+        size = diagsvc._fragment_probe_size
+        self.assertIsNone(size(1201, 65536, 28, 65507))
+        self.assertEqual(size(1201, 1500, 28, 65507), 1473)
+        self.assertEqual(size(1473, 1500, 28, 65507), 1473)
+        self.assertEqual(size(1201, None, 28, 65507), 1201)
+
+
+class LoadedRefusalTest(ServerTestCase):
+    """Review of issue 11: a load stream that cannot open names its own
+    service and port, and the idle figures stay in the row."""
+
+    def test_a_refused_discard_is_named_and_idle_kept(self):
+        server = self.start_server(["echo", "chargen"])
+        closed = socket.socket()
+        closed.bind(("127.0.0.1", 0))
+        discard = closed.getsockname()[1]
+        closed.close()                  # nothing listens there now
+        ports = ports_of(server)
+        ports["discard"] = discard
+        rows = diagsvc.measure("127.0.0.1", ["loaded"], seconds=0.1,
+                               timeout=TIMEOUT, ports=ports)
+        self.assertEqual([row["transport"] for row in rows], ["tcp", "udp"])
+        for row in rows:
+            self.assertRegex(row["error"], r"^the upload stream: discard "
+                             r"port %d: \S" % discard)
+            self.assertGreater(row["idle_count"], 0, row)
+            self.assertEqual(row["loaded_count"], 0, row)
+            self.assertTrue(diagsvc._measure_row_failures(row), row)
 
 
 class PathMtuTest(ServerTestCase):
