@@ -1871,6 +1871,14 @@ class StreamEndedEarlyTest(ServerTestCase):
                                        else TIMEOUT,
                                        ports={"chargen": chargen.port})
                 row = rows[0]
+                if ending == "reset" and "error" in row:
+                    # On a loaded machine the reset can come before our
+                    # connect() returns: the test then fails as a whole,
+                    # with the reset as its reason (exit 1 all the same).
+                    self.assertEqual(row["error"], "Connection reset by peer")
+                    self.assertIn("download/tcp: Connection reset by peer",
+                                  diagsvc._measure_failures(rows))
+                    continue
                 self.assertNotIn("error", row, row)
                 self.assertEqual(row["ended_early"], 2, row)
                 self.assertEqual(row["ended_how"], {
