@@ -3764,6 +3764,11 @@ class LogBoundTest(ServerTestCase):
             "denied", 0)
         for number in range(2, 202):    # 200 sources, one datagram each
             sock = sock_from("127.0.0.%d" % number, 0, socket.SOCK_DGRAM)
+            while sock.getsockname()[1] == target[1]:
+                # Another address may hand out the server's own port number,
+                # which the loop guard refuses: take another.
+                sock.close()
+                sock = sock_from("127.0.0.%d" % number, 0, socket.SOCK_DGRAM)
             sock.sendto(b"x", target)
             sock.close()
             if number % 20 == 1:
