@@ -48,6 +48,22 @@ def expected_chargen(line_count, first_line=1):
     return b"".join(lines)
 
 
+def bind_below_ephemeral(sock, host):
+    """Bind a UDP client below the kernel's ephemeral range (Linux: 32768
+    on), where no port-0 server of these tests lives: an ephemeral client
+    port can equal one of the server's own ports, which the loop guard
+    rightly refuses."""
+    import random
+    for _ in range(200):
+        try:
+            sock.bind((host, random.randrange(11000, 19000)))
+            return
+        except OSError as error:
+            if error.errno != errno.EADDRINUSE:
+                raise
+    sock.bind((host, 0))
+
+
 def wait_until(predicate, timeout=TIMEOUT, message="condition"):
     """Poll with a deadline: for state that another thread changes."""
     deadline = time.monotonic() + timeout
@@ -107,6 +123,7 @@ class ServerTestCase(unittest.TestCase):
         sock = socket.socket(family, socket.SOCK_DGRAM)
         self.addCleanup(sock.close)
         sock.settimeout(timeout)
+        bind_below_ephemeral(sock, host)
         return sock
 
     def udp_exchange(self, server, service, payload, host="127.0.0.1"):
@@ -434,7 +451,10 @@ def sock_from(host, port=0, kind=socket.SOCK_STREAM):
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, kind)
     sock.settimeout(TIMEOUT)
-    sock.bind((host, port))
+    if port == 0 and kind == socket.SOCK_DGRAM:
+        bind_below_ephemeral(sock, host)
+    else:
+        sock.bind((host, port))
     return sock
 
 
@@ -5961,7 +5981,7 @@ class GroupDestinationTest(ServerTestCase):
         port = server.addresses["echo", "udp"][0][1]
         counters = server.counters["echo", "udp"]
         sock = self.udp_socket(timeout=0.0)
-        sock.bind(("127.0.0.1", 0))
+        # (udp_socket() bound it to 127.0.0.1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
         # 127.255.255.255: loopback's directed broadcast (on Linux's lo).
         sock.sendto(b"to all", ("127.255.255.255", port))
@@ -6004,7 +6024,7 @@ class GroupDestinationTest(ServerTestCase):
                                    transports=["udp"], udp_guard=False)
         port = server.addresses["echo", "udp"][0][1]
         sock = self.udp_socket()
-        sock.bind(("127.0.0.1", 0))
+        # (udp_socket() bound it to 127.0.0.1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
         sock.sendto(b"lab", ("127.255.255.255", port))
         self.assertEqual(sock.recvfrom(100), (b"lab", ("127.0.0.1", port)))
