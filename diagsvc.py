@@ -523,6 +523,7 @@ class OneShotStream(Stream):
     client closes too, for at most ONE_SHOT_LINGER seconds from the reply.
     Until then, any part of the reply that the socket did not take at once
     is ``owed`` and sent first.
+
     """
 
     __slots__ = ()
@@ -706,6 +707,12 @@ STREAM_BUFFER_SIZE = 256 * 1024     # shared by every TCP read
 LIMIT_MAX = 10 ** 9                 # the largest count, rate or time a limit takes
 DATAGRAM_BUFFER_SIZE = 65536        # the largest UDP payload, IPv4 or IPv6
 STATUS_INTERVAL = 5.0               # seconds between sd_notify STATUS= lines
+# Busy polling (Server(busy_poll=), --busy-poll): the loop may poll, not
+# sleep, for a window after its last event; the window adapts between 0
+# and busy_poll (see Server._wait_for_events).
+DEFAULT_BUSY_POLL = 0.0005          # seconds: the command line's window, at most
+BUSY_POLL_START = 0.00005           # the window a sleep that was short opens
+BUSY_POLL_FLOOR = 0.00001           # below this, a halved window closes
 
 
 class ServerError(Exception):
@@ -1723,6 +1730,20 @@ def _match_sockets(sockets, services, transports, port_offset, ports):
     return matched
 
 
+def next_poll_window(window, slept, busy_poll, woken_by_event):
+    """The busy poll's next window (seconds), after a poll of ``window``
+    that caught nothing and a sleep: the whole wait lasted ``slept``.
+    The rule of Linux's cpuidle-haltpoll (Server._wait_for_events)."""
+    if slept <= window:
+        return window
+    if slept <= busy_poll:
+        if not woken_by_event:
+            return window               # a timer: says nothing of traffic
+        return min(busy_poll, max(BUSY_POLL_START, 2.0 * window))
+    window /= 2.0
+    return window if window >= BUSY_POLL_FLOOR else 0.0
+
+
 class Server(object):
     """The diagnostic services on one selectors event loop.
 
@@ -1793,6 +1814,12 @@ class Server(object):
                       --for 0 is refused instead)
     notifier          a SystemdNotifier: READY=1, STATUS=, WATCHDOG=1,
                       STOPPING=1 (see SystemdNotifier)
+    busy_poll         seconds the loop may poll for the next event before
+                      it sleeps, at most (the window adapts to the
+                      traffic; see _wait_for_events); 0 (the default
+                      here, where the loop shares a process and its GIL
+                      with the caller): never.  The command line's
+                      default is DEFAULT_BUSY_POLL
     """
 
     def __init__(self, services=None, bind=None, port_offset=0, ports=None,
@@ -1806,7 +1833,7 @@ class Server(object):
                  ipv4_prefix=DEFAULT_IPV4_PREFIX,
                  ipv6_prefix=DEFAULT_IPV6_PREFIX, udp_echo_rate=0.0,
                  udp_batching=True,
-                 sockets=None, duration=None, notifier=None):
+                 sockets=None, duration=None, notifier=None, busy_poll=0.0):
         services = list(services or SERVICE_NAMES)
         for name in list(services) + list(ports or ()):
             if name not in SERVICES:
@@ -1879,6 +1906,8 @@ class Server(object):
         # The wall-clock end of the window, for the start lines.
         self.stops_at = time.time() + duration if duration else None
         self.notifier = notifier
+        self.busy_poll = _checked_limit("busy_poll", busy_poll, 1.0)
+        self._poll_window = 0.0         # the busy poll's window, adapting
 
         self.now = time.monotonic()
         self.stream_buffer = memoryview(bytearray(STREAM_BUFFER_SIZE))
@@ -2607,6 +2636,8 @@ class Server(object):
             self._loop_idle.clear()
         try:
             select = self.selector.select
+            if self.busy_poll:
+                select = self._wait_for_events
             monotonic = time.monotonic
             self.now = monotonic()
             if self.notifier is not None and not self._ready_sent:
@@ -2655,6 +2686,43 @@ class Server(object):
             self._loop_thread_id = None
             if self._closing:
                 self._teardown()        # a close() that came meanwhile
+
+    def _wait_for_events(self, timeout):
+        """select(timeout), but first poll for up to the busy-poll window.
+
+        A process asleep in epoll_wait() is woken by the kernel when an
+        event comes, and on a virtual machine whose idle CPU halts (a
+        cloud VM's usual setting) that wake-up costs tens of
+        microseconds: most of a loopback ping-pong's round trip, and
+        jitter in every latency a client measures through us.  So after
+        an event the loop keeps polling (select(0)) for a window before
+        it sleeps.  The window adapts as Linux's cpuidle-haltpoll does:
+        a sleep longer than the window but within busy_poll doubles it
+        (from BUSY_POLL_START), since polling that long would have caught
+        the event; a sleep longer than busy_poll halves it; an event
+        caught by polling keeps it (next_poll_window()).  Sparse traffic closes the window
+        within a few events, so an idle server sleeps as before; traffic
+        whose events come less than busy_poll apart keeps one core busy,
+        the price of answering without the wake-up.
+        """
+        select = self.selector.select
+        ready = select(0.0)
+        if ready or timeout <= 0.0:
+            return ready
+        window = self._poll_window
+        monotonic = time.monotonic
+        started = now = monotonic()
+        if window:
+            until = started + min(window, timeout)
+            while now < until and not self._stop_requested:
+                ready = select(0.0)
+                if ready:
+                    return ready        # caught: the window stands
+                now = monotonic()
+        ready = select(max(0.0, timeout - (now - started)))
+        self._poll_window = next_poll_window(
+            window, monotonic() - started, self.busy_poll, bool(ready))
+        return ready
 
     def _selector_failed(self, error):
         """select() itself raised: log it, drop what it cannot watch (a
@@ -5299,6 +5367,13 @@ def _build_parser():
     other.add_argument("--selector", choices=[cls.__name__ for cls in SELECTORS],
                        help="the event loop's selector (default: %s)" %
                        SELECTORS[0].__name__)
+    other.add_argument("--busy-poll", type=_non_negative(float),
+                       default=None, metavar="MICROSECONDS",
+                       help="poll for the next event this long at most "
+                       "before sleeping, adapting to the traffic (default "
+                       "%d where two or more CPUs are usable, else 0; 0: "
+                       "never; README: Performance)" % (
+                           DEFAULT_BUSY_POLL * 1e6))
     # For tests and comparisons: the portable UDP path on Linux too
     # (README: Performance).
     other.add_argument("--no-udp-batching", dest="udp_batching",
@@ -5312,6 +5387,21 @@ def _build_parser():
     return parser
 
 
+def _usable_cpus():
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):    # not Linux
+        return os.cpu_count() or 1
+
+
+def _busy_poll_seconds(microseconds):
+    """--busy-poll in seconds.  By default only with a CPU to spare: on
+    one CPU, polling would hold back the very clients it waits for."""
+    if microseconds is None:
+        return DEFAULT_BUSY_POLL if _usable_cpus() > 1 else 0.0
+    return microseconds / 1e6
+
+
 def _serve_main(argv):
     parser = _build_parser()
     options = _parse_mixed(parser, argv, "services")
@@ -5319,6 +5409,9 @@ def _serve_main(argv):
         if name not in SERVICES:
             parser.error("unknown service %r (choose from %s)" % (
                 name, ", ".join(SERVICE_NAMES)))
+    if options.busy_poll is not None and options.busy_poll > 1e6:
+        parser.error("--busy-poll must be 0 to 1,000,000 microseconds, "
+                     "not %g" % options.busy_poll)
     prog = "diagsvc"
     try:
         quotes = load_quotes(options.qotd_file) if options.qotd_file else None
@@ -5343,7 +5436,8 @@ def _serve_main(argv):
             verbosity=max(0, 1 + options.verbose - options.quiet),
             udp_batching=options.udp_batching,
             sockets=_take_passed_sockets(), duration=options.duration,
-            notifier=SystemdNotifier.from_environment())
+            notifier=SystemdNotifier.from_environment(),
+            busy_poll=_busy_poll_seconds(options.busy_poll))
     except (ServerError, QuoteFileError) as error:
         sys.stderr.write("%s: error: %s\n" % (prog, error))
         return 2

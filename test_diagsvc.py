@@ -6654,5 +6654,129 @@ class CheckedArgumentsTest(unittest.TestCase):
                   port - diagsvc.SERVICES["echo"].port, {"discard": port})
 
 
+# --- Per-packet speed: the busy poll (issue 10) --------------------------------
+
+
+class BusyPollTest(ServerTestCase):
+    """The loop may poll for the next event before it sleeps; the window
+    adapts as Linux's cpuidle-haltpoll does, and an idle server sleeps."""
+
+    US = 1e-6
+
+    def window(self, window_us, slept_us, busy_poll_us=500, event=True):
+        return round(diagsvc.next_poll_window(
+            window_us * self.US, slept_us * self.US, busy_poll_us * self.US,
+            event) / self.US, 3)
+
+    def test_the_window_opens_grows_and_is_capped(self):
+        # A sleep a poll of busy_poll would have caught opens the window,
+        # and each such sleep doubles it, up to busy_poll.
+        self.assertEqual(self.window(0, 100), 50.0)
+        self.assertEqual(self.window(50, 80), 100.0)
+        self.assertEqual(self.window(100, 499), 200.0)
+        self.assertEqual(self.window(400, 450), 500.0)
+        self.assertEqual(self.window(0, 500), 50.0)
+        self.assertEqual(self.window(0, 20, busy_poll_us=30), 30.0)
+
+    def test_the_window_stands_or_shrinks(self):
+        self.assertEqual(self.window(100, 90), 100.0)   # within the window
+        # A timer, not traffic, ended the sleep: it says nothing.
+        self.assertEqual(self.window(100, 300, event=False), 100.0)
+        # Longer than busy_poll: halved, and closed below 10 us.
+        self.assertEqual(self.window(100, 501), 50.0)
+        self.assertEqual(self.window(500, 10 ** 6, event=False), 250.0)
+        self.assertEqual(self.window(30, 10 ** 6), 15.0)
+        self.assertEqual(self.window(15, 10 ** 6), 0.0)
+        self.assertEqual(self.window(0, 10 ** 6), 0.0)
+
+    def test_every_service_answers_with_it(self):
+        for selector in diagsvc.SELECTORS:
+            with self.subTest(selector=selector.__name__):
+                server = self.start_server(selector=selector,
+                                           busy_poll=0.0005)
+                echo = self.connect(server, "echo")
+                for number in range(200):
+                    message = b"ping %d\r\n" % number
+                    echo.sendall(message)
+                    self.assertEqual(recv_exactly(echo, len(message)),
+                                     message)
+                sock = self.udp_socket()
+                port = server.addresses["echo", "udp"][0][1]
+                for number in range(50):
+                    sock.sendto(b"%d" % number, ("127.0.0.1", port))
+                    self.assertEqual(sock.recv(100), b"%d" % number)
+                self.assertRegex(
+                    recv_to_eof(self.connect(server, "daytime")), DAYTIME)
+                self.assertEqual(
+                    len(recv_to_eof(self.connect(server, "time"))), 4)
+                server.close()
+                self.assertEqual(server.stats()["echo", "tcp"]["bytes_in"],
+                                 sum(len(b"ping %d\r\n" % n)
+                                     for n in range(200)))
+
+    def test_an_idle_server_sleeps_after_traffic(self):
+        # Ping-pong opens the window; then, with nothing to do, the server
+        # must cost next to nothing (a poll that never closed: ~100 %).
+        cpu, wall = cpu_fraction_of(
+            "import socket\n"
+            "server = diagsvc.Server(['echo'], bind=['127.0.0.1'],\n"
+            "    port_offset=None, transports=['udp'], busy_poll=0.001)\n"
+            "server.start()\n"
+            "port = server.addresses['echo', 'udp'][0][1]\n"
+            "sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+            "sock.bind(('127.0.0.1', 15000 + port % 4000))\n"
+            "sock.settimeout(10)\n"
+            "for number in range(500):\n"
+            "    sock.sendto(b'%d' % number, ('127.0.0.1', port))\n"
+            "    assert sock.recv(10) == b'%d' % number\n"
+            "wall, cpu = time.monotonic(), time.process_time()\n"
+            "time.sleep(1.5)\n"
+            "server.close()\n")
+        self.assertGreater(wall, 1.4)
+        self.assertLess(cpu, 0.15 * wall)
+
+    def test_close_ends_a_poll_at_once(self):
+        server = self.start_server(["echo"], transports=["tcp"],
+                                   busy_poll=1.0)
+        echo = self.connect(server, "echo")
+        for _ in range(20):
+            echo.sendall(b"x")
+            self.assertEqual(echo.recv(1), b"x")
+        started = time.monotonic()
+        server.close()
+        self.assertLess(time.monotonic() - started, 0.9)
+        self.assertFalse(server._running)
+
+    def test_the_constructor_refuses_a_window_past_a_second(self):
+        for value in (1.5, -0.001, float("nan"), float("inf")):
+            with self.subTest(value=value):
+                with self.assertRaises(diagsvc.ServerError):
+                    diagsvc.Server(["echo"], bind=["127.0.0.1"],
+                                   port_offset=None, busy_poll=value)
+
+    def test_the_command_line_default_needs_a_spare_cpu(self):
+        from unittest import mock
+        self.assertEqual(diagsvc._busy_poll_seconds(250), 0.00025)
+        self.assertEqual(diagsvc._busy_poll_seconds(0), 0.0)
+        with mock.patch.object(diagsvc, "_usable_cpus", return_value=1):
+            self.assertEqual(diagsvc._busy_poll_seconds(None), 0.0)
+        with mock.patch.object(diagsvc, "_usable_cpus", return_value=2):
+            self.assertEqual(diagsvc._busy_poll_seconds(None),
+                             diagsvc.DEFAULT_BUSY_POLL)
+        self.assertGreaterEqual(diagsvc._usable_cpus(), 1)
+
+    def test_the_command_line_refuses_bad_windows_in_one_line(self):
+        for value in ("2000000", "-1", "nan", "inf"):
+            with self.subTest(value=value):
+                status, out, err = main_in_process(
+                    "echo", "--udp", "--bind", "127.0.0.1", "--port",
+                    "echo=0", "--busy-poll", value)
+                self.assertEqual(status, 2)
+                self.assertEqual(out, "")
+                last = err.splitlines()[-1]
+                self.assertTrue(last.startswith("diagsvc: error: "), last)
+                self.assertIn("--busy-poll", last)
+
+
 if __name__ == "__main__":
     unittest.main()
