@@ -114,6 +114,9 @@ _PKTINFO_ANCILLARY_SIZE = socket.CMSG_SPACE(20) if _HAS_MSG else 0
 
 # Sending without a mode switch on a socket that accept() made blocking.
 _MSG_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
+# Linux: hold the data for the FIN that follows, so that a one-shot reply
+# and its FIN leave in one segment (see Server._answer_once).
+_MSG_MORE = getattr(socket, "MSG_MORE", 0)
 
 try:
     import resource
@@ -2304,7 +2307,12 @@ class Server(object):
         reply = service.tcp_reply(self)
         try:
             if _MSG_DONTWAIT:
-                sent = sock.send(reply, _MSG_DONTWAIT)
+                # MSG_MORE: the reply waits in the socket for the
+                # half-close below, which sends it with the FIN in one
+                # segment: one packet less for both ends (a reply the
+                # socket did not take whole is pushed by the plain send
+                # of the rest).
+                sent = sock.send(reply, _MSG_DONTWAIT | _MSG_MORE)
             else:
                 sock.setblocking(False)
                 sent = sock.send(reply)

@@ -6778,5 +6778,31 @@ class BusyPollTest(ServerTestCase):
                 self.assertIn("--busy-poll", last)
 
 
+class OneSegmentReplyTest(ServerTestCase):
+    """Linux: a one-shot reply and its FIN leave in one segment (MSG_MORE
+    before the half-close), so the client receives two segments in all:
+    the SYN-ACK, then the reply with the FIN."""
+
+    def segments_received(self, sock):
+        # struct tcp_info: tcpi_segs_in is the u32 at offset 140 (Linux 4.2)
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+        if len(info) < 144:
+            self.skipTest("tcp_info has no tcpi_segs_in here")
+        return struct.unpack_from("=I", info, 140)[0]
+
+    def test_reply_and_fin_arrive_together(self):
+        if not ON_LINUX or not hasattr(socket, "TCP_INFO"):
+            self.skipTest("Linux only (MSG_MORE, TCP_INFO)")
+        for host, _ in FAMILIES:
+            server = self.start_server(["daytime", "qotd", "time"],
+                                       host=host, transports=["tcp"])
+            for service in ("daytime", "qotd", "time"):
+                with self.subTest(host=host, service=service):
+                    sock = self.connect(server, service, host)
+                    reply = recv_to_eof(sock)
+                    self.assertGreater(len(reply), 3)
+                    self.assertEqual(self.segments_received(sock), 2)
+
+
 if __name__ == "__main__":
     unittest.main()
