@@ -5379,7 +5379,7 @@ def _build_parser():
                        default=None, metavar="MICROSECONDS",
                        help="poll for the next event this long at most "
                        "before sleeping, adapting to the traffic (default "
-                       "%d where two or more CPUs are usable, else 0; 0: "
+                       "%d on a host with two or more CPUs, else 0; 0: "
                        "never; README: Performance)" % (
                            DEFAULT_BUSY_POLL * 1e6))
     # For tests and comparisons: the portable UDP path on Linux too
@@ -5395,18 +5395,13 @@ def _build_parser():
     return parser
 
 
-def _usable_cpus():
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):    # not Linux
-        return os.cpu_count() or 1
-
-
 def _busy_poll_seconds(microseconds):
-    """--busy-poll in seconds.  By default only with a CPU to spare: on
-    one CPU, polling would hold back the very clients it waits for."""
+    """--busy-poll in seconds.  By default only on a host with a CPU to
+    spare: on one CPU, polling would hold back the very clients it waits
+    for.  The host's count, not this process's affinity: a server pinned
+    to one core (taskset) still has its clients run on the others."""
     if microseconds is None:
-        return DEFAULT_BUSY_POLL if _usable_cpus() > 1 else 0.0
+        return DEFAULT_BUSY_POLL if (os.cpu_count() or 1) > 1 else 0.0
     return microseconds / 1e6
 
 

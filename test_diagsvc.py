@@ -6742,10 +6742,19 @@ class BusyPollTest(ServerTestCase):
         for _ in range(20):
             echo.sendall(b"x")
             self.assertEqual(echo.recv(1), b"x")
+        # Every sleep between round trips was within busy_poll (a second),
+        # so the window opened.
+        self.assertGreaterEqual(server._poll_window, diagsvc.BUSY_POLL_START)
         started = time.monotonic()
         server.close()
         self.assertLess(time.monotonic() - started, 0.9)
         self.assertFalse(server._running)
+
+    def test_the_library_never_polls_by_default(self):
+        server = diagsvc.Server(["echo"], bind=["127.0.0.1"],
+                                port_offset=None)
+        self.addCleanup(server.close)
+        self.assertEqual(server.busy_poll, 0.0)
 
     def test_the_constructor_refuses_a_window_past_a_second(self):
         for value in (1.5, -0.001, float("nan"), float("inf")):
@@ -6758,12 +6767,10 @@ class BusyPollTest(ServerTestCase):
         from unittest import mock
         self.assertEqual(diagsvc._busy_poll_seconds(250), 0.00025)
         self.assertEqual(diagsvc._busy_poll_seconds(0), 0.0)
-        with mock.patch.object(diagsvc, "_usable_cpus", return_value=1):
-            self.assertEqual(diagsvc._busy_poll_seconds(None), 0.0)
-        with mock.patch.object(diagsvc, "_usable_cpus", return_value=2):
-            self.assertEqual(diagsvc._busy_poll_seconds(None),
-                             diagsvc.DEFAULT_BUSY_POLL)
-        self.assertGreaterEqual(diagsvc._usable_cpus(), 1)
+        for cpus, window in ((1, 0.0), (None, 0.0),
+                             (2, diagsvc.DEFAULT_BUSY_POLL)):
+            with mock.patch.object(os, "cpu_count", return_value=cpus):
+                self.assertEqual(diagsvc._busy_poll_seconds(None), window)
 
     def test_the_command_line_refuses_bad_windows_in_one_line(self):
         for value in ("2000000", "-1", "nan", "inf"):

@@ -571,6 +571,36 @@ MUTANTS = [
     ("loop watch decay keeps the remainder",
      "self._returns_decayed += forgiven * LOOP_RETURN_INTERVAL",
      "self._returns_decayed = now"),
+    # --- issue 10: the busy poll, one-segment one-shot replies ---
+    ("one-shot reply waits for its FIN",
+     "sent = sock.send(reply, _MSG_DONTWAIT | _MSG_MORE)",
+     "sent = sock.send(reply, _MSG_DONTWAIT)"),
+    ("busy poll caught keeps the window",
+     "    if slept <= window:\n        return window\n", ""),
+    ("busy poll timer says nothing",
+     "if not woken_by_event:\n            return window",
+     "if False:\n            return window"),
+    ("busy poll window doubles",
+     "return min(busy_poll, max(BUSY_POLL_START, 2.0 * window))",
+     "return min(busy_poll, max(BUSY_POLL_START, window))"),
+    ("busy poll window capped",
+     "return min(busy_poll, max(BUSY_POLL_START, 2.0 * window))",
+     "return max(BUSY_POLL_START, 2.0 * window)"),
+    ("busy poll window halves", "    window /= 2.0\n",
+     "    window /= 1.5\n"),
+    ("busy poll floor",
+     "return window if window >= BUSY_POLL_FLOOR else 0.0",
+     "return window"),
+    ("busy poll off in the library", "notifier=None, busy_poll=0.0):",
+     "notifier=None, busy_poll=0.0005):"),
+    ("busy poll used", "if self.busy_poll:\n                select = "
+     "self._wait_for_events", "if False:\n                select = "
+     "self._wait_for_events"),
+    ("busy poll sleeps", "ready = select(max(0.0, timeout - (now - started)))",
+     "ready = select(0.0)"),
+    ("busy poll default needs two CPUs",
+     "return DEFAULT_BUSY_POLL if (os.cpu_count() or 1) > 1 else 0.0",
+     "return DEFAULT_BUSY_POLL"),
 ]
 
 
