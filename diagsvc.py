@@ -1022,7 +1022,7 @@ class DatagramEndpoint(object):
 
     __slots__ = ("server", "sock", "service", "counters", "address",
                  "scoped", "pktinfo", "chargen_line", "echoes",
-                 "rate_limited", "echo_limited", "watch_loops")
+                 "rate_limited", "echo_limited", "watch_loops", "guarded")
 
     def __init__(self, server, sock, service, counters, pktinfo):
         self.server = server
@@ -1036,6 +1036,7 @@ class DatagramEndpoint(object):
         self.echoes = service.stream_class is EchoStream
         self.rate_limited = server.udp_rate and service.amplifies
         self.echo_limited = server.udp_echo_rate and self.echoes
+        self.guarded = server.udp_guard
         self.watch_loops = (server.udp_guard and
                             service is not SERVICES["discard"])
 
@@ -1087,29 +1088,31 @@ class DatagramEndpoint(object):
         same batch, on the fast path) is checked against it; send_failed()
         forgets it again.
         """
-        server = self.server
+        # Written for speed (it runs once a datagram): what does not
+        # change is an attribute of the endpoint, looked up once here.
         counters = self.counters
-        count = len(payload)
         counters.datagrams += 1
-        counters.bytes_in += count
-        source = address[0]
+        counters.bytes_in += len(payload)
+        server = self.server
         if self.scoped and address[3]:
             source = scoped_source(address)     # fe80::1%2
-        udp_guard = server.udp_guard
+        else:
+            source = address[0]
         watch_loops = self.watch_loops
-        if udp_guard and (address[1] < UDP_LOWEST_SOURCE_PORT or
-                          address[1] in server.guarded_ports):
+        if self.guarded and address[1] in server.guarded_ports:
             refusal = "loop-guard"
         else:
             refusal = server.source_refusals.get(source, _UNKNOWN)
             if refusal is _UNKNOWN:
                 refusal = server.udp_source_refusal(source)
-            if refusal is None and udp_guard and destination is not \
-                    None and _is_group_destination(destination):
+            if refusal is not None:
+                pass
+            elif destination is not None and self.guarded and \
+                    _is_group_destination(destination):
                 refusal = "group-destination"
-            if refusal is None and self.rate_limited:
+            elif self.rate_limited:
                 refusal = server.rate_limited(source)
-            elif refusal is None and self.echo_limited:
+            elif self.echo_limited:
                 refusal = server.rate_limited(source, echo=True)
             if refusal is None and watch_loops:
                 key = hash((address, crc32(payload)))
@@ -1311,10 +1314,13 @@ class SegmentingDatagramEndpoint(DatagramEndpoint):
         reply_info = destination = None
         for _ in range(DATAGRAM_BATCH // SEGMENT_BATCH):
             segment_max = SEGMENT_MAX if self.segmenting else 0
-            # Runs of replies: [replies, address, size, ancillary, open];
-            # open while each reply so far has the first one's size.
+            # Runs of replies: (replies, address, size, ancillary).  The
+            # last run is open to one more reply while every reply so far
+            # has its first one's size, and while it has fewer than
+            # run_limit: SEGMENTS_MAX, and SEGMENTS_TOTAL_MAX bytes in all.
             runs = []
-            run = None
+            run_replies = None
+            run_open = False
             for slot in slots:
                 try:
                     if pktinfo:
@@ -1333,17 +1339,21 @@ class SegmentingDatagramEndpoint(DatagramEndpoint):
                 if reply is None:
                     continue
                 size = len(reply)
-                if (run is not None and run[4] and 0 < size <= run[2] and
-                        address == run[1] and reply_info == run[3] and
-                        len(run[0]) < SEGMENTS_MAX and
-                        (len(run[0]) + 1) * run[2] <= SEGMENTS_TOTAL_MAX):
-                    run[0].append(reply)
-                    run[4] = size == run[2]
+                if (run_open and 0 < size <= run_size and
+                        address == run_address and
+                        reply_info == run_info and
+                        len(run_replies) < run_limit):
+                    run_replies.append(reply)
+                    run_open = size == run_size
                 else:
-                    run = [[reply], address, size, reply_info,
-                           0 < size <= segment_max]
-                    runs.append(run)
-            for replies, address, size, reply_info, _ in runs:
+                    run_replies = [reply]
+                    run_address, run_size, run_info = address, size, reply_info
+                    run_open = 0 < size <= segment_max
+                    if run_open:
+                        run_limit = min(SEGMENTS_MAX,
+                                        SEGMENTS_TOTAL_MAX // size)
+                    runs.append((run_replies, address, size, reply_info))
+            for replies, address, size, reply_info in runs:
                 if len(replies) == 1:
                     self.send_reply(replies[0], reply_info, address)
                 else:
@@ -2010,8 +2020,12 @@ class Server(object):
                 raise ServerError("cannot start: %s" % (
                     error.strerror or error))
             raise
+        # The source ports the UDP guard refuses: every port below 1024
+        # (a service's, never a client's), port 0, the standard ports and
+        # this server's own.  One set, so that the guard costs a datagram
+        # one look-up.
         self.guarded_ports = frozenset(
-            STANDARD_PORTS | set([0]) |
+            set(range(UDP_LOWEST_SOURCE_PORT)) | STANDARD_PORTS | set([0]) |
             set(port for bound in self.addresses.values() for _, port in bound))
 
     # -- Binding --

@@ -156,19 +156,17 @@ MUTANTS = [
     ("datagram count", "counters.datagrams += 1", "counters.datagrams += 2"),
     ("datagram bytes out", "counters.bytes_out += len(reply)",
      "counters.bytes_out += 0"),
-    ("loop guard ports", "if udp_guard and (address[1] < "
-     "UDP_LOWEST_SOURCE_PORT or\n                          address[1] in "
-     "server.guarded_ports):", "if udp_guard and (address[1] < "
-     "UDP_LOWEST_SOURCE_PORT):"),
-    ("loop guard low ports", "if udp_guard and (address[1] < "
-     "UDP_LOWEST_SOURCE_PORT or\n", "if udp_guard and (False or\n"),
+    ("loop guard ports", "set(port for bound in self.addresses.values() "
+     "for _, port in bound))", "set())"),
+    ("loop guard low ports", "set(range(UDP_LOWEST_SOURCE_PORT)) | "
+     "STANDARD_PORTS", "STANDARD_PORTS"),
     ("lowest client port", "UDP_LOWEST_SOURCE_PORT = 1024",
      "UDP_LOWEST_SOURCE_PORT = 1"),
-    ("loop guard off", "if udp_guard and (address[1] < "
-     "UDP_LOWEST_SOURCE_PORT or", "if (address[1] < "
-     "UDP_LOWEST_SOURCE_PORT or"),
+    ("loop guard off", "if self.guarded and address[1] in "
+     "server.guarded_ports:", "if address[1] in server.guarded_ports:"),
     ("group destination refused",
-     "None and _is_group_destination(destination):", "None and False:"),
+     "                    _is_group_destination(destination):",
+     "                    False:"),
     ("rate limit applies", "rate_limited = server.udp_rate and "
      "service.amplifies", "rate_limited = False"),
     ("directed broadcast by ipi_spec_dst", "elif local != destination:",
@@ -415,8 +413,8 @@ MUTANTS = [
 
     # --- issue 10: answer(), send_reply(), the UDP_SEGMENT fast path ---
     ("answer counts bytes in",
-     "        counters.bytes_in += count\n        source = address[0]",
-     "        counters.bytes_in += 0\n        source = address[0]"),
+     "        counters.bytes_in += len(payload)\n        server = self.server",
+     "        counters.bytes_in += 0\n        server = self.server"),
     ("answer forgets empty chargen replies",
      "if watch_loops and (self.echoes or reply):\n            if not "
      "self.echoes:", "if watch_loops:\n            if not self.echoes:"),
@@ -434,13 +432,12 @@ MUTANTS = [
      "if True:"),
     ("segmenting switch", "segment_max = SEGMENT_MAX if self.segmenting "
      "else 0", "segment_max = SEGMENT_MAX"),
-    ("segment run one address", "address == run[1] and reply_info == "
-     "run[3] and", "reply_info == run[3] and"),
-    ("segment run no longer reply", "if (run is not None and run[4] and "
-     "0 < size <= run[2] and", "if (run is not None and run[4] and "
-     "0 < size and"),
-    ("segment run closes after a short one", "run[4] = size == run[2]",
-     "run[4] = True"),
+    ("segment run one address", "                        address == "
+     "run_address and\n", ""),
+    ("segment run no longer reply", "if (run_open and 0 < size <= run_size "
+     "and", "if (run_open and 0 < size and"),
+    ("segment run closes after a short one", "run_open = size == run_size",
+     "run_open = True"),
     ("segment size", 'struct.pack("@H", size))]',
      'struct.pack("@H", size + 1))]'),
     ("segmenting stops on EINVAL", "                self.segmenting = "
