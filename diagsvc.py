@@ -1745,8 +1745,9 @@ def _match_sockets(sockets, services, transports, port_offset, ports):
 
 def next_poll_window(window, slept, busy_poll, woken_by_event):
     """The busy poll's next window (seconds), after a poll of ``window``
-    that caught nothing and a sleep: the whole wait lasted ``slept``.
-    The rule of Linux's cpuidle-haltpoll (Server._wait_for_events)."""
+    that caught nothing and a sleep: the loop has been idle for ``slept``
+    (since its last event), and an event or a timer woke it.  The rule
+    of Linux's cpuidle-haltpoll (Server._wait_for_events)."""
     if slept <= window:
         return window
     if slept <= busy_poll:
@@ -1919,8 +1920,13 @@ class Server(object):
         # The wall-clock end of the window, for the start lines.
         self.stops_at = time.time() + duration if duration else None
         self.notifier = notifier
-        self.busy_poll = _checked_limit("busy_poll", busy_poll, 1.0)
+        if isinstance(busy_poll, bool) or not isinstance(
+                busy_poll, (int, float)) or not 0 <= busy_poll <= 1.0:
+            raise ServerError("busy_poll must be 0 to 1.0 seconds, not %r"
+                              % (busy_poll,))
+        self.busy_poll = busy_poll
         self._poll_window = 0.0         # the busy poll's window, adapting
+        self._idle_since = None         # when the loop last ran dry
 
         self.now = time.monotonic()
         self.stream_buffer = memoryview(bytearray(STREAM_BUFFER_SIZE))
@@ -2716,34 +2722,45 @@ class Server(object):
         event comes, and on a virtual machine whose idle CPU halts (a
         cloud VM's usual setting) that wake-up costs tens of
         microseconds: most of a loopback ping-pong's round trip, and
-        jitter in every latency a client measures through us.  So after
-        an event the loop keeps polling (select(0)) for a window before
-        it sleeps.  The window adapts as Linux's cpuidle-haltpoll does:
-        a sleep longer than the window but within busy_poll doubles it
+        jitter in every latency a client measures through us.  So when
+        the loop runs out of events it keeps polling (select(0)) for a
+        window before it sleeps, once an idle spell: a timer that wakes
+        it meanwhile finds it asleep again at once.  The window adapts as
+        Linux's cpuidle-haltpoll does, by the length of the whole idle
+        spell, from the last event to the next (next_poll_window()): a
+        spell longer than the window but within busy_poll doubles it
         (from BUSY_POLL_START), since polling that long would have caught
-        the event; a sleep longer than busy_poll halves it; an event
-        caught by polling keeps it (next_poll_window()).  Sparse traffic closes the window
-        within a few events, so an idle server sleeps as before; traffic
-        whose events come less than busy_poll apart keeps one core busy,
-        the price of answering without the wake-up.
+        the event; a spell longer than busy_poll halves it, timer by
+        timer; an event caught by polling keeps it.  Sparse traffic
+        closes the window within a few events, so an idle server sleeps
+        as before; round trips that come less than about busy_poll apart
+        keep one core busy, the price of answering without the wake-up.
         """
         select = self.selector.select
         ready = select(0.0)
-        if ready or timeout <= 0.0:
+        if ready:
+            self._idle_since = None
             return ready
-        window = self._poll_window
+        if timeout <= 0.0:
+            return ready
         monotonic = time.monotonic
         started = now = monotonic()
-        if window:
+        window = self._poll_window
+        if self._idle_since is None:        # the spell starts: poll
+            self._idle_since = started
             until = started + min(window, timeout)
             while now < until and not self._stop_requested:
                 ready = select(0.0)
                 if ready:
-                    return ready        # caught: the window stands
+                    self._idle_since = None
+                    return ready            # caught: the window stands
                 now = monotonic()
         ready = select(max(0.0, timeout - (now - started)))
         self._poll_window = next_poll_window(
-            window, monotonic() - started, self.busy_poll, bool(ready))
+            window, monotonic() - self._idle_since, self.busy_poll,
+            bool(ready))
+        if ready:
+            self._idle_since = None
         return ready
 
     def _selector_failed(self, error):
@@ -5428,7 +5445,7 @@ def _serve_main(argv):
                 name, ", ".join(SERVICE_NAMES)))
     if options.busy_poll is not None and options.busy_poll > 1e6:
         parser.error("--busy-poll must be 0 to 1,000,000 microseconds, "
-                     "not %g" % options.busy_poll)
+                     "not {:,}".format(options.busy_poll))
     prog = "diagsvc"
     try:
         quotes = load_quotes(options.qotd_file) if options.qotd_file else None

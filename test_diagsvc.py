@@ -6735,6 +6735,64 @@ class BusyPollTest(ServerTestCase):
         self.assertGreater(wall, 1.4)
         self.assertLess(cpu, 0.15 * wall)
 
+    def test_a_wide_window_never_delays_a_timer(self):
+        # The poll stops at the loop's next timer (here the end of --for),
+        # and the sleep after it does not start the timeout over.
+        server = diagsvc.Server(["echo"], bind=["127.0.0.1"],
+                                port_offset=None, transports=["udp"],
+                                busy_poll=1.0, duration=0.4)
+        self.addCleanup(server.close)
+        started = time.monotonic()
+        server._poll_window = 1.0
+        thread = threading.Thread(target=server.serve_forever)
+        thread.start()
+        thread.join(TIMEOUT)
+        self.assertFalse(thread.is_alive())
+        self.assertLess(time.monotonic() - started, 0.7)
+
+    def test_the_window_grows_with_traffic_and_closes_when_idle(self):
+        server = self.start_server(["echo"], transports=["udp"],
+                                   busy_poll=0.05, idle_timeout=0.2)
+        sock = self.udp_socket()
+        port = server.addresses["echo", "udp"][0][1]
+        for number in range(12):
+            time.sleep(0.002)   # pacing: longer than the window at first,
+                                # well within busy_poll
+            sock.sendto(b"%d" % number, ("127.0.0.1", port))
+            self.assertEqual(sock.recv(100), b"%d" % number)
+        self.assertGreater(server._poll_window, 2 * diagsvc.BUSY_POLL_START)
+        # Idle, the sweep's wake-ups (every 50 ms) halve it to nothing.
+        wait_until(lambda: server._poll_window == 0.0,
+                   message="the window to close")
+
+    def test_an_idle_loop_sleeps_though_its_timer_is_within_the_window(self):
+        # busy_poll (0.1 s) longer than the sweep's period (0.05 s): each
+        # sweep wakes the loop within busy_poll, and it must not poll again
+        # each time, nor keep its window.
+        cpu, wall = cpu_fraction_of(
+            "server = diagsvc.Server(['echo'], bind=['127.0.0.1'],\n"
+            "    port_offset=None, transports=['udp'], busy_poll=0.1,\n"
+            "    idle_timeout=0.2)\n"
+            "server._poll_window = 0.05\n"
+            "server.start()\n"
+            "time.sleep(0.3)\n"
+            "wall, cpu = time.monotonic(), time.process_time()\n"
+            "time.sleep(1.5)\n"
+            "assert server._poll_window < 0.05, server._poll_window\n"
+            "server.close()\n")
+        self.assertGreater(wall, 1.4)
+        self.assertLess(cpu, 0.15 * wall)
+
+    def test_timers_alone_never_open_the_window(self):
+        # The sweep wakes an idle loop every 50 ms, well within busy_poll:
+        # a timer says nothing of the traffic.
+        server = self.start_server(["echo"], transports=["udp"],
+                                   busy_poll=1.0, idle_timeout=0.2)
+        deadline = time.monotonic() + 0.3
+        while time.monotonic() < deadline:
+            self.assertEqual(server._poll_window, 0.0)
+            time.sleep(0.01)
+
     def test_close_ends_a_poll_at_once(self):
         server = self.start_server(["echo"], transports=["tcp"],
                                    busy_poll=1.0)
