@@ -114,6 +114,8 @@ _PKTINFO_ANCILLARY_SIZE = socket.CMSG_SPACE(20) if _HAS_MSG else 0
 
 # Sending without a mode switch on a socket that accept() made blocking.
 _MSG_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
+_CONNECTION_SOCKET = socket.socket.__mro__[1]     # _socket.socket: see
+                                                  # Listener._accept
 # Linux: hold the data for the FIN that follows, so that a one-shot reply
 # and its FIN leave in one segment (see Server._answer_once).
 _MSG_MORE = getattr(socket, "MSG_MORE", 0)
@@ -989,9 +991,14 @@ class Listener(object):
     def _accept(self):
         # socket.accept() turns family and type into enums on every call
         # (a tenth of a one-shot connection's cost); _accept() gives the
-        # descriptor, and the ints are known.  Both exist in 3.6-3.13.
+        # descriptor, and the ints are known.  The connection is the C
+        # socket class under socket.socket: the wrapper's __init__ and
+        # close() in Python cost about 2 us more a connection, and nothing
+        # here uses what it adds (makefile(), enums).  Both exist in
+        # 3.6-3.13 and on every platform.
         fd, address = self.sock._accept()
-        return socket.socket(self.family, socket.SOCK_STREAM, 0, fd), address
+        return _CONNECTION_SOCKET(self.family, socket.SOCK_STREAM, 0,
+                                  fd), address
 
     def on_event(self, events):
         accept = self._accept

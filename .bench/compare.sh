@@ -37,12 +37,12 @@ stop_all() {
 }
 trap stop_all EXIT
 
-one() {   # NAME BASE TEST [run_all options...]
+one() {   # NAME BASE TEST [run_all options...]; $LABEL names a variant
     local name=$1 base=$2 test=$3; shift 3
     local pids=()
     [ "$name" = diagsvc ] && pids=(-P "$DIAGSVC_PID")
-    "$BENCH/run_all.sh" -n "$name" -b "$base" "${pids[@]}" -r 1 -t "$SECS" \
-        -m "$test" -o "$OUT/$name.raw" "$@" > /dev/null 2>&1
+    "$BENCH/run_all.sh" -n "$name${LABEL:-}" -b "$base" "${pids[@]}" -r 1 \
+        -t "$SECS" -m "$test" -o "$OUT/$name${LABEL:-}.raw" "$@" > /dev/null 2>&1
 }
 
 # test  peer  peer-base  [options for both]
@@ -51,6 +51,7 @@ discard-send:openbsd-inetd-tuned:31000
 echo-tput:openbsd-inetd-tuned:31000
 echo-lat:openbsd-inetd-tuned:31000
 udp-echo-w16:openbsd-inetd-tuned:31000:-U ::1
+udp-echo-w1:openbsd-inetd-tuned:31000:-U ::1
 daytime-c16:xinetd-tuned:30000
 time-c16:xinetd-tuned:30000
 qotd-c16:asyncio:33000"
@@ -65,6 +66,10 @@ for rep in $(seq "$REPS"); do
     done <<< "$PAIRS"
     one iperf3 32000 iperf3-recv
     one diagsvc "$DIAGSVC_BASE" chargen-recv
+    # UDP echo over 127.0.0.1 as well, which openbsd-inetd ignores: its
+    # rows are "-v4" (xinetd-tuned answers it, drain-bound: README).
+    LABEL=-v4 one xinetd-tuned 30000 udp-echo-w16
+    LABEL=-v4 one diagsvc "$DIAGSVC_BASE" udp-echo-w16
 done
 
 # Many connections, on a freshly started diagsvc: a burst of 5,000, then a
