@@ -6752,7 +6752,7 @@ class BusyPollTest(ServerTestCase):
 
     def test_the_window_grows_with_traffic_and_closes_when_idle(self):
         server = self.start_server(["echo"], transports=["udp"],
-                                   busy_poll=0.05, idle_timeout=0.2)
+                                   busy_poll=0.2, idle_timeout=0.2)
         sock = self.udp_socket()
         port = server.addresses["echo", "udp"][0][1]
         for number in range(12):
@@ -6761,7 +6761,8 @@ class BusyPollTest(ServerTestCase):
             sock.sendto(b"%d" % number, ("127.0.0.1", port))
             self.assertEqual(sock.recv(100), b"%d" % number)
         self.assertGreater(server._poll_window, 2 * diagsvc.BUSY_POLL_START)
-        # Idle, the sweep's wake-ups (every 50 ms) halve it to nothing.
+        # Idle past busy_poll, the sweep's wake-ups (every 50 ms) halve it
+        # to nothing.
         wait_until(lambda: server._poll_window == 0.0,
                    message="the window to close")
 
@@ -6798,6 +6799,11 @@ class BusyPollTest(ServerTestCase):
                                    busy_poll=1.0)
         echo = self.connect(server, "echo")
         for _ in range(20):
+            # Paced, so that the loop runs dry between round trips (on a
+            # busy machine this thread could otherwise send the next one
+            # while the loop still holds the last, and the loop never
+            # sleeps).
+            time.sleep(0.002)
             echo.sendall(b"x")
             self.assertEqual(echo.recv(1), b"x")
         # Every sleep between round trips was within busy_poll (a second),
