@@ -2746,7 +2746,12 @@ class Server(object):
         select = self.selector.select
         ready = select(0.0)
         if ready:
-            self._idle_since = None
+            if self._idle_since is not None:
+                # The spell ended while the timers ran: it counts too.
+                self._poll_window = next_poll_window(
+                    self._poll_window, time.monotonic() - self._idle_since,
+                    self.busy_poll, True)
+                self._idle_since = None
             return ready
         if timeout <= 0.0:
             return ready

@@ -6794,6 +6794,28 @@ class BusyPollTest(ServerTestCase):
             self.assertEqual(server._poll_window, 0.0)
             time.sleep(0.01)
 
+    def test_a_spell_that_ends_while_timers_run_counts(self):
+        # An idle spell that a timer interrupted, ended by an event that
+        # the first select(0) finds: the spell (10 ms, within busy_poll)
+        # still opens the window.
+        server = diagsvc.Server(["echo"], bind=["127.0.0.1"],
+                                port_offset=None, transports=["udp"],
+                                busy_poll=1.0)
+        self.addCleanup(server.close)
+
+        class ReadySelector(object):
+            def select(self, timeout):
+                return ["an event"]
+
+        real, server.selector = server.selector, ReadySelector()
+        try:
+            server._idle_since = time.monotonic() - 0.01
+            self.assertEqual(server._wait_for_events(0.5), ["an event"])
+        finally:
+            server.selector = real
+        self.assertEqual(server._poll_window, diagsvc.BUSY_POLL_START)
+        self.assertIsNone(server._idle_since)
+
     def test_close_ends_a_poll_at_once(self):
         server = self.start_server(["echo"], transports=["tcp"],
                                    busy_poll=1.0)

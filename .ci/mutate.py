@@ -607,8 +607,12 @@ MUTANTS = [
      "window, monotonic() - now, self.busy_poll,"),
     ("busy poll tells timers from events", "            bool(ready))\n",
      "            True)\n"),
-    ("busy poll adapts", "        self._poll_window = next_poll_window(\n",
-     "        self._poll_window = BUSY_POLL_START or next_poll_window(\n"),
+    ("busy poll adapts", "        self._poll_window = next_poll_window(\n"
+     "            window, ", "        self._poll_window = BUSY_POLL_START or "
+     "next_poll_window(\n            window, "),
+    ("busy poll counts a spell the timers ended",
+     "            if self._idle_since is not None:\n",
+     "            if False:\n"),
     ("busy poll default needs two CPUs",
      "return DEFAULT_BUSY_POLL if (os.cpu_count() or 1) > 1 else 0.0",
      "return DEFAULT_BUSY_POLL"),
