@@ -114,11 +114,12 @@ _PKTINFO_ANCILLARY_SIZE = socket.CMSG_SPACE(20) if _HAS_MSG else 0
 
 # Sending without a mode switch on a socket that accept() made blocking.
 _MSG_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
-_CONNECTION_SOCKET = socket.socket.__mro__[1]     # _socket.socket: see
-                                                  # Listener._accept
 # Linux: hold the data for the FIN that follows, so that a one-shot reply
 # and its FIN leave in one segment (see Server._answer_once).
 _MSG_MORE = getattr(socket, "MSG_MORE", 0)
+# The C class under socket.socket (_socket.socket): accepted connections
+# are made of it (see Listener._accept).
+_CONNECTION_SOCKET = socket.socket.__mro__[1]
 
 try:
     import resource
@@ -528,7 +529,6 @@ class OneShotStream(Stream):
     client closes too, for at most ONE_SHOT_LINGER seconds from the reply.
     Until then, any part of the reply that the socket did not take at once
     is ``owed`` and sent first.
-
     """
 
     __slots__ = ()
@@ -1927,6 +1927,8 @@ class Server(object):
         # The wall-clock end of the window, for the start lines.
         self.stops_at = time.time() + duration if duration else None
         self.notifier = notifier
+        # Not _checked_limit(): its message names the command line's
+        # option, which counts microseconds.
         if isinstance(busy_poll, bool) or not isinstance(
                 busy_poll, (int, float)) or not 0 <= busy_poll <= 1.0:
             raise ServerError("busy_poll must be 0 to 1.0 seconds, not %r"
@@ -2034,11 +2036,11 @@ class Server(object):
                     error.strerror or error))
             raise
         # The source ports the UDP guard refuses: every port below 1024
-        # (a service's, never a client's), port 0, the standard ports and
-        # this server's own.  One set, so that the guard costs a datagram
-        # one look-up.
+        # (a service's, never a client's: port 0 and the standard ports
+        # among them) and this server's own.  One set, so that the guard
+        # costs a datagram one look-up.
         self.guarded_ports = frozenset(
-            set(range(UDP_LOWEST_SOURCE_PORT)) | STANDARD_PORTS | set([0]) |
+            set(range(UDP_LOWEST_SOURCE_PORT)) | STANDARD_PORTS |
             set(port for bound in self.addresses.values() for _, port in bound))
 
     # -- Binding --
@@ -2744,35 +2746,30 @@ class Server(object):
         keep one core busy, the price of answering without the wake-up.
         """
         select = self.selector.select
-        ready = select(0.0)
-        if ready:
-            if self._idle_since is not None:
-                # The spell ended while the timers ran: it counts too.
-                self._poll_window = next_poll_window(
-                    self._poll_window, time.monotonic() - self._idle_since,
-                    self.busy_poll, True)
-                self._idle_since = None
-            return ready
-        if timeout <= 0.0:
-            return ready
         monotonic = time.monotonic
-        started = now = monotonic()
-        window = self._poll_window
-        if self._idle_since is None:        # the spell starts: poll
-            self._idle_since = started
-            until = started + min(window, timeout)
-            while now < until and not self._stop_requested:
-                ready = select(0.0)
-                if ready:
-                    self._idle_since = None
-                    return ready            # caught: the window stands
-                now = monotonic()
-        ready = select(max(0.0, timeout - (now - started)))
-        self._poll_window = next_poll_window(
-            window, monotonic() - self._idle_since, self.busy_poll,
-            bool(ready))
-        if ready:
-            self._idle_since = None
+        ready = select(0.0)
+        if not ready:
+            if timeout <= 0.0:
+                return ready
+            started = now = monotonic()
+            if self._idle_since is None:        # the spell starts: poll
+                self._idle_since = started
+                until = started + min(self._poll_window, timeout)
+                while now < until and not self._stop_requested:
+                    ready = select(0.0)
+                    if ready:
+                        self._idle_since = None
+                        return ready            # caught: the window stands
+                    now = monotonic()
+            ready = select(max(0.0, timeout - (now - started)))
+        if self._idle_since is not None:
+            # An event or a timer within a spell (also one that the timers
+            # ended, found by the first select above): adapt by its length.
+            self._poll_window = next_poll_window(
+                self._poll_window, monotonic() - self._idle_since,
+                self.busy_poll, bool(ready))
+            if ready:
+                self._idle_since = None
         return ready
 
     def _selector_failed(self, error):

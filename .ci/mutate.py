@@ -159,7 +159,7 @@ MUTANTS = [
     ("loop guard ports", "set(port for bound in self.addresses.values() "
      "for _, port in bound))", "set())"),
     ("loop guard low ports", "set(range(UDP_LOWEST_SOURCE_PORT)) | "
-     "STANDARD_PORTS", "STANDARD_PORTS"),
+     "STANDARD_PORTS |", "STANDARD_PORTS |"),
     ("lowest client port", "UDP_LOWEST_SOURCE_PORT = 1024",
      "UDP_LOWEST_SOURCE_PORT = 1"),
     ("loop guard off", "if self.guarded and address[1] in "
@@ -596,23 +596,28 @@ MUTANTS = [
     ("busy poll sleeps", "ready = select(max(0.0, timeout - (now - started)))",
      "ready = select(0.0)"),
     ("busy poll stops at the timeout",
-     "until = started + min(window, timeout)", "until = started + window"),
+     "until = started + min(self._poll_window, timeout)",
+     "until = started + self._poll_window"),
     ("busy poll sleeps what is left",
      "ready = select(max(0.0, timeout - (now - started)))",
      "ready = select(timeout)"),
     ("busy poll polls once a spell", "if self._idle_since is None:        "
      "# the spell starts: poll", "if True:"),
     ("busy poll times the whole spell",
-     "window, monotonic() - self._idle_since, self.busy_poll,",
-     "window, monotonic() - now, self.busy_poll,"),
-    ("busy poll tells timers from events", "            bool(ready))\n",
-     "            True)\n"),
-    ("busy poll adapts", "        self._poll_window = next_poll_window(\n"
-     "            window, ", "        self._poll_window = BUSY_POLL_START or "
-     "next_poll_window(\n            window, "),
+     "self._poll_window, monotonic() - self._idle_since,",
+     "self._poll_window, monotonic() - now,"),
+    ("busy poll tells timers from events",
+     "                self.busy_poll, bool(ready))\n",
+     "                self.busy_poll, True)\n"),
+    ("busy poll adapts", "            self._poll_window = next_poll_window("
+     "\n                self._poll_window, monotonic()",
+     "            self._poll_window = BUSY_POLL_START or next_poll_window("
+     "\n                self._poll_window, monotonic()"),
     ("busy poll counts a spell the timers ended",
-     "            if self._idle_since is not None:\n",
-     "            if False:\n"),
+     "        ready = select(0.0)\n        if not ready:\n",
+     "        ready = select(0.0)\n        if ready:\n"
+     "            self._idle_since = None\n            return ready\n"
+     "        if not ready:\n"),
     ("busy poll default needs two CPUs",
      "return DEFAULT_BUSY_POLL if (os.cpu_count() or 1) > 1 else 0.0",
      "return DEFAULT_BUSY_POLL"),
